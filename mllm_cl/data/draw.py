@@ -73,13 +73,18 @@ def render(objects: list[Obj], size: int) -> Image.Image:
     return image
 
 
+INKS = ((20, 20, 20), (30, 30, 110), (110, 25, 25), (25, 85, 25))
+
+
 def render_word(word: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """Black text on the background, scaled up (nearest) to fill most of the width."""
+    """Dark text (one of ``INKS``) on the background, scaled up by the largest whole
+    factor (nearest neighbour, never blurred) that fits the width with a pixel to spare."""
     font = ImageFont.load_default()
     left, top, right, bottom = font.getbbox(word)
+    ink = INKS[int(rng.integers(len(INKS)))]
     text = Image.new("RGB", (right - left + 2, bottom - top + 2), BACKGROUND)
-    ImageDraw.Draw(text).text((1 - left, 1 - top), word, fill=(20, 20, 20), font=font)
-    scale = max(1, int((size * 0.85) // text.width))
+    ImageDraw.Draw(text).text((1 - left, 1 - top), word, fill=ink, font=font)
+    scale = max(1, (size - 2) // text.width)
     text = text.resize((text.width * scale, text.height * scale), Image.Resampling.NEAREST)
     image = Image.new("RGB", (size, size), BACKGROUND)
     x = int(rng.integers(0, max(1, size - text.width + 1)))

@@ -15,6 +15,7 @@ writes ``NAME/train.json`` (LLaVA conversations), ``NAME/test.json`` (test rows)
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,10 @@ from tqdm import tqdm
 
 from mllm_cl.data.draw import COLOURS, SHAPES, Obj, place, render, render_word
 
+log = logging.getLogger(__name__)
+
 FORMAT = "mllm-cl/synthetic"
-VERSION = 1
+VERSION = 2  # 2: OCR words scaled by the largest whole factor that fits, in one of four inks
 WORDS = ("cat", "dog", "sun", "box", "map", "pen", "cup", "key", "bus", "hat", "owl", "fox", "jam", "kit", "web", "zip")
 GRID_ROWS = ("top", "middle", "bottom")
 GRID_COLS = ("left", "center", "right")
@@ -239,6 +242,33 @@ def generate(out_dir, *, tasks=None, train_size: int = 300, test_size: int = 100
         entries.append({"name": task, "scorer": spec.scorer, "train": f"{task}/train.json", "test": f"{task}/test.json",
                         "image_root": task, "max_new_tokens": spec.max_new_tokens, "answer_format": spec.answer_format})
     bar.close()
-    manifest = {"format": FORMAT, "version": VERSION, "seed": seed, "image_size": image_size, "tasks": entries}
+    manifest = {"format": FORMAT, "version": VERSION, "seed": seed, "image_size": image_size,
+                "train_size": train_size, "test_size": test_size, "tasks": entries}
     _dump(out / "benchmark.json", manifest)
     return manifest
+
+
+def ensure(out_dir, *, tasks=None, train_size: int = 300, test_size: int = 100, image_size: int = 48,
+           seed: int = 0, progress: bool = True) -> bool:
+    """Generate the benchmark under ``out_dir`` unless its manifest already records this
+    generator version and these arguments; returns whether it (re)generated. A folder
+    written by another version or with other sizes is regenerated, with a log line
+    saying why, rather than trained on as if it were the asked-for data."""
+    path = Path(out_dir, "benchmark.json")
+    tasks = list(TASKS) if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
+    want = {"format": FORMAT, "version": VERSION, "seed": seed, "image_size": image_size,
+            "train_size": train_size, "test_size": test_size, "tasks": tasks}
+    if path.exists():
+        try:
+            manifest = json.loads(path.read_text())
+            have = {k: manifest.get(k) for k in want if k != "tasks"}
+            have["tasks"] = [t.get("name") for t in manifest.get("tasks", [])]
+        except (json.JSONDecodeError, AttributeError, TypeError):
+            have = {"manifest": "unreadable"}
+        if have == want:
+            return False
+        differ = sorted(k for k in want if have.get(k) != want[k]) or ["manifest"]
+        log.warning("%s was generated with other settings (%s differ); regenerating it", path, ", ".join(differ))
+    generate(out_dir, tasks=tasks, train_size=train_size, test_size=test_size, image_size=image_size, seed=seed,
+             progress=progress)
+    return True

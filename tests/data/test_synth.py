@@ -16,7 +16,7 @@ from PIL import Image
 
 from mllm_cl.data.draw import BACKGROUND, COLOURS, SHAPES
 from mllm_cl.data.formats import load_conversations, load_test_records
-from mllm_cl.data.synth import TASKS, WORDS, generate, sample
+from mllm_cl.data.synth import TASKS, WORDS, ensure, generate, sample
 from mllm_cl.data.tasks import load_manifest
 
 TRAIN, TEST = 200, 100
@@ -80,11 +80,29 @@ def test_a_smaller_rerun_leaves_no_stale_images(tmp_path):
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
 
 
+def test_ensure_regenerates_only_what_differs(tmp_path, caplog):
+    out = tmp_path / "b"
+    assert ensure(out, tasks=["count"], train_size=4, test_size=2, progress=False)
+    first = _digest(out)
+    assert not ensure(out, tasks=["count"], train_size=4, test_size=2, progress=False)
+    assert ensure(out, tasks=["count"], train_size=5, test_size=2, progress=False)
+    assert "train_size differ" in caplog.text
+    manifest = json.loads((out / "benchmark.json").read_text())
+    manifest["version"] = 1  # a folder an older mllm-cl wrote
+    (out / "benchmark.json").write_text(json.dumps(manifest))
+    assert ensure(out, tasks=["count"], train_size=4, test_size=2, progress=False)
+    assert "version differ" in caplog.text and _digest(out) == first
+    (out / "benchmark.json").write_text("{not json")
+    assert ensure(out, tasks=["count"], train_size=4, test_size=2, progress=False)
+    assert _digest(out) == first
+
+
 def test_manifest(bench):
     out, _ = bench
     manifest = json.loads((out / "benchmark.json").read_text())
-    assert {k: manifest[k] for k in ("format", "version", "seed", "image_size")} == {
-        "format": "mllm-cl/synthetic", "version": 1, "seed": 3, "image_size": 48}
+    assert {k: manifest[k] for k in ("format", "version", "seed", "image_size", "train_size", "test_size")} == {
+        "format": "mllm-cl/synthetic", "version": 2, "seed": 3, "image_size": 48, "train_size": TRAIN,
+        "test_size": TEST}
     assert [t["name"] for t in manifest["tasks"]] == list(TASKS) == [
         "classify", "color", "count", "ocr", "ground", "choice", "spatial", "caption"]
     scorers = {"ground": "grounding_iou", "choice": "option_accuracy", "caption": "caption"}
@@ -224,8 +242,8 @@ def test_ocr_draws_words_from_its_list():
         seen[s.answer] += 1
         ink = (np.asarray(s.image) != BACKGROUND).any(-1)
         ys, xs = np.nonzero(ink)
-        # The font's own 10 px or an integer multiple: never shrunk, never blurred.
-        assert ink.sum() > 30 and ys.max() - ys.min() >= 5 and xs.max() - xs.min() >= 12
+        # At least twice the font size, every word (the widest too): x-height 5 px at 1x.
+        assert ink.sum() > 60 and ys.max() - ys.min() >= 9 and xs.max() - xs.min() >= 24
     assert set(seen) == set(WORDS)
 
 
