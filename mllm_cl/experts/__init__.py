@@ -14,6 +14,7 @@ from mllm_cl.experts.lora import LoRAExpert
 from mllm_cl.experts.routers import (
     FixedRouter,
     LinearRouter,
+    PostHocGateRouter,
     Router,
     SequenceTopKRouter,
     SoftmaxRouter,
@@ -30,6 +31,7 @@ __all__ = [
     "FixedRouter",
     "InjectionReport",
     "LinearRouter",
+    "PostHocGateRouter",
     "LoRAExpert",
     "Router",
     "Routing",

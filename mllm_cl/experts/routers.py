@@ -250,3 +250,87 @@ class FixedRouter(Router):
         shape = (1,) * x.dim()  # broadcasts over every sample and token
         idx = torch.full(shape, self.expert_names.index(name), device=x.device)
         return Routing(weights=torch.ones(shape, dtype=x.dtype, device=x.device), indices=idx)
+
+
+class PostHocGateRouter(Router):
+    """Post-hoc gate vectors (PHATGOOSE), the router of routing-based CL (methods.md, section 1).
+
+    Each expert ``k`` has a gate vector ``v_k`` (``gates[k]``, zeros when added).
+    Three modes, set by the method between phases:
+
+    - ``train_on(name)``: everything to expert ``name`` with weight 1 (the expert
+      stage: ``y = W0 x + s B_t A_t x``);
+    - ``train_on(name, gate=True)``: expert ``name`` weighted by its own gate,
+      ``sigmoid(v_t . x)`` per token (the gate stage; not normalized);
+    - ``route()`` (the default): per token, standardize ``x`` and every ``v_k``
+      (zero mean, unit variance over features, no affine, ``eps``), score
+      ``z_k = x_bar . v_bar_k / sqrt(d_in)``, keep the ``k_eff = min(top_k,
+      choices)`` best and softmax over the kept.
+
+    ``null_expert`` **[choice]**: one more choice whose score is the constant
+    ``null_score`` (default 0, the expected score of a gate unrelated to the
+    token); mass routed to it goes to no adapter (index -1). The paper names the
+    option without fixing its score, and the recipe trains no gate for it.
+    """
+
+    level = "token"
+
+    def __init__(self, in_features: int, *, top_k: int = 2, null_expert: bool = False, null_score: float = 0.0,
+                 eps: float = 1e-5) -> None:
+        super().__init__(in_features)
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.top_k, self.null_expert, self.null_score, self.eps = top_k, null_expert, null_score, eps
+        self.gates = nn.ParameterDict()
+        self.training_expert: str | None = None
+        self.gating = False
+
+    @property
+    def normalized(self) -> bool:  # a sigmoid gate is its own probability
+        return not self.gating
+
+    def init_expert(self, name: str) -> None:
+        device = next((p.device for p in self.gates.values()), None)
+        self.gates[name] = nn.Parameter(torch.zeros(self.in_features, device=device))
+
+    def train_on(self, name: str, *, gate: bool = False) -> None:
+        if name not in self.expert_names:
+            raise ValueError(f"PostHocGateRouter has no expert {name!r} (experts: {self.expert_names})")
+        self.training_expert, self.gating = name, gate
+
+    def route(self) -> None:
+        self.training_expert, self.gating = None, False
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., E) standardized dot products ``x_bar . v_bar_k / sqrt(d_in)``."""
+        if not self.expert_names:
+            raise RuntimeError("PostHocGateRouter has no experts to route to")
+        v = torch.stack([self.gates[n] for n in self.expert_names])  # (E, d_in)
+        d = self.in_features
+        x_bar = F.layer_norm(x.to(v.dtype), (d,), eps=self.eps)
+        v_bar = F.layer_norm(v, (d,), eps=self.eps)
+        return F.linear(x_bar, v_bar) / math.sqrt(d)
+
+    def forward(self, x: torch.Tensor, context: RoutingContext | None) -> Routing:
+        if self.training_expert is not None:
+            i = self.expert_names.index(self.training_expert)
+            if not self.gating:  # one expert for the whole batch: a plain LoRA forward
+                shape = (1,) * x.dim()
+                return Routing(weights=torch.ones(shape, dtype=x.dtype, device=x.device),
+                               indices=torch.full(shape, i, device=x.device))
+            v = self.gates[self.training_expert]
+            w = torch.sigmoid(F.linear(x.to(v.dtype), v[None]))  # (B, L, 1)
+            return Routing(weights=w, indices=torch.full(w.shape, i, device=x.device))
+        z = self.scores(x)  # (B, L, E)
+        if self.null_expert:
+            z = torch.cat([z, z.new_full((*z.shape[:-1], 1), self.null_score)], dim=-1)
+        k = min(self.top_k, z.shape[-1])
+        top, idx = z.topk(k, dim=-1)
+        if self.null_expert:
+            idx = torch.where(idx == self.num_experts, -1, idx)
+        return Routing(weights=torch.softmax(top, dim=-1), indices=idx, probs=torch.softmax(z, dim=-1))
+
+    def extra_repr(self) -> str:
+        mode = "route" if self.training_expert is None else f"{'gate' if self.gating else 'train'}:{self.training_expert}"
+        return (f"{super().extra_repr()}, top_k={self.top_k}, null_expert={self.null_expert}, "
+                f"null_score={self.null_score}, mode={mode}")

@@ -2,5 +2,6 @@
 
 from mllm_cl.methods.base import Method, Phase
 from mllm_cl.methods.baselines import Individual, LoRAFineTune, MoELoRA, MultiTask, ZeroShot
+from mllm_cl.methods.routing import RoutingCL
 
-__all__ = ["Individual", "LoRAFineTune", "Method", "MoELoRA", "MultiTask", "Phase", "ZeroShot"]
+__all__ = ["Individual", "LoRAFineTune", "Method", "MoELoRA", "MultiTask", "Phase", "RoutingCL", "ZeroShot"]

@@ -27,6 +27,7 @@ from mllm_cl.experts import (
     ExpertLayer,
     FixedRouter,
     LinearRouter,
+    PostHocGateRouter,
     Router,
     RoutingContext,
     SequenceTopKRouter,
@@ -46,6 +47,7 @@ class Case:
     context: Callable[[int], RoutingContext | None] = lambda n_experts: None
     top_k: int | None = None  # a top-k router: expected k_eff = min(top_k, choices)
     null: bool = False
+    prepare: Callable[[Router], None] = lambda router: None  # set a mode once the experts exist
 
 
 def _task_ctx(n_experts: int) -> RoutingContext:
@@ -61,6 +63,10 @@ CASES = {
     "sequence_top2": Case(lambda d: SequenceTopKRouter(d, top_k=2), top_k=2),
     "task": Case(TaskRouter, context=_task_ctx),
     "fixed": Case(FixedRouter),
+    "posthoc_top2": Case(lambda d: PostHocGateRouter(d, top_k=2), top_k=2),
+    "posthoc_top1_null": Case(lambda d: PostHocGateRouter(d, top_k=1, null_expert=True), top_k=1, null=True),
+    "posthoc_top2_null": Case(lambda d: PostHocGateRouter(d, top_k=2, null_expert=True), top_k=2, null=True),
+    "posthoc_gate": Case(PostHocGateRouter, prepare=lambda r: r.train_on(r.expert_names[-1], gate=True)),
 }
 LAYERS = [ExpertLayer]
 POOLS = [1, 3, 16]  # 16 with top-k takes the dispatch path
@@ -89,6 +95,9 @@ def _layer(layer_cls, case: Case, n_experts: int) -> tuple[nn.Module, ExpertLaye
     layer = holder.proj
     for i in range(n_experts):
         nn.init.normal_(layer.add_expert(f"e{i}").B)
+    for p in layer.routers["default"].parameters():  # routers that start at zero (gates) score something
+        nn.init.normal_(p)
+    case.prepare(layer.routers["default"])
     return holder, layer
 
 
@@ -113,7 +122,7 @@ class TestContract:
         level = type(layer.routers["default"]).level
         expected_lead = {"token": (B, L), "sample": (B, 1), "batch": (1, 1)}[level]
         assert tuple(lead) == expected_lead
-        if not type(layer.routers["default"]).normalized:
+        if not layer.routers["default"].normalized:  # an instance's mode may decide (gate stages)
             pytest.skip("independent sigmoid gates are exempt from summing to 1")
         # Sum over the kept experts plus the null expert's slot, per routing position.
         torch.testing.assert_close(routing.weights.sum(-1), torch.ones(lead))

@@ -15,7 +15,8 @@ from mllm_cl.system.loop import FAULT_ENV, InjectedFault
 from mllm_cl.system.run_dir import ConfigMismatch
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ["zero_shot", "lora_ft", "moelora", "multitask", "individual"]
+METHODS = ["zero_shot", "lora_ft", "moelora", "multitask", "individual", "routing"]
+EXTRA = {"routing": ["--model.method.init_args.gate_steps", "2"]}
 
 
 def _fit(bench, run_dir, method, *extra):
@@ -55,7 +56,7 @@ def test_cli_writes_the_run_directory(bench, tmp_path):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_baseline_runs_end_to_end(bench, tmp_path, method):
-    results = _fit(bench, tmp_path / method, method)
+    results = _fit(bench, tmp_path / method, method, *EXTRA.get(method, []))
     assert results["completed_tasks"] == 2 and results["method"] == method
     if method in ("zero_shot", "multitask"):  # one-row methods: MFN only
         assert results["matrix"][0] == [None, None] and None not in results["matrix"][1]
@@ -69,19 +70,23 @@ def test_every_baseline_runs_end_to_end(bench, tmp_path, method):
         assert trainable[0] == 0 and trainable[1] > 0  # trains once, on the union, at the end
     else:
         assert all(n > 0 for n in trainable)
-    if method == "individual":  # one expert per task: storage doubles, each task trains one
+    if method in ("individual", "routing"):  # one expert (+ gate) per task: storage doubles, each task trains one
         stored = [p["total"] for p in results["params"]["stored_per_task"]]
         assert stored[1] == 2 * stored[0] and trainable[1] == trainable[0]
 
 
-def test_individual_keeps_old_experts_bit_identical(bench, tmp_path):
-    run = tmp_path / "ind"
-    _fit(bench, run, "individual")
+@pytest.mark.parametrize("method", ["individual", "routing"])
+def test_old_experts_stay_bit_identical(bench, tmp_path, method):
+    run = tmp_path / method
+    results = _fit(bench, run, method, *EXTRA.get(method, []))
     after1 = load_file(run / "checkpoints/task_01/adapters.safetensors")
     after2 = load_file(run / "checkpoints/task_02/adapters.safetensors")
-    task0 = [k for k in after1 if ".experts.task0." in k]
+    task0 = [k for k in after1 if ".experts.task0." in k or ".gates.task0" in k]
     assert task0 and all(torch.equal(after1[k], after2[k]) for k in task0)
     assert any(".experts.task1." in k for k in after2)
+    if method == "routing":  # the gate trained in its own phase: no longer zero
+        assert any(".gates.task0" in k for k in task0) and all(after1[k].abs().sum() > 0 for k in task0)
+        assert all(set(t["phases"]) == {"expert", "gate"} for t in results["timings"]["tasks"])
 
 
 def test_interrupted_run_resumes_to_the_same_result(bench, tmp_path, monkeypatch):
