@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 .PHONY: setup quickstart test test-slow bench help
 
 help:
-	@echo "make quickstart  set up .venv and run the quickstart (lora_ft vs individual on the synthetic sequence)"
+	@echo "make quickstart  set up .venv and run the quickstart (lora_ft vs routing on the synthetic sequence)"
 	@echo "make test        set up .venv and run the test suite (slow and GPU tests excluded)"
 	@echo "make test-slow   run the slow tests too"
 	@echo "make bench       run the benchmarks in benchmarks/"

@@ -3,6 +3,8 @@
 Prints, as medians of per-round ratios with their spread (issue #2 targets <= 1.15):
   (a) one expert / PEFT LoRA of the same rank
   (b) a pool of 64 experts / a pool of 2, both routed top-2 per token
+  (c) the same with routing-based CL's post-hoc gate router (standardized gate
+      scores, top-2; issue #10)
 and, for reference, CoIN-style dense MoELoRA (softmax over every expert) 64 / 2.
 
     python benchmarks/expert_layer.py [--rounds 21] [--threads 2]
@@ -20,13 +22,15 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import interleaved, ratio_line  # noqa: E402
 
-from mllm_cl.experts import ExpertLayer, SoftmaxRouter, TopKRouter  # noqa: E402
+from mllm_cl.experts import ExpertLayer, PostHocGateRouter, SoftmaxRouter, TopKRouter  # noqa: E402
 
 
 def expert_layer(linear: nn.Linear, pool: int, router, rank: int) -> ExpertLayer:
     layer = ExpertLayer(linear, router=router, rank=rank)
     for i in range(pool):
         nn.init.normal_(layer.add_expert(f"e{i}").B, std=0.02)
+    for p in layer.routers.parameters():  # gates start at zero: give them trained-like values
+        nn.init.normal_(p, std=0.02)
     return layer
 
 
@@ -63,6 +67,9 @@ def main() -> None:
         "top2_pool2": expert_layer(fresh_linear(), 2, TopKRouter(d, top_k=2), r),
         "top2_pool16": expert_layer(fresh_linear(), 16, TopKRouter(d, top_k=2), r),
         "top2_pool64": expert_layer(fresh_linear(), 64, TopKRouter(d, top_k=2), r),
+        "gates_pool2": expert_layer(fresh_linear(), 2, PostHocGateRouter(d, top_k=2), r),
+        "gates_pool16": expert_layer(fresh_linear(), 16, PostHocGateRouter(d, top_k=2), r),
+        "gates_pool64": expert_layer(fresh_linear(), 64, PostHocGateRouter(d, top_k=2), r),
         "dense_pool2": expert_layer(fresh_linear(), 2, SoftmaxRouter(d), r),
         "dense_pool64": expert_layer(fresh_linear(), 64, SoftmaxRouter(d), r),
     }
@@ -82,6 +89,8 @@ def main() -> None:
     print(ratio_line("(a) one expert / PEFT LoRA", times["one_expert"], times["peft_lora"]))
     print(ratio_line("(b) top-2: pool 64 / pool 2", times["top2_pool64"], times["top2_pool2"]))
     print(ratio_line("(b') top-2: pool 64 / pool 16 (both dispatch)", times["top2_pool64"], times["top2_pool16"]))
+    print(ratio_line("(c) post-hoc gates top-2: pool 64 / pool 2", times["gates_pool64"], times["gates_pool2"]))
+    print(ratio_line("(c') post-hoc gates top-2: pool 64 / pool 16", times["gates_pool64"], times["gates_pool16"]))
     print(ratio_line("(ref) dense MoELoRA: pool 64 / pool 2", times["dense_pool64"], times["dense_pool2"]))
 
 

@@ -2,8 +2,8 @@
 
 Runs the canonical synthetic sequence (configs/experiments/synth.yaml) on the
 pretrained tiny base twice, with ``lora_ft`` (one shared LoRA: it forgets)
-and ``individual`` (one LoRA per task, routed by the true task id: it does
-not), then prints both accuracy matrices and their summary metrics and
+and ``routing`` (routing-based CL: one LoRA expert per task and token-level
+routing over all of them by post-hoc gates), then prints both accuracy matrices and their summary metrics and
 writes reports and plots under ``runs/``.
 """
 
@@ -13,17 +13,18 @@ import argparse
 import time
 from pathlib import Path
 
-HELP = "run the canonical synthetic sequence with lora_ft and individual and compare them (CPU, minutes)"
+HELP = "run the canonical synthetic sequence with lora_ft and routing and compare them (CPU, minutes)"
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", nargs="+", default=["lora_ft", "individual"],
+    p.add_argument("--methods", nargs="+", default=["lora_ft", "routing"],
                    help="method configs under configs/methods/ to run (default: %(default)s)")
     p.add_argument("--experiment", default=str(ROOT / "configs/experiments/synth.yaml"),
                    help="experiment config (default: the canonical synthetic sequence)")
     p.add_argument("--runs", default="runs", help="folder for the run directories (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="override steps per task (default: the experiment's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="override steps per task and cap every phase at it (default: the experiment's budget)")
 
 
 def _matrix_lines(results: dict) -> list[str]:
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         if not config.exists():
             raise SystemExit(f"mllm-cl quickstart: no method config {config}")
         run_dir = Path(args.runs) / f"quickstart-{method}"
-        extra = [] if args.steps is None else ["--model.steps_per_task", str(args.steps)]
+        extra = [] if args.steps is None else ["--model.steps_per_task", str(args.steps),
+                                               "--model.max_phase_steps", str(args.steps)]
         print(f"\n=== {method} ===")
         fit_main(["--config", args.experiment, "--config", str(config), "--trainer.default_root_dir", str(run_dir),
                   "--trainer.enable_progress_bar", "true", *extra])

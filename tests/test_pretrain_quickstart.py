@@ -45,7 +45,8 @@ def test_quickstart_runs_two_methods_and_compares_them(tmp_path):
                           "--runs", str(tmp_path / "runs"), "--steps", "2"],
                          capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "lora_ft:" in out.stdout and "individual:" in out.stdout and "quickstart finished" in out.stdout
-    for method in ("lora_ft", "individual"):
+    assert "lora_ft:" in out.stdout and "routing:" in out.stdout and "quickstart finished" in out.stdout
+    assert "phase gate, 2 steps" in out.stdout  # --steps caps the method's own phases too
+    for method in ("lora_ft", "routing"):
         run = tmp_path / "runs" / f"quickstart-{method}"
         assert (run / "report.md").exists() and (run / "plots/accuracy_matrix.png").exists()

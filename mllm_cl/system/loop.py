@@ -99,6 +99,7 @@ class ContinualLoop:
         phases, trainable, timings = method.phases(t, T), {}, {}
         for phase in phases:
             steps = phase.steps or module.steps_per_task * len(phase.tasks or [t])
+            steps = min(steps, module.max_phase_steps or steps)
             method.on_phase_start(module.model, t, phase)
             self._hook("on_phase_start", t, phase)
             dm.set_task(t, fraction=phase.fraction, tasks=phase.tasks)

@@ -28,6 +28,8 @@ class ContinualMLLM(L.LightningModule):
         backbone_path: a saved backbone directory; wins over ``backbone``.
         backbone_seed: seed of a preset's random weights.
         steps_per_task: optimizer steps per task (a phase may set its own).
+        max_phase_steps: cap on every phase's steps, its own ones included (a method's
+            gate or probe phase); for smoke runs. ``None``: no cap.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay (only trainable parameters are in the optimizer).
         warmup_steps: linear learning-rate warm-up at the start of every phase.
@@ -42,6 +44,7 @@ class ContinualMLLM(L.LightningModule):
         backbone_path: str | None = None,
         backbone_seed: int = 0,
         steps_per_task: int = 100,
+        max_phase_steps: int | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -54,7 +57,10 @@ class ContinualMLLM(L.LightningModule):
         self.method = method
         self.injection = method.build(self.model)
         self.backbone_info = {"preset": None if backbone_path else backbone, "path": backbone_path, "seed": backbone_seed}
-        self.steps_per_task, self.lr, self.weight_decay = steps_per_task, lr, weight_decay
+        if max_phase_steps is not None and max_phase_steps < 1:
+            raise ValueError(f"model.max_phase_steps must be >= 1 or null, got {max_phase_steps}")
+        self.steps_per_task, self.max_phase_steps = steps_per_task, max_phase_steps
+        self.lr, self.weight_decay = lr, weight_decay
         self.warmup_steps, self.grad_clip = warmup_steps, grad_clip
         self.log_prefix = "train"  # the loop sets "taskN_NAME/PHASE": every phase restarts the step count
 
