@@ -45,7 +45,7 @@ class ContinualCLI(LightningCLI):
         run_dir = cfg["trainer"].get("default_root_dir") or f"runs/{cfg['experiment']}-{model.method.name}-s{seed}"
         trainer_cfg = self.config_init["fit"]["trainer"]
         base = {k: v for k, v in trainer_cfg.items() if k not in _LOOP_OWNED}
-        callbacks = list(self.trainer.callbacks)
+        callbacks = list(self.trainer.callbacks) + model.method.callbacks()  # a method's own statistics
         loggers = self.trainer.loggers
         if not loggers:  # CSV by default, in the run directory; --trainer.logger picks others (TensorBoard, ...)
             from lightning.pytorch.loggers import CSVLogger

@@ -158,10 +158,19 @@ class ExpertLayer(nn.Module):
     def unfreeze_expert(self, name: str) -> None:
         self.freeze_expert(name, frozen=False)
 
-    def add_router(self, name: str, router: Router) -> Router:
+    def add_router(self, name: str, router: Router, *, experts: Iterable[str] = ()) -> Router:
+        """Add ``router`` under ``name``, on the layer's device, routing over ``experts``
+        (existing expert names, in that order; more can be added to it later)."""
         _check_name("router", name)
         if router.in_features != self.in_features:
             raise ValueError(f"router in_features {router.in_features} != layer in_features {self.in_features}")
+        experts = list(experts)
+        unknown = [e for e in experts if e not in self.experts]
+        if unknown:
+            raise KeyError(f"router {name!r}: no experts {unknown}; experts: {self.expert_names}")
+        router.to(self.base_layer.weight.device)
+        for expert in experts:
+            router.add_expert(expert)
         self.routers[name] = router
         return router
 

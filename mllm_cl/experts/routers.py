@@ -331,6 +331,8 @@ class PostHocGateRouter(Router):
         return Routing(weights=torch.softmax(top, dim=-1), indices=idx, probs=torch.softmax(z, dim=-1))
 
     def extra_repr(self) -> str:
-        mode = "route" if self.training_expert is None else f"{'gate' if self.gating else 'train'}:{self.training_expert}"
+        mode = "route"
+        if self.training_expert is not None:
+            mode = f"{'gate' if self.gating else 'train'}:{self.training_expert}"
         return (f"{super().extra_repr()}, top_k={self.top_k}, null_expert={self.null_expert}, "
                 f"null_score={self.null_score}, mode={mode}")

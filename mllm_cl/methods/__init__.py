@@ -2,6 +2,8 @@
 
 from mllm_cl.methods.base import Method, Phase
 from mllm_cl.methods.baselines import Individual, LoRAFineTune, MoELoRA, MultiTask, ZeroShot
+from mllm_cl.methods.cmoe import LLaVACMoE
 from mllm_cl.methods.routing import RoutingCL
 
-__all__ = ["Individual", "LoRAFineTune", "Method", "MoELoRA", "MultiTask", "Phase", "RoutingCL", "ZeroShot"]
+__all__ = ["Individual", "LLaVACMoE", "LoRAFineTune", "Method", "MoELoRA", "MultiTask", "Phase", "RoutingCL",
+           "ZeroShot"]

@@ -17,7 +17,14 @@ happen inside a ``fit``:
 
 To resume, the loop replays ``on_task_start`` / ``on_task_end`` for finished
 tasks to rebuild the structure, then loads the saved adapter weights; so
-these hooks must be deterministic given the task index.
+these hooks must be deterministic given the task index and the method's own
+saved state (``state`` / ``load_state``: what a data-dependent decision, such
+as which layers grew, needs to be replayed; saved with every checkpoint).
+
+A method may bring its own continual callbacks (``callbacks``: statistics
+collected during training, work at task end that needs the task's data) and
+report per-stage numbers of its own (``stage_metrics``, written to
+``results.json`` under ``method_metrics``).
 """
 
 from __future__ import annotations
@@ -90,6 +97,22 @@ class Method:
 
     def extra_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | None:
         """Added to the LM loss (load balancing, orthogonality penalties, ...)."""
+        return None
+
+    # ------------------------------------------------------ callbacks and state
+    def callbacks(self) -> list:
+        """Continual callbacks the method needs; the loop adds them to the configured ones."""
+        return []
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """What resuming needs besides the expert layers: (JSON-able facts, tensors)."""
+        return {}, {}
+
+    def load_state(self, facts: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Restore ``state()``'s output before the loop replays the finished tasks."""
+
+    def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:
+        """Numbers of the method's own gathered during the last evaluation (then reset)."""
         return None
 
     # ----------------------------------------------------------------- helpers

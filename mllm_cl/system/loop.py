@@ -64,6 +64,7 @@ class ContinualLoop:
         module, dm, method = self.module, self.dm, self.module.method
         T = dm.num_tasks
         dm.connect(module.tokenizer, module.image_processor(), module.model.num_image_tokens)
+        module.sequence = dm  # callbacks that need a task's data at task end (a task locator) read it here
         resuming = self.run.claim(self.config_text)
         results = self.run.load_results() if resuming else None
         if results is None:
@@ -72,6 +73,8 @@ class ContinualLoop:
                                   one_row=method.one_row)
         done = results["completed_tasks"]
         self.print(f"mllm-cl: run directory {self.run.path} ({'resuming after task ' + str(done) if done else 'new run'})")
+        if done:  # what the method decided from data (layers that grew, ...) before the replay
+            method.load_state(*self.run.method_state(done))
         for t in range(done):  # rebuild the structure of finished tasks, then load their weights
             method.on_task_start(module.model, t)
             method.on_task_end(module.model, t)
@@ -80,6 +83,7 @@ class ContinualLoop:
         if results["zero_shot"] is None:
             t0 = time.time()
             results["zero_shot"] = self._evaluate(stage=0, tasks=range(T))
+            self._method_metrics(results, stage=0)
             results["timings"]["zero_shot_eval_s"] = round(time.time() - t0, 3)
             self.run.save_results(results)
         for t in range(done, T):
@@ -121,15 +125,26 @@ class ContinualLoop:
             upto = min(T - 1, t + 1) if self.eval_future_tasks else t
             row = self._evaluate(stage=t + 1, tasks=range(upto + 1))
             results["matrix"][t] = row + [None] * (T - len(row))
+            self._method_metrics(results, stage=t + 1)
         results["params"]["trainable_per_task"].append(parameter_counts(sorted(trainable.items())))
         stored = sorted((k, v) for k, v in adapter_state(module.model).items())
         results["params"]["stored_per_task"].append(parameter_counts(stored))
         results["timings"]["tasks"].append({"phases": timings, "eval_s": round(time.time() - t0, 3)})
-        self.run.save_checkpoint(t + 1, module.model, {"method": method.name, "backbone": module.backbone_info})
+        facts, tensors = method.state()
+        self.run.save_checkpoint(t + 1, module.model, {"method": method.name, "backbone": module.backbone_info,
+                                                       "method_state": facts}, tensors)
         results["completed_tasks"] = t + 1
         self.run.save_results(results)
         if os.environ.get(FAULT_ENV) == str(t + 1):
             raise InjectedFault(f"{FAULT_ENV}={t + 1}: stopping after task {t + 1} as asked")
+
+    def _method_metrics(self, results: dict, *, stage: int) -> None:
+        """The method's own numbers from the evaluation just run (a locator's accuracy, ...)."""
+        own = self.module.method.stage_metrics(self.dm.task_names)
+        if own:
+            results.setdefault("method_metrics", {})[f"stage_{stage:02d}"] = own
+            self._log({f"method/{k}/{task}": v for k, d in own.items() if isinstance(d, dict)
+                       for task, v in d.items() if isinstance(v, (int, float))}, step=stage)
 
     def _log(self, metrics: dict, step: int) -> None:
         for logger in self.loggers:

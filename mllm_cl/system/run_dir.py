@@ -137,13 +137,26 @@ class RunDir:
     def save_results(self, results: dict[str, Any]) -> None:
         _atomic_write(self.results_path, (json.dumps(results, indent=2) + "\n").encode())
 
-    def save_checkpoint(self, task_number: int, model: nn.Module, extra: dict[str, Any]) -> None:
+    def save_checkpoint(self, task_number: int, model: nn.Module, extra: dict[str, Any],
+                        method_tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Adapters, the method's own tensors (``method.safetensors``, when it has any) and
+        ``structure.json`` (written last: a checkpoint without it is incomplete)."""
         folder = self.checkpoint_dir(task_number)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "adapters.safetensors.tmp"
         save_file(adapter_state(model), tmp)
         os.replace(tmp, folder / "adapters.safetensors")
+        if method_tensors:
+            save_file({k: v.detach().contiguous().cpu() for k, v in method_tensors.items()}, tmp)
+            os.replace(tmp, folder / "method.safetensors")
         _atomic_write(folder / "structure.json", (json.dumps({"layers": structure(model), **extra}, indent=2) + "\n").encode())
+
+    def method_state(self, task_number: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The method's saved (facts, tensors) of a checkpoint (empty for methods without)."""
+        folder = self.checkpoint_dir(task_number)
+        saved = json.loads((folder / "structure.json").read_text())
+        tensors = load_file(folder / "method.safetensors") if (folder / "method.safetensors").exists() else {}
+        return saved.get("method_state", {}), tensors
 
     def load_checkpoint(self, task_number: int, model: nn.Module) -> dict[str, Any]:
         """Load adapter weights into a model whose structure was rebuilt; check they match."""

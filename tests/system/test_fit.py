@@ -15,8 +15,9 @@ from mllm_cl.system.loop import FAULT_ENV, InjectedFault
 from mllm_cl.system.run_dir import ConfigMismatch
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ["zero_shot", "lora_ft", "moelora", "multitask", "individual", "routing"]
-EXTRA = {"routing": ["--model.method.init_args.gate_steps", "2"]}
+METHODS = ["zero_shot", "lora_ft", "moelora", "multitask", "individual", "routing", "cmoe"]
+EXTRA = {"routing": ["--model.method.init_args.gate_steps", "2"],
+         "cmoe": ["--model.method.init_args.probe_steps", "2", "--model.method.init_args.vae_steps", "20"]}
 
 
 def _fit(bench, run_dir, method, *extra):
@@ -89,16 +90,19 @@ def test_old_experts_stay_bit_identical(bench, tmp_path, method):
         assert all(set(t["phases"]) == {"expert", "gate"} for t in results["timings"]["tasks"])
 
 
-def test_interrupted_run_resumes_to_the_same_result(bench, tmp_path, monkeypatch):
-    whole = _fit(bench, tmp_path / "whole", "lora_ft", "--model.steps_per_task", "4")
+@pytest.mark.parametrize("method", ["lora_ft", "cmoe"])  # cmoe: growth and its task locator are data-dependent
+def test_interrupted_run_resumes_to_the_same_result(bench, tmp_path, monkeypatch, method):
+    args = [method, "--model.steps_per_task", "4", *EXTRA.get(method, [])]
+    whole = _fit(bench, tmp_path / "whole", *args)
     monkeypatch.setenv(FAULT_ENV, "1")
     with pytest.raises(InjectedFault):
-        _fit(bench, tmp_path / "cut", "lora_ft", "--model.steps_per_task", "4")
+        _fit(bench, tmp_path / "cut", *args)
     partial = json.loads((tmp_path / "cut/results.json").read_text())
     assert partial["completed_tasks"] == 1 and partial["matrix"][1] == [None, None]
     monkeypatch.delenv(FAULT_ENV)
-    resumed = _fit(bench, tmp_path / "cut", "lora_ft", "--model.steps_per_task", "4")
+    resumed = _fit(bench, tmp_path / "cut", *args)
     assert resumed["matrix"] == whole["matrix"] and resumed["zero_shot"] == whole["zero_shot"]
+    assert resumed.get("method_metrics") == whole.get("method_metrics")
     a = load_file(tmp_path / "whole/checkpoints/task_02/adapters.safetensors")
     b = load_file(tmp_path / "cut/checkpoints/task_02/adapters.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -1,0 +1,49 @@
+"""LLaVA-CMoE's callbacks: probe statistics during the probe phase, the task locator at task end.
+
+Thin shells: the counting and the fitting live in ``mllm_cl.methods.cmoe``
+and ``mllm_cl.methods.locator``. The method adds both to every run
+(``LLaVACMoE.callbacks``); nothing to configure.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from callbacks.base import ContinualCallback
+from mllm_cl.methods.locator import prompt_features
+
+
+class ProbeStatistics(ContinualCallback):
+    """After every training batch of a probe phase, count the top-k slots each expert won."""
+
+    def __init__(self, method) -> None:
+        self.method = method
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.method.probing and not batch.get("empty"):
+            self.method.observe_probe_batch(pl_module.model, batch)
+
+
+class TaskLocatorFitter(ContinualCallback):
+    """At task end: the frozen base's features of the task's training samples -> the task's VAE."""
+
+    def __init__(self, method) -> None:
+        self.method = method
+
+    def on_task_end(self, module, task: int) -> None:
+        dm = module.sequence
+        data = dm.train_dataset(task)
+        loader = DataLoader(data, batch_size=dm.eval_batch_size, shuffle=False, collate_fn=dm.train_collate,
+                            num_workers=dm.num_workers)
+        was_training = module.model.training
+        module.model.eval()
+        feats = []
+        for batch in tqdm(loader, desc=f"task locator: features of {dm.tasks[task].name}", leave=False):
+            if batch.get("empty"):
+                continue
+            batch = {k: v.to(module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            feats.append(prompt_features(module.model, batch))
+        module.model.train(was_training)
+        self.method.locator.add_task(torch.cat(feats), seed=dm.task_seed(task))

@@ -1,0 +1,236 @@
+"""LLaVA-CMoE (methods.md, section 4; arXiv 2503.21227).
+
+Experts are LoRA experts in the adapted linears (the FFN by default in
+``configs/methods/cmoe.yaml``) under per-token top-k routers (``TopKRouter``,
+k_eff = min(k, experts in the layer)), with the Switch load-balancing loss
+``E * sum_e f_e P_e`` (``balance_loss``, weight ``balance_weight``). Each task
+owns a router per layer (``task{t}``) over the layer's pool as it stands at
+that task. Per task:
+
+- ``probe`` phase (not on the first task, where every layer grows): all
+  experts frozen; ``probe_experts`` probe experts and a probe router per layer
+  trained on ``probe_fraction`` of the task's data for ``probe_steps`` steps.
+  The probes' activation frequency per layer (share of top-k slots they win on
+  real tokens, weighted by their routing weights, summed over the phase by
+  ``callbacks.cmoe.ProbeStatistics``) decides growth: a layer grows if its frequency > mean - alpha * std over
+  layers (``layers_to_grow``). New experts (``new_experts`` per grown layer)
+  copy the layer's most-activated old expert; the probes are dropped.
+- ``train`` phase: the task's new experts and its new routers (every layer,
+  grown or not) train on the full task; old experts stay frozen.
+- task end: ``callbacks.cmoe.TaskLocatorFitter`` fits the task's VAE on the
+  frozen base's last-prompt-token features (``mllm_cl.methods.locator``). At
+  evaluation each sample runs with the router of the task the locator picks
+  (hard selection); the locator's accuracy per task is reported under
+  ``method_metrics`` in ``results.json``.
+
+Options **[choice]** as methods.md gives them: top_k 2, one probe expert, 10%
+probe data, alpha 1, one new expert per grown layer, balance weight 0.01, VAE
+512 -> 64 with beta 1. Frequency **[choice]**: the probes' share of the routing
+*weight* in the kept slots, not of the slot count: with one old expert and one
+probe at top-2 every slot count is 1/2 in every layer, and nothing could be
+told apart (no layer would ever grow). ``probe_steps`` (default 30, a tenth of the canonical
+300 steps) is ours; ``probe_steps: 0`` skips probing and grows every layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllm_cl.experts import ExpertSetup, RoutingContext, TopKRouter, expert_layers
+from mllm_cl.methods.base import Method, Phase
+from mllm_cl.methods.locator import TaskLocator, prompt_features
+
+
+def balance_loss(probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch load balancing ``E * sum_e f_e P_e`` over the real tokens.
+
+    probs: (..., E) router probabilities; indices: (..., k) kept experts;
+    mask: (...) real tokens. ``f_e``: share of the kept slots that go to expert
+    e; ``P_e``: e's mean probability. Equal use gives 1.
+    """
+    E, k = probs.shape[-1], indices.shape[-1]
+    m = torch.ones(probs.shape[:-1], device=probs.device) if mask is None else mask
+    m = m.to(probs.dtype).reshape(-1)  # (N,)
+    n = m.sum().clamp(min=1)
+    P = (probs.reshape(-1, E) * m[:, None]).sum(0) / n  # (E,)
+    idx = indices.reshape(-1, k)
+    slots = F.one_hot(idx.clamp(min=0), E).to(probs.dtype) * (idx >= 0)[..., None].to(probs.dtype)  # (N, k, E)
+    f = (slots.sum(1) * m[:, None]).sum(0) / (n * k)  # (E,)
+    return E * (f.detach() * P).sum()
+
+
+def layers_to_grow(frequencies: dict[str, float], alpha: float) -> list[str]:
+    """Layers whose probe frequency is above ``mean - alpha * std`` over layers."""
+    values = torch.tensor(list(frequencies.values()), dtype=torch.float64)
+    threshold = values.mean() - alpha * values.std(unbiased=False)
+    return [name for name, f in frequencies.items() if f > threshold]
+
+
+class LLaVACMoE(Method):
+    name = "cmoe"
+
+    def __init__(self, experts: ExpertSetup, *, top_k: int = 2, probe_experts: int = 1, probe_fraction: float = 0.1,
+                 probe_steps: int = 30, alpha: float = 1.0, new_experts: int = 1, balance_weight: float = 0.01,
+                 vae_hidden: int = 512, vae_latent: int = 64, vae_steps: int = 300, vae_lr: float = 1e-3,
+                 vae_beta: float = 1.0) -> None:
+        if experts.router is not None or experts.initial_experts:
+            raise ValueError("cmoe adds its own experts and per-task routers: leave experts.router and "
+                             "experts.initial_experts unset")
+        for name, value in (("top_k", top_k), ("probe_experts", probe_experts), ("new_experts", new_experts)):
+            if value < 1:
+                raise ValueError(f"cmoe: {name} must be >= 1, got {value}")
+        if not 0 < probe_fraction <= 1 or probe_steps < 0:
+            raise ValueError(f"cmoe: probe_fraction must be in (0, 1] and probe_steps >= 0, "
+                             f"got {probe_fraction} and {probe_steps}")
+        super().__init__(experts)
+        self.top_k, self.probe_experts = top_k, probe_experts
+        self.probe_fraction, self.probe_steps = probe_fraction, probe_steps
+        self.alpha, self.new_experts, self.balance_weight = alpha, new_experts, balance_weight
+        self.locator = TaskLocator(hidden=vae_hidden, latent=vae_latent, steps=vae_steps, lr=vae_lr, beta=vae_beta)
+        self.grown: dict[int, list[str]] = {}  # task -> layers that grew (replayed on resume)
+        self.frequencies: dict[int, dict[str, float]] = {}  # task -> probe frequency per layer
+        self.probe_counts: dict[str, torch.Tensor] = {}
+        self.probing = False
+        self._hits: dict[int, list[int]] = {}
+        self._model: nn.Module | None = None
+
+    # --------------------------------------------------------------- structure
+    def build(self, model: nn.Module):
+        self._model = model
+        return super().build(model)
+
+    def callbacks(self) -> list:
+        from callbacks.cmoe import ProbeStatistics, TaskLocatorFitter
+
+        return [ProbeStatistics(self), TaskLocatorFitter(self)]
+
+    def phases(self, task: int, num_tasks: int) -> list[Phase]:
+        probe = task > 0 and self.probe_steps > 0
+        train = [Phase("train")]
+        return [Phase("probe", steps=self.probe_steps, fraction=self.probe_fraction)] + train if probe else train
+
+    def _freeze(self, model: nn.Module) -> None:
+        for layer in expert_layers(model).values():
+            layer.experts.requires_grad_(False)
+            layer.routers.requires_grad_(False)
+
+    def _grow(self, model: nn.Module, task: int, layers: list[str], sources: dict[str, str] | None = None) -> None:
+        """New experts in ``layers`` (copies of ``sources[layer]`` when given) and the task's routers everywhere."""
+        for name, layer in expert_layers(model).items():
+            if name in layers:
+                for j in range(self.new_experts):
+                    source = (sources or {}).get(name)
+                    layer.add_expert(f"t{task}e{j}", init_from=source, routers=[])
+            layer.add_router(f"task{task}", TopKRouter(layer.in_features, top_k=self.top_k), experts=layer.expert_names)
+            layer.active_router = f"task{task}"
+        self.grown[task] = sorted(layers)
+
+    def on_task_start(self, model: nn.Module, task: int) -> None:
+        self._freeze(model)
+        if task in self.grown:  # resuming: replay the recorded growth
+            self._grow(model, task, self.grown[task])
+        elif task == 0 or not self.probe_steps:
+            self._grow(model, task, list(expert_layers(model)))
+
+    def on_phase_start(self, model: nn.Module, task: int, phase: Phase) -> None:
+        self._freeze(model)
+        layers = expert_layers(model)
+        if phase.name == "probe":
+            for layer in layers.values():
+                for j in range(self.probe_experts):
+                    layer.add_expert(f"probe{j}", routers=[])
+                layer.add_router("probe", TopKRouter(layer.in_features, top_k=self.top_k), experts=layer.expert_names)
+                layer.active_router = "probe"
+                for j in range(self.probe_experts):
+                    layer.experts[f"probe{j}"].requires_grad_(True)
+                layer.routers["probe"].requires_grad_(True)
+            self.probe_counts, self.probing = {}, True
+            return
+        for layer in layers.values():
+            layer.active_router = f"task{task}"
+            layer.routers[f"task{task}"].requires_grad_(True)
+            for name in layer.expert_names:
+                if name.startswith(f"t{task}e"):
+                    layer.experts[name].requires_grad_(True)
+
+    def observe_probe_batch(self, model: nn.Module, batch: dict[str, Any]) -> None:
+        """Add, per layer, the routing weight each expert of the probe router won in the
+        kept top-k slots of real tokens."""
+        mask = batch["attention_mask"].bool()
+        for name, layer in expert_layers(model).items():
+            routing = layer.last_routing
+            if routing is None or routing.indices is None:
+                continue
+            idx, w = routing.indices[mask], routing.weights[mask].detach().float()  # (tokens, k)
+            keep = idx >= 0
+            mass = torch.zeros(layer.routers["probe"].num_experts, device=w.device).index_add_(0, idx[keep], w[keep])
+            self.probe_counts[name] = self.probe_counts.get(name, 0) + mass.cpu()
+
+    def on_phase_end(self, model: nn.Module, task: int, phase: Phase) -> None:
+        if phase.name != "probe":
+            return
+        self.probing = False
+        frequencies, sources = {}, {}
+        for name, layer in expert_layers(model).items():
+            names = layer.routers["probe"].expert_names
+            counts = self.probe_counts.get(name)
+            if counts is None:
+                raise RuntimeError(f"cmoe: no probe statistics for {name}; is callbacks.cmoe.ProbeStatistics "
+                                   "among the trainer's callbacks?")
+            probe = [i for i, n in enumerate(names) if n.startswith("probe")]
+            old = [i for i, n in enumerate(names) if not n.startswith("probe")]
+            frequencies[name] = float(counts[probe].sum() / counts.sum().clamp(min=1))
+            sources[name] = names[max(old, key=lambda i: counts[i].item())]
+            for j in range(self.probe_experts):
+                layer.remove_expert(f"probe{j}")
+            del layer.routers["probe"]
+        self.frequencies[task] = frequencies
+        self._grow(model, task, layers_to_grow(frequencies, self.alpha), sources)
+
+    def on_task_end(self, model: nn.Module, task: int) -> None:
+        self._freeze(model)
+
+    # ------------------------------------------------------------------- steps
+    def extra_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | None:
+        if not self.balance_weight:
+            return None
+        losses = [balance_loss(layer.last_routing.probs, layer.last_routing.indices, batch["attention_mask"])
+                  for layer in expert_layers(model).values()
+                  if layer.last_routing is not None and layer.last_routing.probs is not None]
+        return self.balance_weight * torch.stack(losses).mean() if losses else None
+
+    def routing_context(self, batch: dict[str, Any], *, training: bool) -> RoutingContext | None:
+        if training or self.locator.num_tasks == 0:
+            return None  # training: the phase's active router; before any task: no experts
+        chosen = self.locator.choose(prompt_features(self._model, batch)).tolist()
+        for true, pred in zip(batch["task_ids"].tolist(), chosen):
+            hits = self._hits.setdefault(true, [0, 0])
+            hits[0] += int(true == pred)
+            hits[1] += 1
+        return RoutingContext(router_choice=[f"task{c}" for c in chosen])
+
+    def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:
+        if not self._hits:
+            return None
+        accuracy = {task_names[t]: round(100.0 * right / total, 2) for t, (right, total) in sorted(self._hits.items())}
+        self._hits = {}
+        return {"locator_accuracy": accuracy}
+
+    # ------------------------------------------------------------------- state
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        dim = self.locator.vaes[0].feat_mean.numel() if self.locator.num_tasks else 0
+        facts = {"grown": {str(t): layers for t, layers in self.grown.items()},
+                 "probe_frequencies": {str(t): f for t, f in self.frequencies.items()},
+                 "locator_tasks": self.locator.num_tasks, "feature_dim": dim}
+        return facts, {f"locator.{k}": v for k, v in self.locator.state_dict().items()}
+
+    def load_state(self, facts: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.grown = {int(t): list(layers) for t, layers in facts.get("grown", {}).items()}
+        self.frequencies = {int(t): dict(f) for t, f in facts.get("probe_frequencies", {}).items()}
+        if facts.get("locator_tasks"):
+            self.locator.grow_to(facts["locator_tasks"], facts["feature_dim"])
+            self.locator.load_state_dict({k.removeprefix("locator."): v for k, v in tensors.items()})
