@@ -11,6 +11,7 @@ callback list (the configured callbacks, the same instances every time).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -50,7 +51,11 @@ class ContinualCLI(LightningCLI):
         if not loggers:  # CSV by default, in the run directory; --trainer.logger picks others (TensorBoard, ...)
             from lightning.pytorch.loggers import CSVLogger
 
-            loggers = [CSVLogger(save_dir=run_dir, name="logs", version="")]
+            # A resumed run logs beside the first attempt's file (RUN/logs/resume-N/), which CSVLogger
+            # would otherwise delete.
+            logs = Path(run_dir, "logs")
+            version = f"resume-{len(list(logs.glob('resume-*'))) + 1}" if (logs / "metrics.csv").exists() else ""
+            loggers = [CSVLogger(save_dir=run_dir, name="logs", version=version)]
 
         def make_trainer(steps: int) -> L.Trainer:
             trainer = L.Trainer(**base, max_steps=steps, max_epochs=-1, callbacks=list(callbacks), logger=loggers,

@@ -100,7 +100,11 @@ def test_interrupted_run_resumes_to_the_same_result(bench, tmp_path, monkeypatch
     partial = json.loads((tmp_path / "cut/results.json").read_text())
     assert partial["completed_tasks"] == 1 and partial["matrix"][1] == [None, None]
     monkeypatch.delenv(FAULT_ENV)
+    first_log = (tmp_path / "cut/logs/metrics.csv").read_text()
     resumed = _fit(bench, tmp_path / "cut", *args)
+    # The first attempt's log is kept; the resumed one logs beside it.
+    assert (tmp_path / "cut/logs/metrics.csv").read_text() == first_log
+    assert "task2_mood" in (tmp_path / "cut/logs/resume-1/metrics.csv").read_text()
     assert resumed["matrix"] == whole["matrix"] and resumed["zero_shot"] == whole["zero_shot"]
     assert resumed.get("method_metrics") == whole.get("method_metrics")
     a = load_file(tmp_path / "whole/checkpoints/task_02/adapters.safetensors")
