@@ -29,7 +29,9 @@ probe data, alpha 1, one new expert per grown layer, balance weight 0.01, VAE
 *weight* in the kept slots, not of the slot count: with one old expert and one
 probe at top-2 every slot count is 1/2 in every layer, and nothing could be
 told apart (no layer would ever grow). ``probe_steps`` (default 30, a tenth of the canonical
-300 steps) is ours; ``probe_steps: 0`` skips probing and grows every layer.
+300 steps) is ours; ``probe_steps: 0`` skips probing and grows every layer. ``route_by: task_id``
+evaluates with the true task's router (an oracle locator, for diagnosis; the
+locator is still fitted and its accuracy still reported).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class LLaVACMoE(Method):
     def __init__(self, experts: ExpertSetup, *, top_k: int = 2, probe_experts: int = 1, probe_fraction: float = 0.1,
                  probe_steps: int = 30, alpha: float = 1.0, new_experts: int = 1, balance_weight: float = 0.01,
                  vae_hidden: int = 512, vae_latent: int = 64, vae_steps: int = 300, vae_lr: float = 1e-3,
-                 vae_beta: float = 1.0) -> None:
+                 vae_beta: float = 1.0, route_by: str = "locator") -> None:
         if experts.router is not None or experts.initial_experts:
             raise ValueError("cmoe adds its own experts and per-task routers: leave experts.router and "
                              "experts.initial_experts unset")
@@ -86,7 +88,10 @@ class LLaVACMoE(Method):
         if not 0 < probe_fraction <= 1 or probe_steps < 0:
             raise ValueError(f"cmoe: probe_fraction must be in (0, 1] and probe_steps >= 0, "
                              f"got {probe_fraction} and {probe_steps}")
+        if route_by not in ("locator", "task_id"):
+            raise ValueError(f"cmoe: route_by must be 'locator' or 'task_id', got {route_by!r}")
         super().__init__(experts)
+        self.route_by = route_by
         self.top_k, self.probe_experts = top_k, probe_experts
         self.probe_fraction, self.probe_steps = probe_fraction, probe_steps
         self.alpha, self.new_experts, self.balance_weight = alpha, new_experts, balance_weight
@@ -207,7 +212,11 @@ class LLaVACMoE(Method):
         if training or self.locator.num_tasks == 0:
             return None  # training: the phase's active router; before any task: no experts
         chosen = self.locator.choose(prompt_features(self._model, batch)).tolist()
-        for true, pred in zip(batch["task_ids"].tolist(), chosen):
+        if self.route_by == "task_id":  # the oracle: what the experts can do with a perfect locator
+            chosen_by_locator, chosen = chosen, batch["task_ids"].tolist()
+        else:
+            chosen_by_locator = chosen
+        for true, pred in zip(batch["task_ids"].tolist(), chosen_by_locator):
             hits = self._hits.setdefault(true, [0, 0])
             hits[0] += int(true == pred)
             hits[1] += 1

@@ -92,3 +92,20 @@ def test_bad_options_are_refused():
         LLaVACMoE(ExpertSetup(["up_proj"]), top_k=0)
     with pytest.raises(ValueError, match="probe_fraction"):
         LLaVACMoE(ExpertSetup(["up_proj"]), probe_fraction=0)
+    with pytest.raises(ValueError, match="route_by"):
+        LLaVACMoE(ExpertSetup(["up_proj"]), route_by="oracle")
+
+
+def test_oracle_routing_uses_the_true_task_but_scores_the_locator():
+    method = LLaVACMoE(ExpertSetup(["up_proj"], rank=4), route_by="task_id", vae_hidden=8, vae_latent=2, vae_steps=5)
+    backbone = build_preset("tiny-clip-llama", seed=0)
+    method.build(backbone.model)
+    torch.manual_seed(0)
+    for _ in range(2):
+        method.locator.add_task(torch.randn(8, backbone.model.language_model.config.hidden_size))
+    batch = {"input_ids": torch.randint(10, 50, (3, 5)), "attention_mask": torch.ones(3, 5, dtype=torch.long),
+             "task_ids": torch.tensor([1, 0, 1])}
+    context = method.routing_context(batch, training=False)
+    assert context.router_choice == ["task1", "task0", "task1"]
+    accuracy = method.stage_metrics(["a", "b"])["locator_accuracy"]
+    assert set(accuracy) == {"a", "b"} and method.stage_metrics(["a", "b"]) is None  # reported once, then reset
