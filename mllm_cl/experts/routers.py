@@ -40,6 +40,13 @@ class Router(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.expert_names: list[str] = []
+        # Follows .to(device / dtype) even while the router has no parameters yet, so
+        # per-expert parameters added later land where the router was moved.
+        self.register_buffer("_anchor", torch.empty(0), persistent=False)
+
+    def new_row(self) -> torch.Tensor:
+        """An uninitialized (in_features,) tensor on the router's device and dtype."""
+        return torch.empty(self.in_features, device=self._anchor.device, dtype=self._anchor.dtype)
 
     @property
     def num_experts(self) -> int:
@@ -92,8 +99,7 @@ class LinearRouter(Router):
 
     def init_expert(self, name: str) -> None:
         bound = 1.0 / math.sqrt(self.in_features)
-        device = next((p.device for p in self.rows.values()), None)
-        self.rows[name] = nn.Parameter(torch.empty(self.in_features, device=device).uniform_(-bound, bound))
+        self.rows[name] = nn.Parameter(self.new_row().uniform_(-bound, bound))
 
     def weight(self) -> torch.Tensor:
         """The (E, in_features) logit matrix in expert order.
@@ -290,8 +296,7 @@ class PostHocGateRouter(Router):
         return not self.gating
 
     def init_expert(self, name: str) -> None:
-        device = next((p.device for p in self.gates.values()), None)
-        self.gates[name] = nn.Parameter(torch.zeros(self.in_features, device=device))
+        self.gates[name] = nn.Parameter(self.new_row().zero_())
 
     def train_on(self, name: str, *, gate: bool = False) -> None:
         if name not in self.expert_names:

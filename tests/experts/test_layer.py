@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import mllm_cl.experts.layer as layer_mod
-from mllm_cl.experts import ExpertLayer, FixedRouter, Routing, TopKRouter, routing_context
+from mllm_cl.experts import ExpertLayer, FixedRouter, PostHocGateRouter, Routing, TopKRouter, routing_context
 from mllm_cl.experts.injection import inject_experts
 from mllm_cl.experts.layer import _dispatch
 
@@ -188,3 +188,16 @@ def test_task_router_mapping_survives_removal():
         holder(torch.randn(2, 3, 16))
     assert layer.routers["default"].task_experts == {0: "t0", 1: "t1", 2: "t2"}
     assert layer.last_routing.indices.flatten().tolist() == [0, 1]  # t1, t2 in the pool [t1, t2]
+
+
+@pytest.mark.parametrize("make", [lambda d: TopKRouter(d, top_k=2), PostHocGateRouter])
+def test_rows_added_later_follow_where_the_router_was_moved(make):
+    router = make(16).to(torch.float64)  # no parameters yet: the move must still stick
+    router.add_expert("a")
+    assert all(p.dtype == torch.float64 for p in router.parameters())
+    layer = ExpertLayer(nn.Linear(16, 4).double(), rank=2)
+    layer.add_expert("a")
+    layer.add_router("r", make(16), experts=["a"])
+    assert layer.routers["r"].expert_names == ["a"]
+    with pytest.raises(KeyError, match="no experts"):
+        layer.add_router("s", make(16), experts=["zz"])
