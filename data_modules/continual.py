@@ -5,6 +5,12 @@ current task's training data (all of it, or a seeded fraction for probe
 phases) and every task's test data, and derives a seed per task from the run
 seed so an interrupted run and an uninterrupted one see the same batches.
 
+The tasks come from a list of ``TaskSpec``, a ``benchmark.json`` manifest, or a
+built-in benchmark definition (``benchmark: coin|ucit|mllm_dcl`` with ``root``,
+see ``mllm_cl.data.benchmarks``). A task trains from its JSON file or, given
+``shards``, streams WebDataset shards (``mllm_cl.data.shards``); evaluation
+always reads the test files.
+
 The model side (tokenizer, image size, image tokens per image) is attached
 with ``connect(...)`` by the system that owns the backbone; this module knows
 nothing of experts or routers.
@@ -12,17 +18,21 @@ nothing of experts or routers.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
+from mllm_cl.data import benchmarks
 from mllm_cl.data.collate import Collator
 from mllm_cl.data.datasets import ConversationDataset, PromptDataset
 from mllm_cl.data.errors import OnBadSample, SkipLog
-from mllm_cl.data.formats import load_conversations, load_test_records
+from mllm_cl.data.formats import load_conversations, load_test_records, read_annotation
 from mllm_cl.data.images import ImageProcessor
+from mllm_cl.data.shards import EpochDataLoader, ShardDataset, shard_list
 from mllm_cl.data.tasks import TaskSpec, load_manifest
 from mllm_cl.data.encoding import ConversationEncoder
 from mllm_cl.eval.sharding import ShardSampler, world
@@ -33,7 +43,12 @@ class TaskSequence(L.LightningDataModule):
 
     Args:
         tasks: the tasks, in training order (or give ``benchmark``).
-        benchmark: a ``benchmark.json`` manifest (or its folder) instead of ``tasks``.
+        benchmark: instead of ``tasks``: a built-in benchmark (``coin``, ``ucit``,
+            ``mllm_dcl``; give ``root``) or a ``benchmark.json`` manifest (or its folder).
+        root: the folder holding a built-in benchmark's files, laid out as its
+            definition says (``mllm-cl data benchmarks NAME`` prints the layout).
+        paths: overrides of a built-in benchmark's folder names, e.g.
+            ``{instructions: Instructions_Diverse}`` for another CoIN instruction variant.
         order: task names in the order to train them (a permutation or a subset);
             ``None`` keeps the given order.
         train_limit: at most this many training samples per task (``None``: all).
@@ -50,6 +65,14 @@ class TaskSequence(L.LightningDataModule):
             generator version or with other options, (re)generate the synthetic
             benchmark there with these options of ``mllm_cl.data.synth.generate``
             (``tasks``, ``train_size``, ``test_size``, ``image_size``, ``seed``).
+        shards: train from WebDataset shards (``mllm-cl data shard``) instead of the
+            training JSON files: a folder with one subfolder of shards per task name, or a
+            mapping task name -> shard folder (tasks not named train from JSON).
+        shuffle_buffer: raw samples each loader worker holds to shuffle a shard stream.
+        resample_steps: shard streams only: draw shards with replacement and make every
+            epoch exactly this many batches per process (``None``: plain epochs, each sample
+            once). Under several processes plain epochs are padded to the same length on every
+            process (a few samples repeat) so that all take the same number of steps.
     """
 
     def __init__(
@@ -68,17 +91,37 @@ class TaskSequence(L.LightningDataModule):
         max_length: int = 2048,
         on_bad_sample: OnBadSample = "raise",
         synthesize: dict | None = None,
+        root: str | None = None,
+        paths: dict[str, str] | None = None,
+        shards: str | dict[str, str] | None = None,
+        shuffle_buffer: int = 1000,
+        resample_steps: int | None = None,
     ) -> None:
         super().__init__()
         if (tasks is None) == (benchmark is None):
             raise ValueError("give exactly one of `tasks` and `benchmark`")
         if on_bad_sample not in ("raise", "skip"):
             raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
+        if resample_steps is not None and resample_steps < 1:
+            raise ValueError(f"data.resample_steps must be >= 1 or null, got {resample_steps}")
+        builtin = benchmarks.canonical_name(benchmark) if benchmark is not None else None
+        if builtin is None and (root is not None or paths is not None):
+            raise ValueError("data.root and data.paths go with a built-in benchmark "
+                             f"({', '.join(benchmarks.BENCHMARKS)}), not with {benchmark!r}")
         if benchmark is not None and synthesize is not None:
+            if builtin is not None:
+                raise ValueError(f"data.synthesize generates the synthetic benchmark, not {benchmark!r}")
             from mllm_cl.data.synth import ensure
 
             ensure(benchmark, **synthesize)
-        all_tasks = list(tasks) if tasks is not None else load_manifest(benchmark)
+        if builtin is not None:
+            if root is None:
+                raise ValueError(f"data.benchmark {benchmark!r} needs data.root, the folder with its files; "
+                                 f"expected layout:\n{benchmarks.layout(builtin)}")
+            all_tasks = benchmarks.resolve(builtin, root, paths=paths, tasks=order)
+        else:
+            all_tasks = list(tasks) if tasks is not None else load_manifest(benchmark)
+        all_tasks = _with_shards(all_tasks, shards)
         by_name = {t.name: t for t in all_tasks}
         if len(by_name) != len(all_tasks):
             raise ValueError(f"task names repeat: {[t.name for t in all_tasks]}")
@@ -91,6 +134,7 @@ class TaskSequence(L.LightningDataModule):
         self.train_limit, self.test_limit = train_limit, test_limit
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.seed, self.template, self.max_length, self.on_bad_sample = seed, template, max_length, on_bad_sample
+        self.shuffle_buffer, self.resample_steps = shuffle_buffer, resample_steps
         self.skips = {t.name: SkipLog() for t in self.tasks}
         self.current = 0
         self.fraction = 1.0
@@ -157,14 +201,23 @@ class TaskSequence(L.LightningDataModule):
         encoder = self._need_model()
         if index not in self._test_cache:
             t = self.tasks[index]
+            answers = None if t.annotation is None else read_annotation(t.annotation, t.annotation_format or "")
             records = load_test_records(t.test, t.image_root, on_bad_sample=self.on_bad_sample,
-                                        skips=self.skips[t.name], limit=self.test_limit)
+                                        skips=self.skips[t.name], limit=self.test_limit, answers_from=answers)
             self._test_cache[index] = PromptDataset(records, encoder, self.images, task_id=index,
                                                     on_bad_sample=self.on_bad_sample)
         return self._test_cache[index]
 
     # ------------------------------------------------------------- dataloaders
     def train_dataloader(self) -> DataLoader:
+        indices = self.union or [self.current]
+        streamed = [self.tasks[i].train_shards is not None for i in indices]
+        if any(streamed):
+            if not all(streamed):
+                names = [self.tasks[i].name for i in indices]
+                raise ValueError(f"joint training over {names} mixes shards and JSON files: give shards for all "
+                                 "of them or for none")
+            return self.shard_dataloader(indices)
         if self.union:
             data = ConcatDataset([self.train_dataset(i) for i in self.union])
         else:
@@ -176,6 +229,18 @@ class TaskSequence(L.LightningDataModule):
         return DataLoader(data, batch_size=self.batch_size, shuffle=True, generator=generator,
                           num_workers=self.num_workers, collate_fn=self.train_collate, drop_last=False,
                           persistent_workers=False)
+
+    def shard_dataloader(self, indices: list[int]) -> DataLoader:
+        """The current phase's training stream from the shards of tasks ``indices``."""
+        encoder = self._need_model()
+        _, size = world()
+        data = ShardDataset([self.tasks[i].train_shards for i in indices], encoder, self.images, task_ids=indices,
+                            on_bad_sample=self.on_bad_sample, shuffle=True, shuffle_buffer=self.shuffle_buffer,
+                            seed=self.task_seed(self.current), resample_batches=self.resample_steps,
+                            batch_size=self.batch_size, fraction=self.fraction, limit=self.train_limit,
+                            equal_ranks=size > 1 and self.resample_steps is None)
+        return EpochDataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers,
+                               collate_fn=self.train_collate, persistent_workers=False)
 
     def test_dataloader(self, index: int | None = None) -> DataLoader:
         """Task ``index``'s test prompts; under several processes, this rank's shard (no padding)."""
@@ -200,3 +265,29 @@ class TaskSequence(L.LightningDataModule):
     def skip_report(self, index: int | None = None) -> str:
         name = self.tasks[self.current if index is None else index].name
         return self.skips[name].summary(name)
+
+
+def _with_shards(tasks: list[TaskSpec], shards: str | dict[str, str] | None) -> list[TaskSpec]:
+    """The tasks with ``train_shards`` set from ``data.shards``; every named shard folder is checked at once."""
+    if shards is None:
+        return tasks
+    names = [t.name for t in tasks]
+    if isinstance(shards, dict):
+        unknown = [n for n in shards if n not in names]
+        if unknown:
+            raise ValueError(f"data.shards names tasks that are not in the sequence: {unknown}; tasks: {names}")
+        where = {n: str(p) for n, p in shards.items()}
+    else:
+        where = {n: str(Path(shards) / n) for n in names}
+    problems = []
+    for name, source in where.items():
+        try:
+            shard_list(source)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(f"  - task {name}: {e}")
+    if problems:
+        layout = "a folder with one subfolder of shards per task: " + ", ".join(f"{shards}/{n}/" for n in names) \
+            if not isinstance(shards, dict) else "task name -> shard folder"
+        raise FileNotFoundError("data.shards: shards missing or unreadable:\n" + "\n".join(problems)
+                                + f"\nexpected {layout} (write them with `mllm-cl data shard --out DIR/TASK`)")
+    return [replace(t, train_shards=where[t.name]) if t.name in where else t for t in tasks]

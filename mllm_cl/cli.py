@@ -11,9 +11,7 @@ import argparse
 import sys
 
 # Subcommands planned but not built yet, with the issue that builds them.
-PLANNED = {
-    "data shard": ("write WebDataset tar shards", 9),
-}
+PLANNED: dict[str, tuple[str, int]] = {}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -23,11 +21,31 @@ def test_help_lists_every_subcommand():
         assert cmd in out.stdout
 
 
-@pytest.mark.parametrize("cmd,issue", [("data shard", 9)])
-def test_unbuilt_subcommands_say_so_and_fail(cmd, issue):
-    out = _run(*cmd.split(), "--config", "x.yaml")
-    assert out.returncode == 2
-    assert "not built yet" in out.stderr and f"issue #{issue}" in out.stderr
+def test_data_shard_writes_shards_with_a_progress_bar(tmp_path):
+    import json
+
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (20, 16), (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
+    records = [{"id": f"r{i}", "image": f"{i}.png",
+                "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "blue"}]}
+               for i in range(3)]
+    records.append({"id": "bad", "image": "missing.png", "conversations": records[0]["conversations"]})
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    out = _run("data", "shard", "--input", str(tmp_path / "train.json"), "--out", str(tmp_path / "shards"),
+               "--shard-size", "2")
+    assert out.returncode == 1 and "train.json, record 3: missing image: " in out.stderr
+    out = _run("data", "shard", "--input", str(tmp_path / "train.json"), "--image-root", str(tmp_path),
+               "--out", str(tmp_path / "shards"), "--shard-size", "2", "--on-bad-sample", "skip")
+    assert out.returncode == 0, out.stderr
+    assert "wrote 3 samples in 2 shards" in out.stdout and "(1 skipped)" in out.stdout
+    assert "sharding train.json" in out.stderr and "1 x missing image" in out.stderr  # progress bar, skip report
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shards.json", "train-000000.tar",
+                                                                       "train-000001.tar"]
+    help_text = _run("data", "shard", "--help").stdout
+    for option in ("--input", "--image-root", "--out", "--shard-size", "--on-bad-sample", "--quiet"):
+        assert option in help_text
 
 
 def test_demo_trains_experts_and_reports():

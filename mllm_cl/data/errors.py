@@ -20,7 +20,13 @@ OnBadSample = Literal["raise", "skip"]
 class BadSampleError(ValueError):
     """A sample that cannot be used; the message names the file and record."""
 
-    def __init__(self, source: str, reason: str, record: int | str | None = None) -> None:
+    def __init__(self, source: str, reason: str | None = None, record: int | str | None = None) -> None:
+        if reason is None:
+            # One argument: a whole message. DataLoader workers re-raise an exception in the main
+            # process as ``type(e)(message)``; this keeps it a BadSampleError there.
+            super().__init__(source)
+            self.source, self.reason, self.record = "", source, None
+            return
         where = source if record is None else f"{source}, record {record}"
         super().__init__(f"{where}: {reason}")
         self.source, self.reason, self.record = source, reason, record

@@ -3,16 +3,31 @@
 The image is padded to a square with the normalization mean colour (so the
 padding is zero after normalization), resized to the tower's input size and
 normalized. A file that cannot be decoded is a ``BadSampleError`` naming it.
+Images read from a shard arrive as ``ImageBytes`` (the encoded file in
+memory) and are decoded the same way, so a shard and the folder it was
+written from give identical pixels.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from mllm_cl.data.errors import BadSampleError
+
+
+class ImageBytes(NamedTuple):
+    """An encoded image file held in memory (a shard member): its bytes and its name for messages."""
+
+    data: bytes
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
 
 
 class ImageProcessor:
@@ -28,9 +43,11 @@ class ImageProcessor:
         """Size and statistics of a ComposedMLLM's vision tower."""
         return cls(model.vision.image_size, model.vision.mean, model.vision.std)
 
-    def open(self, path: str | Path, where: str = "") -> Image.Image:
+    def open(self, path: str | Path | ImageBytes, where: str = "") -> Image.Image:
+        """Decode an image file (or ``ImageBytes``) to RGB; a ``BadSampleError`` names it if it cannot be."""
+        source = io.BytesIO(path.data) if isinstance(path, ImageBytes) else path
         try:
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 im.load()  # decode now, so a truncated file fails here and not in a worker later
                 return im.convert("RGB")
         except FileNotFoundError:
@@ -51,5 +68,5 @@ class ImageProcessor:
         pixels = pixels.view(self.size, self.size, 3).permute(2, 0, 1).float() / 255  # (3, H, W)
         return (pixels - self.mean) / self.std
 
-    def load(self, path: str | Path, where: str = "") -> torch.Tensor:
+    def load(self, path: str | Path | ImageBytes, where: str = "") -> torch.Tensor:
         return self(self.open(path, where))

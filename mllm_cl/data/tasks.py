@@ -2,7 +2,8 @@
 
 A task sequence is a list of ``TaskSpec``; the synthetic benchmark's
 ``benchmark.json`` manifest (written by ``mllm-cl data synth``) is read into
-the same list, with paths resolved against the manifest's folder.
+the same list, with paths resolved against the manifest's folder, and so are
+the built-in CoIN, UCIT and MLLM-DCL definitions (``mllm_cl.data.benchmarks``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ class TaskSpec:
         image_root: folder that image paths in both files are relative to.
         scorer: the scoring rule's name (see ``mllm_cl.eval``).
         max_new_tokens: generation budget at evaluation.
+        annotation: a file that holds the test rows' answers (TextVQA's ten human
+            answers, a COCO caption file); ``None``: the test rows carry them.
+        annotation_format: ``textvqa`` or ``coco_captions`` (see ``formats.read_annotation``).
+        train_shards: train from these WebDataset shards (a folder written by
+            ``mllm-cl data shard``, a tar file, or a glob) instead of ``train``.
     """
 
     name: str
@@ -31,6 +37,9 @@ class TaskSpec:
     image_root: str | None = None
     scorer: str = "exact_match"
     max_new_tokens: int = 16
+    annotation: str | None = None
+    annotation_format: str | None = None
+    train_shards: str | None = None
 
 
 def load_manifest(path: str | Path) -> list[TaskSpec]:
@@ -57,6 +66,9 @@ def load_manifest(path: str | Path) -> list[TaskSpec]:
             image_root=str(root / t.get("image_root", "")),
             scorer=t.get("scorer", "exact_match"),
             max_new_tokens=int(t.get("max_new_tokens", 16)),
+            annotation=str(root / t["annotation"]) if t.get("annotation") else None,
+            annotation_format=t.get("annotation_format"),
+            train_shards=str(root / t["train_shards"]) if t.get("train_shards") else None,
         ))
     if not tasks:
         raise ValueError(f"{path}: the manifest lists no tasks")

@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from mllm_cl.eval.generation import greedy_generate
-from mllm_cl.eval.rules import get_rule
+from mllm_cl.eval.common import answers
+from mllm_cl.eval.rules import CORPUS_RULES, get_rule
 from mllm_cl.eval.sharding import gather_rows
 from mllm_cl.experts import RoutingContext
 
@@ -51,9 +52,13 @@ def predict(model, tokenizer, loader, *, max_new_tokens: int,
 
 
 def score(rows: list[dict[str, Any]], scorer: str, mode: str = "official") -> float:
-    """Mean per-sample score in percent (0 for an empty test set is refused)."""
+    """Mean per-sample score in percent (0 for an empty test set is refused); a corpus-level
+    scorer (UCIT's captions) gives its ``Average`` over all rows instead."""
     if not rows:
         raise ValueError("no predictions to score")
+    if scorer in CORPUS_RULES:
+        scores = CORPUS_RULES[scorer]([r["text"] for r in rows], [answers(r["record"]) for r in rows], mode=mode)
+        return float(scores["Average"])
     rule = get_rule(scorer)
     return 100.0 * sum(rule(r["text"], r["record"], mode=mode) for r in rows) / len(rows)
 

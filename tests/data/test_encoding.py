@@ -83,3 +83,18 @@ def test_unknown_template_and_missing_chat_template(backbone):
         ConversationEncoder(backbone.tokenizer, num_image_tokens=16, template="llama9")
     with pytest.raises(ValueError, match="needs a tokenizer with a chat_template"):
         ConversationEncoder(backbone.tokenizer, num_image_tokens=16, template="hf")
+
+
+@pytest.mark.parametrize("name", ["tiny-clip-llama", "tiny-base"])
+def test_the_fast_backend_gives_the_wrappers_ids(name):
+    from mllm_cl.backbones import build_backbone
+
+    tok = build_backbone(name).tokenizer
+    fast = ConversationEncoder(tok, num_image_tokens=4, template="vicuna_v1")
+    assert fast._backend is not None
+    slow = ConversationEncoder(tok, num_image_tokens=4, template="vicuna_v1")
+    slow._backend = None  # the transformers wrapper, segment by segment
+    conv = Conversation("u", None, [("user", "<image>\nWhat  is written? wörld ß 漢字 </s> <s>"), ("assistant", " Fiction."),
+                                    ("user", "And\tthen?"), ("assistant", "[0.12, 0.20, 0.58, 0.64]")], "f, record 2")
+    assert fast.encode_conversation(conv) == slow.encode_conversation(conv)
+    assert fast.encode_prompt("<image>\nTest question 0 about RS?") == slow.encode_prompt("<image>\nTest question 0 about RS?")

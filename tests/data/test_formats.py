@@ -25,7 +25,8 @@ def test_test_records_json_and_jsonl(llava_dir):
     assert recs[2].image is None
     (g,) = load_test_records(llava_dir / "ground_test.jsonl", llava_dir)
     assert g.as_record() == {"question_id": "g1", "text": "<image>\nWhere is it?", "answer": "[0.1, 0.2, 0.5, 0.6]",
-                             "answer_bbox": "[0.1, 0.2, 0.5, 0.6]", "size": [40, 28]}
+                             "image": "images/c.png", "answer_bbox": "[0.1, 0.2, 0.5, 0.6]", "size": [40, 28]}
+    assert "image" not in recs[2].as_record()  # a text-only row
 
 
 def test_malformed_json_names_file_and_line(tmp_path):
