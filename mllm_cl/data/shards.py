@@ -59,6 +59,7 @@ from mllm_cl.data.datasets import conversation_item
 from mllm_cl.data.errors import BadSampleError, OnBadSample, SkipLog, handle
 from mllm_cl.data.formats import parse_conversation, parse_test_record, read_records
 from mllm_cl.data.images import ImageBytes
+from mllm_cl.eval.sharding import world as process_world
 
 log = logging.getLogger("mllm_cl.data")
 
@@ -389,7 +390,8 @@ class ShardDataset(IterableDataset):
             self.rank, self.world_size = rank, world_size
 
     def _consumers(self) -> tuple[int, int, int, int]:
-        rank, world = (self.rank, self.world_size) if self.rank is not None and self.world_size is not None else _world()
+        pinned = self.rank is not None and self.world_size is not None
+        rank, world = (self.rank, self.world_size) if pinned else process_world()
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside a world of {world}")
         info = get_worker_info()
@@ -569,14 +571,6 @@ def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[A
     yield from buffer
 
 
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class EpochDataLoader(DataLoader):
     """A DataLoader that tells its ``ShardDataset`` the epoch (and the process's rank) before each pass.
 
@@ -593,7 +587,7 @@ class EpochDataLoader(DataLoader):
         self.epochs_started = 0
 
     def __iter__(self):
-        self.dataset.set_world(*_world())
+        self.dataset.set_world(*process_world())
         self.dataset.set_epoch(self.epochs_started)
         self.epochs_started += 1
         return super().__iter__()
