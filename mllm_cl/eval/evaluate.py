@@ -33,12 +33,13 @@ def predict(model, tokenizer, loader, *, max_new_tokens: int,
     for batch in tqdm(loader, desc=desc, leave=False, mininterval=0.5, disable=None):
         if batch.get("empty"):
             continue
-        pixels = batch["pixel_values"]
+        # On the model's device once: the routing context (a task locator's own forward) reads it too.
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         out = greedy_generate(
             model,
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            None if pixels is None else pixels.to(device),
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
             max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

@@ -173,7 +173,7 @@ class LLaVACMoE(Method):
             idx, w = routing.indices[mask], routing.weights[mask].detach().float()  # (tokens, k)
             keep = idx >= 0
             mass = torch.zeros(layer.routers["probe"].num_experts, device=w.device).index_add_(0, idx[keep], w[keep])
-            self.probe_counts[name] = self.probe_counts.get(name, 0) + mass.cpu()
+            self.probe_counts[name] = self.probe_counts.get(name, 0) + mass  # on device: no sync per step
 
     def on_phase_end(self, model: nn.Module, task: int, phase: Phase) -> None:
         if phase.name != "probe":
@@ -188,6 +188,7 @@ class LLaVACMoE(Method):
                                    "among the trainer's callbacks?")
             probe = [i for i, n in enumerate(names) if n.startswith("probe")]
             old = [i for i, n in enumerate(names) if not n.startswith("probe")]
+            counts = counts.cpu()  # once per layer, at the end of the phase
             frequencies[name] = float(counts[probe].sum() / counts.sum().clamp(min=1))
             sources[name] = names[max(old, key=lambda i: counts[i].item())]
             for j in range(self.probe_experts):
