@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from callbacks.base import ContinualCallback
+from mllm_cl.data.collate import batch_to
 from mllm_cl.methods.locator import prompt_features
 
 
@@ -43,7 +44,7 @@ class TaskLocatorFitter(ContinualCallback):
         for batch in tqdm(loader, desc=f"task locator: features of {dm.tasks[task].name}", leave=False):
             if batch.get("empty"):
                 continue
-            batch = {k: v.to(module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = batch_to(batch, module.device)
             feats.append(prompt_features(module.model, batch))
         module.model.train(was_training)
         self.method.locator.add_task(torch.cat(feats), seed=dm.task_seed(task))

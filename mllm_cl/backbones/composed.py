@@ -71,6 +71,18 @@ class ComposedMLLM(nn.Module):
         return self.vision.image_size
 
     @property
+    def image_mean(self) -> tuple[float, ...]:
+        return tuple(self.vision.mean)
+
+    @property
+    def image_std(self) -> tuple[float, ...]:
+        return tuple(self.vision.std)
+
+    def data_spec(self) -> dict:
+        """What the data module needs to know about this model's inputs (``TaskSequence.connect``)."""
+        return {"num_image_tokens": self.num_image_tokens, "image_token_id": self.image_token_id}
+
+    @property
     def config(self):
         return self.language_model.config
 
@@ -109,7 +121,11 @@ class ComposedMLLM(nn.Module):
         labels: torch.Tensor | None = None,
         **kwargs,
     ):
-        embeds = self.embed(input_ids, pixel_values)
+        cache = kwargs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:  # decoding: new tokens are text, even an <image> id
+            embeds = self.language_model.get_input_embeddings()(input_ids)
+        else:
+            embeds = self.embed(input_ids, pixel_values)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()

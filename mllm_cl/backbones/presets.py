@@ -15,13 +15,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mllm_cl.backbones.composed import ComposedMLLM
+from mllm_cl.backbones.hf_mllm import HFMLLM, load_hf_mllm
 from mllm_cl.backbones.tokenizer import byte_tokenizer
 from mllm_cl.backbones.vision import HFVisionTower, TimmVisionTower, VisionTower
 
 
 @dataclass
 class Backbone:
-    model: ComposedMLLM
+    model: ComposedMLLM | HFMLLM
     tokenizer: PreTrainedTokenizerBase
 
 
@@ -119,13 +120,23 @@ def build_preset(name: str, *, seed: int = 0, tokenizer: PreTrainedTokenizerBase
     return Backbone(model=model, tokenizer=tokenizer)
 
 
-def load_backbone(path: str | Path, *, torch_dtype: torch.dtype | None = None) -> Backbone:
-    """A backbone saved by ``ComposedMLLM.save_pretrained(path, tokenizer)``."""
+def load_backbone(path: str | Path, *, torch_dtype: torch.dtype | None = None, image_size: int | None = None) -> Backbone:
+    """A backbone directory: one saved by ``ComposedMLLM.save_pretrained(path, tokenizer)`` (it holds
+    ``mllm_cl.json``), or a transformers Llava / Qwen2-VL / Qwen2.5-VL checkpoint (``config.json``,
+    tokenizer and image processor files); ``image_size`` applies to Qwen2-VL only."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"backbone directory {path} does not exist")
+    if not (path / "mllm_cl.json").exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} holds neither mllm_cl.json (a ComposedMLLM) nor config.json "
+                                    "(a transformers Llava / Qwen2-VL checkpoint)")
+        model, tokenizer = load_hf_mllm(path, dtype=torch_dtype, image_size=image_size)
+        return Backbone(model=model, tokenizer=tokenizer)
+    if image_size is not None:
+        raise ValueError(f"{path}: image_size applies to Qwen2-VL checkpoints only")
     model = ComposedMLLM.from_pretrained(path, torch_dtype=torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(path / "llm")
     return Backbone(model=model, tokenizer=tokenizer)
@@ -135,16 +146,23 @@ def load_backbone(path: str | Path, *, torch_dtype: torch.dtype | None = None) -
 PACKAGED = {"tiny-base": Path(__file__).resolve().parents[1] / "assets" / "tiny-base"}
 
 
-def build_backbone(preset: str | None = "tiny-clip-llama", *, path: str | None = None, seed: int = 0) -> Backbone:
+def build_backbone(preset: str | None = "tiny-clip-llama", *, path: str | None = None, seed: int = 0,
+                   dtype: torch.dtype | None = None, image_size: int | None = None) -> Backbone:
     """``path`` (a saved backbone directory) wins over ``preset``; ``tiny-base`` is the
-    pretrained tiny model shipped with the package (``seed`` does not apply to it)."""
+    pretrained tiny model shipped with the package (``seed`` does not apply to it).
+    ``dtype``: the frozen base weights' dtype (default: as saved, or float32 for presets)."""
     if path is not None:
-        return load_backbone(path)
+        return load_backbone(path, torch_dtype=dtype, image_size=image_size)
+    if image_size is not None:
+        raise ValueError("image_size applies to Qwen2-VL checkpoints given by path only")
     if preset is None:
         raise ValueError("give a backbone `preset` or a `path`")
     if preset in PACKAGED:
         if not (PACKAGED[preset] / "mllm_cl.json").exists():
             raise FileNotFoundError(f"{PACKAGED[preset]} is missing; rebuild it with "
                                     "`mllm-cl pretrain --config configs/pretrain_tiny.yaml`")
-        return load_backbone(PACKAGED[preset])
-    return build_preset(preset, seed=seed)
+        return load_backbone(PACKAGED[preset], torch_dtype=dtype)
+    built = build_preset(preset, seed=seed)
+    if dtype is not None:
+        built.model.to(dtype)
+    return built

@@ -4,11 +4,14 @@ Training batches pad on the right; generation batches on the left, so every
 prompt ends at the last position and decoding appends after it. A batch also
 carries what methods need beyond the LM inputs: the instruction-only text,
 the image-token mask (positions of image features), task ids, and the
-messages of samples skipped as bad input in this batch.
+messages of samples skipped as bad input in this batch. A backbone that needs
+inputs of its own (Qwen2-VL's patches and grids) gets them added here, under
+``batch["model_inputs"]``, by the object its ``data_spec()`` names.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,12 +28,14 @@ class Skipped:
 
 
 class Collator:
-    def __init__(self, *, pad_token_id: int, image_token_id: int, padding_side: str = "right") -> None:
+    def __init__(self, *, pad_token_id: int, image_token_id: int, padding_side: str = "right",
+                 model_inputs: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.pad_token_id = pad_token_id
         self.image_token_id = image_token_id
         self.padding_side = padding_side
+        self.model_inputs = model_inputs  # a backbone's own inputs (mllm_cl.data.model_inputs)
 
     def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
         width = max(len(r) for r in rows)
@@ -63,4 +68,10 @@ class Collator:
         batch["index"] = [s["index"] for s in kept]  # position in the dataset (evaluation gathers by it)
         if "record" in kept[0]:
             batch["records"] = [s["record"] for s in kept]
-        return batch
+        return batch if self.model_inputs is None else self.model_inputs(batch)
+
+
+def batch_to(batch: dict[str, Any], device) -> dict[str, Any]:
+    """The batch with its tensors (and those of ``model_inputs``) on ``device``."""
+    return {k: batch_to(v, device) if isinstance(v, dict) else v.to(device) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}

@@ -34,10 +34,13 @@ class ConversationEncoder:
         num_image_tokens: placeholders per image (the model's ``num_image_tokens``).
         template: ``vicuna_v1``, ``short`` or ``hf`` (the tokenizer's ``chat_template``).
         max_length: longest sequence kept (prompt + answer).
+        image_token_id: the placeholder id (default: the tokenizer's ``image_token_id``).
+        image_wrap: token ids put before and after each image's placeholders
+            (Qwen2-VL's ``<|vision_start|>`` / ``<|vision_end|>``); never trained on.
     """
 
     def __init__(self, tokenizer, *, num_image_tokens: int, template: str = "vicuna_v1", max_length: int = 2048,
-                 image_token_id: int | None = None) -> None:
+                 image_token_id: int | None = None, image_wrap: tuple[list[int], list[int]] = ([], [])) -> None:
         self.tokenizer = tokenizer
         self.template = get_template(template)
         self.num_image_tokens = num_image_tokens
@@ -45,6 +48,9 @@ class ConversationEncoder:
         self.image_token_id = image_token_id if image_token_id is not None else getattr(tokenizer, "image_token_id", None)
         if self.image_token_id is None:
             raise ValueError("the tokenizer has no image token: pass image_token_id")
+        self.image_open, self.image_close = list(image_wrap[0]), list(image_wrap[1])
+        self._image_ids = self.image_open + [self.image_token_id] * num_image_tokens + self.image_close
+        self._image_labels = [IGNORE] * len(self._image_ids)
         if self.template == "hf" and not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'hf' needs a tokenizer with a chat_template; use 'vicuna_v1' or 'short'")
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -58,7 +64,7 @@ class ConversationEncoder:
         ids: list[int] = []
         for k, part in enumerate(text.split(IMAGE)):
             if k:
-                ids += [self.image_token_id] * self.num_image_tokens
+                ids += self._image_ids
             if part and self._backend is not None:
                 ids += self._backend.encode(part, add_special_tokens=False).ids
             elif part:
@@ -75,7 +81,8 @@ class ConversationEncoder:
 
     def _hf_ids(self, turns: list[tuple[str, str]], add_generation_prompt: bool) -> Encoded:
         """The tokenizer's chat template; answers found as the difference between prefixes."""
-        messages = [{"role": r, "content": t.replace(IMAGE, self.tokenizer.image_token)} for r, t in turns]
+        image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        messages = [{"role": r, "content": t.replace(IMAGE, image_token)} for r, t in turns]
         ids: list[int] = []
         labels: list[int] = []
         for i, message in enumerate(messages):
@@ -90,12 +97,15 @@ class ConversationEncoder:
             prompt = self._apply(messages, add_generation_prompt=True)
             labels += [IGNORE] * (len(prompt) - len(ids))
             ids = prompt
-        # Expand each single image token to the model's number of placeholders.
+        # Expand each single image token to the model's placeholders (and wrap tokens).
         out_ids, out_labels = [], []
         for t, l in zip(ids, labels):
-            n = self.num_image_tokens if t == self.image_token_id else 1
-            out_ids += [t] * n
-            out_labels += [IGNORE if t == self.image_token_id else l] * n
+            if t == self.image_token_id:
+                out_ids += self._image_ids
+                out_labels += self._image_labels
+            else:
+                out_ids.append(t)
+                out_labels.append(l)
         return Encoded(out_ids, out_labels)
 
     def _apply(self, messages, add_generation_prompt: bool = False) -> list[int]:

@@ -40,8 +40,8 @@ class ImageProcessor:
 
     @classmethod
     def for_model(cls, model) -> "ImageProcessor":
-        """Size and statistics of a ComposedMLLM's vision tower."""
-        return cls(model.vision.image_size, model.vision.mean, model.vision.std)
+        """Size and normalization a backbone's vision tower expects (``image_size``, ``image_mean``, ``image_std``)."""
+        return cls(model.image_size, model.image_mean, model.image_std)
 
     def open(self, path: str | Path | ImageBytes, where: str = "") -> Image.Image:
         """Decode an image file (or ``ImageBytes``) to RGB; a ``BadSampleError`` names it if it cannot be."""

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from mllm_cl.data.collate import batch_to
 from mllm_cl.eval.generation import greedy_generate
 from mllm_cl.eval.common import answers
 from mllm_cl.eval.rules import CORPUS_RULES, get_rule
@@ -34,7 +35,7 @@ def predict(model, tokenizer, loader, *, max_new_tokens: int,
         if batch.get("empty"):
             continue
         # On the model's device once: the routing context (a task locator's own forward) reads it too.
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = batch_to(batch, device)
         out = greedy_generate(
             model,
             batch["input_ids"],
@@ -44,6 +45,7 @@ def predict(model, tokenizer, loader, *, max_new_tokens: int,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             context=context(batch),
+            model_inputs=batch.get("model_inputs"),
         )
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
         for record, text, index in zip(batch["records"], texts, batch["index"]):

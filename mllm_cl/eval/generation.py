@@ -30,11 +30,15 @@ def greedy_generate(
     eos_token_id: int,
     pad_token_id: int,
     context: RoutingContext | None = None,
+    model_inputs: dict | None = None,
 ) -> torch.Tensor:
-    """(B, L) left-padded prompts -> (B, <= max_new_tokens) new tokens (pad after EOS)."""
+    """(B, L) left-padded prompts -> (B, <= max_new_tokens) new tokens (pad after EOS).
+
+    ``model`` is any backbone of ``mllm_cl.backbones`` (its forward takes the prompt with
+    ``pixel_values``, the KV cache and 1-D position ids); ``model_inputs`` are the batch's
+    backbone-specific inputs (``batch["model_inputs"]``), used at prefill only."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    lm = model.language_model
     context = context or RoutingContext()
     context.cache["decoding"] = False
     mask = attention_mask.long()
@@ -42,8 +46,8 @@ def greedy_generate(
     position = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
     cache = DynamicCache()
     with routing_context(model, context):
-        out = lm(inputs_embeds=model.embed(input_ids, pixel_values), attention_mask=mask, position_ids=position,
-                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids, attention_mask=mask, pixel_values=pixel_values, position_ids=position,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1, **(model_inputs or {}))
         next_token = out.logits[:, -1].argmax(-1)  # (B,)
         done = torch.zeros_like(next_token, dtype=torch.bool)
         last = position[:, -1]
@@ -57,7 +61,7 @@ def greedy_generate(
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             last = last + 1
-            out = lm(input_ids=next_token[:, None], attention_mask=mask, position_ids=last[:, None],
-                     past_key_values=cache, use_cache=True)
+            out = model(next_token[:, None], attention_mask=mask, position_ids=last[:, None],
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
             next_token = out.logits[:, -1].argmax(-1)
     return torch.stack(tokens, dim=1)

@@ -45,7 +45,7 @@ def prompt_features(model: nn.Module, batch: dict) -> torch.Tensor:
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     with routing_context(model, RoutingContext(disable_adapters=True)):
         out = model(batch["input_ids"], attention_mask=mask, pixel_values=batch.get("pixel_values"),
-                    position_ids=positions, output_hidden_states=True)
+                    position_ids=positions, output_hidden_states=True, **batch.get("model_inputs", {}))
     hidden = out.hidden_states[-1]  # (B, L, d)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index].float()
 

@@ -76,7 +76,7 @@ def test_save_and_load_from_local_directory(tmp_path, name):
 def test_loading_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_backbone(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="mllm_cl.json is missing"):
+    with pytest.raises(FileNotFoundError, match="holds neither mllm_cl.json .* nor config.json"):
         load_backbone(tmp_path)
     (tmp_path / "mllm_cl.json").write_text("{not json")
     with pytest.raises(ValueError, match="malformed JSON at line 1"):

@@ -1,0 +1,199 @@
+"""Whole transformers MLLMs loaded from a local directory: LLaVA-1.5 (``Llava``), Qwen2-VL, Qwen2.5-VL.
+
+The directory is what ``save_pretrained`` writes for the model, its tokenizer
+and its image processor (a hub snapshot such as ``llava-hf/llava-1.5-7b-hf`` or
+``Qwen/Qwen2-VL-2B-Instruct``, copied to disk). It is loaded with transformers'
+own classes and wrapped in ``HFMLLM``, which gives the rest of mllm-cl the
+same interface as ``ComposedMLLM``:
+
+- ``forward(input_ids, attention_mask, pixel_values, labels, **model_inputs)``
+  with 1-D ``position_ids`` and a KV cache for greedy decoding;
+- ``image_size`` / ``image_mean`` / ``image_std`` for our image processor
+  (LLaVA-1.5's pad-to-square recipe);
+- ``data_spec()``: image placeholders per image, the placeholder id, the tokens
+  around an image, and the collation object for model-specific inputs.
+
+Experts go into the language model only (``hf.model.language_model``); the
+vision tower and projector stay frozen.
+
+Qwen2-VL reads images at one fixed square size here (``image_size``, a multiple
+of 28), not at its native dynamic resolution: every image of a batch then has
+the same number of tokens [choice].
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mllm_cl.data.model_inputs import Qwen2VLInputs
+
+log = logging.getLogger(__name__)
+
+#: ``config.json`` model_type -> transformers class name.
+FAMILIES = {
+    "llava": "LlavaForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+
+#: Qwen2-VL's default image side when the processor allows larger ones (256 image tokens).
+QWEN_DEFAULT_SIDE = 448
+
+
+class HFMLLM(nn.Module):
+    """A transformers MLLM behind the interface of ``ComposedMLLM``.
+
+    Args:
+        model: the ``...ForConditionalGeneration`` model.
+        image_size: side of the square images fed to the vision tower.
+        image_mean, image_std: normalization of the model's image processor.
+    """
+
+    def __init__(self, model: nn.Module, *, image_size: int, image_mean, image_std) -> None:
+        super().__init__()
+        self.hf = model
+        self.family = model.config.model_type
+        self.image_size = image_size
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.hf.requires_grad_(False)
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    @property
+    def image_token_id(self) -> int:
+        return self.hf.config.image_token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        raise NotImplementedError
+
+    def data_spec(self) -> dict:
+        return {"num_image_tokens": self.num_image_tokens, "image_token_id": self.image_token_id}
+
+    def _vision_dtype(self) -> torch.dtype:
+        return self.hf.model.vision_tower.dtype
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, **kwargs):
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self._vision_dtype())
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels,
+                       **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from mllm_cl.experts import expert_layers
+
+        if expert_layers(self):
+            raise RuntimeError("save_pretrained saves the base model only; this model has expert layers injected")
+        self.hf.save_pretrained(directory)
+
+
+class LlavaMLLM(HFMLLM):
+    """``LlavaForConditionalGeneration`` (LLaVA-1.5: CLIP ViT-L/336, 2-layer MLP projector, Vicuna)."""
+
+    @property
+    def num_image_tokens(self) -> int:
+        v = self.hf.config.vision_config
+        n = (v.image_size // v.patch_size) ** 2
+        full = self.hf.config.vision_feature_select_strategy == "full"
+        return n + int(full and v.model_type == "clip_vision_model")  # "default" drops CLIP's CLS token
+
+
+class Qwen2VLMLLM(HFMLLM):
+    """``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``.
+
+    Position ids are Qwen2-VL's 3-D M-RoPE ones: at the prefill (and in training)
+    they come from the model's ``get_rope_index`` over the image grids; while
+    decoding, the caller's 1-D position plus the per-sample offset the prefill
+    left (``rope_deltas``), as transformers' own ``generate`` does.
+    """
+
+    def __init__(self, model: nn.Module, *, image_size: int, image_mean, image_std) -> None:
+        super().__init__(model, image_size=image_size, image_mean=image_mean, image_std=image_std)
+        v = model.config.vision_config
+        self.inputs = Qwen2VLInputs(self.image_token_id, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                    temporal_patch_size=v.temporal_patch_size)
+        side = v.patch_size * v.spatial_merge_size
+        if image_size % side:
+            raise ValueError(f"{model.config.model_type}: image_size {image_size} must be a multiple of {side} (patch x merge)")
+        self._rope_deltas: torch.Tensor | None = None
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.inputs.tokens_per_image(self.image_size)
+
+    def data_spec(self) -> dict:
+        cfg = self.hf.config
+        return {**super().data_spec(), "image_wrap": ([cfg.vision_start_token_id], [cfg.vision_end_token_id]),
+                "model_inputs": self.inputs}
+
+    def _vision_dtype(self) -> torch.dtype:
+        return self.hf.model.visual.dtype
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, *, position_ids=None,
+                past_key_values=None, image_grid_thw=None, mm_token_type_ids=None, **kwargs):
+        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if past == 0:
+            if mm_token_type_ids is None:
+                mm_token_type_ids = (input_ids == self.image_token_id).int()
+            position_ids, deltas = self.hf.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw,
+                                                                attention_mask=attention_mask)
+            self._rope_deltas = deltas  # (B, 1)
+        else:
+            if position_ids is None or self._rope_deltas is None:
+                raise ValueError("decoding with a KV cache needs 1-D position_ids and a prefill through this model")
+            position_ids = (position_ids + self._rope_deltas.to(position_ids.device)).unsqueeze(0).expand(3, -1, -1)
+        return super().forward(input_ids, attention_mask, pixel_values, labels, position_ids=position_ids,
+                               past_key_values=past_key_values, image_grid_thw=image_grid_thw,
+                               mm_token_type_ids=mm_token_type_ids, **kwargs)
+
+
+def _processor_geometry(path: Path, family: str, model: nn.Module, image_size: int | None):
+    """(image side, mean, std) from the directory's image processor."""
+    from transformers import AutoImageProcessor
+
+    if not (path / "preprocessor_config.json").exists():
+        raise FileNotFoundError(f"{path / 'preprocessor_config.json'} is missing: the image processor's "
+                                "normalization is needed (save it with processor.save_pretrained(path))")
+    proc = AutoImageProcessor.from_pretrained(path)
+    mean, std = proc.image_mean, proc.image_std
+    if family == "llava":
+        side = model.config.vision_config.image_size  # the tower's position embeddings fix it
+        if image_size not in (None, side):
+            raise ValueError(f"{path}: llava's vision tower takes {side} px images; image_size {image_size} cannot apply")
+        return side, mean, std
+    v = model.config.vision_config
+    step = v.patch_size * v.spatial_merge_size
+    if image_size is None:
+        longest = (proc.size.get("longest_edge") if hasattr(proc.size, "get") else None) or QWEN_DEFAULT_SIDE ** 2
+        image_size = max(step, min(QWEN_DEFAULT_SIDE, int(math.sqrt(longest)) // step * step))
+    return image_size, mean, std
+
+
+def load_hf_mllm(path: str | Path, *, dtype: torch.dtype | None = None, image_size: int | None = None):
+    """(HFMLLM, tokenizer) from a local transformers checkpoint directory."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    family = config.model_type
+    if family not in FAMILIES:
+        raise ValueError(f"{path / 'config.json'}: model_type {family!r} is not supported; "
+                         f"supported: {', '.join(FAMILIES)} (or a ComposedMLLM directory with mllm_cl.json)")
+    model = getattr(transformers, FAMILIES[family]).from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        log.info("%s: the tokenizer has no pad token; padding with its EOS token", path)
+        tokenizer.pad_token = tokenizer.eos_token
+    side, mean, std = _processor_geometry(path, family, model, image_size)
+    wrapper = LlavaMLLM if family == "llava" else Qwen2VLMLLM
+    return wrapper(model, image_size=side, image_mean=mean, image_std=std), tokenizer
