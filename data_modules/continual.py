@@ -35,7 +35,8 @@ from mllm_cl.data.images import ImageProcessor
 from mllm_cl.data.shards import EpochDataLoader, ShardDataset, shard_list
 from mllm_cl.data.tasks import TaskSpec, load_manifest
 from mllm_cl.data.encoding import ConversationEncoder
-from mllm_cl.eval.sharding import ShardSampler, world
+from mllm_cl.distributed import world
+from mllm_cl.eval.sharding import ShardSampler
 
 
 class TaskSequence(L.LightningDataModule):
@@ -152,16 +153,23 @@ class TaskSequence(L.LightningDataModule):
     def num_tasks(self) -> int:
         return len(self.tasks)
 
-    def connect(self, tokenizer, images: ImageProcessor, num_image_tokens: int) -> None:
-        """Attach the model's tokenizer and image geometry (called once, before any loader)."""
+    def connect(self, tokenizer, images: ImageProcessor, num_image_tokens: int, *, image_token_id: int | None = None,
+                image_wrap: tuple[list[int], list[int]] = ([], []), model_inputs=None) -> None:
+        """Attach the model's tokenizer and image geometry (called once, before any loader).
+
+        The keyword arguments are what a backbone's ``data_spec()`` gives: its image
+        placeholder id, the tokens around each image, and the object that adds the
+        backbone's own inputs to every batch (``mllm_cl.data.model_inputs``)."""
         self.tokenizer = tokenizer
         self.images = images
-        self._encoder = ConversationEncoder(tokenizer, num_image_tokens=num_image_tokens,
-                                            template=self.template, max_length=self.max_length)
+        self._encoder = ConversationEncoder(tokenizer, num_image_tokens=num_image_tokens, template=self.template,
+                                            max_length=self.max_length, image_token_id=image_token_id,
+                                            image_wrap=image_wrap)
         image_token_id = self._encoder.image_token_id
-        self.train_collate = Collator(pad_token_id=tokenizer.pad_token_id, image_token_id=image_token_id)
+        self.train_collate = Collator(pad_token_id=tokenizer.pad_token_id, image_token_id=image_token_id,
+                                      model_inputs=model_inputs)
         self.eval_collate = Collator(pad_token_id=tokenizer.pad_token_id, image_token_id=image_token_id,
-                                     padding_side="left")
+                                     padding_side="left", model_inputs=model_inputs)
         self._train_cache.clear()
         self._test_cache.clear()
 

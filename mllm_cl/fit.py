@@ -6,6 +6,14 @@ LightningCLI calls a method named after the subcommand on the CLI class
 first, so ``ContinualCLI.fit`` owns the run: the continual loop builds one
 fresh Trainer per phase from the configured trainer options, with an explicit
 callback list (the configured callbacks, the same instances every time).
+
+Several processes (``--trainer.strategy ddp --trainer.devices N``): the
+processes are started before the zero-shot evaluation, by Lightning's own
+launcher (it re-runs this command with ``LOCAL_RANK`` set), and the process
+group is set up once; every later Trainer finds it. ``ddp`` here finds unused
+parameters (a top-k router leaves some experts without gradient in a step).
+The strategy is checked against the method before anything is built
+(``mllm_cl.system.strategies``).
 """
 
 from __future__ import annotations
@@ -34,6 +42,21 @@ class ContinualCLI(LightningCLI):
                             help="scorer mode: official (the benchmark's script, quirks included) or clean")
         parser.link_arguments("seed_everything", "data.seed")
 
+    def before_instantiate_classes(self) -> None:
+        """Refuse a strategy the method cannot run under before anything is built."""
+        import importlib
+
+        from jsonargparse import Namespace
+
+        from mllm_cl.system.strategies import check_strategy
+
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        module, _, name = str(cfg["model"]["method"]["class_path"]).rpartition(".")
+        strategy = cfg["trainer"]["strategy"]
+        if isinstance(strategy, Namespace):
+            strategy = strategy.as_dict()
+        check_strategy(strategy, getattr(importlib.import_module(module), name))
+
     def fit(self, model: ContinualMLLM, datamodule: TaskSequence, **_) -> None:
         import logging
 
@@ -58,7 +81,12 @@ class ContinualCLI(LightningCLI):
             loggers = [CSVLogger(save_dir=run_dir, name="logs", version=version)]
 
         def make_trainer(steps: int) -> L.Trainer:
-            trainer = L.Trainer(**base, max_steps=steps, max_epochs=-1, callbacks=list(callbacks), logger=loggers,
+            options = dict(base)
+            if options.get("strategy") == "ddp":  # a fresh strategy object per Trainer (Lightning binds it to one)
+                from lightning.pytorch.strategies import DDPStrategy
+
+                options["strategy"] = DDPStrategy(find_unused_parameters=True)
+            trainer = L.Trainer(**options, max_steps=steps, max_epochs=-1, callbacks=list(callbacks), logger=loggers,
                              enable_checkpointing=False, default_root_dir=run_dir, limit_val_batches=0,
                              num_sanity_val_steps=0)
             # One Trainer per phase: say the device line once, not once per phase.
@@ -66,10 +94,21 @@ class ContinualCLI(LightningCLI):
             return trainer
 
         config_text = self._parser("fit").dump(cfg, skip_link_targets=False)
-        ContinualLoop(model, datamodule, make_trainer, run_dir, config_text=config_text,
-                      experiment=cfg["experiment"], seed=seed,
-                      callbacks=[c for c in callbacks if isinstance(c, ContinualCallback)],
-                      eval_future_tasks=cfg["eval_future_tasks"], score_mode=cfg["score_mode"], loggers=loggers)()
+        first = make_trainer(1)  # starts the other processes (ddp) and says which device is ours
+
+        def run() -> None:
+            if first.world_size > 1:
+                first.strategy.setup_environment()  # the process group, once for every later Trainer
+            ContinualLoop(model, datamodule, make_trainer, run_dir, config_text=config_text,
+                          experiment=cfg["experiment"], seed=seed,
+                          callbacks=[c for c in callbacks if isinstance(c, ContinualCallback)],
+                          eval_future_tasks=cfg["eval_future_tasks"], score_mode=cfg["score_mode"], loggers=loggers,
+                          device=first.strategy.root_device)()
+
+        if first.world_size > 1:
+            first.strategy.launcher.launch(run, trainer=first)
+        else:
+            run()
 
 
 def main(argv: list[str] | None = None) -> int:

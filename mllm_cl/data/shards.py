@@ -59,7 +59,7 @@ from mllm_cl.data.datasets import conversation_item
 from mllm_cl.data.errors import BadSampleError, OnBadSample, SkipLog, handle
 from mllm_cl.data.formats import parse_conversation, parse_test_record, read_records
 from mllm_cl.data.images import ImageBytes
-from mllm_cl.eval.sharding import world as process_world
+from mllm_cl.distributed import world as process_world
 
 log = logging.getLogger("mllm_cl.data")
 

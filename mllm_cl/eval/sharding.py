@@ -13,12 +13,7 @@ from typing import Any, Iterator
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from mllm_cl.distributed import world
 
 
 class ShardSampler(Sampler[int]):

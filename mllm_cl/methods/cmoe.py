@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllm_cl.distributed import all_reduce_sum
 from mllm_cl.experts import ExpertSetup, RoutingContext, TopKRouter, expert_layers
 from mllm_cl.methods.base import Method, Phase
 from mllm_cl.methods.locator import TaskLocator, prompt_features
@@ -188,7 +189,7 @@ class LLaVACMoE(Method):
                                    "among the trainer's callbacks?")
             probe = [i for i, n in enumerate(names) if n.startswith("probe")]
             old = [i for i, n in enumerate(names) if not n.startswith("probe")]
-            counts = counts.cpu()  # once per layer, at the end of the phase
+            counts = all_reduce_sum(counts).cpu()  # every rank's probe batches; once per layer, at phase end
             frequencies[name] = float(counts[probe].sum() / counts.sum().clamp(min=1))
             sources[name] = names[max(old, key=lambda i: counts[i].item())]
             for j in range(self.probe_experts):
@@ -224,11 +225,16 @@ class LLaVACMoE(Method):
         return RoutingContext(router_choice=[f"task{c}" for c in chosen])
 
     def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:
-        if not self._hits:
-            return None
-        accuracy = {task_names[t]: round(100.0 * right / total, 2) for t, (right, total) in sorted(self._hits.items())}
+        hits = torch.zeros(len(task_names), 2, dtype=torch.float64)
+        for t, (right, total) in self._hits.items():
+            hits[t] = torch.tensor([right, total], dtype=torch.float64)
         self._hits = {}
-        return {"locator_accuracy": accuracy}
+        hits = all_reduce_sum(hits)  # every rank scored its share of the test sets
+        if not hits[:, 1].any():
+            return None
+        accuracy = {task_names[t]: round(100.0 * right / total, 2) for t, (right, total) in enumerate(hits.tolist()) if total}
+        located = {task_names[t]: int(total) for t, (_, total) in enumerate(hits.tolist()) if total}
+        return {"locator_accuracy": accuracy, "locator_samples": located}
 
     # ------------------------------------------------------------------- state
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -19,6 +19,7 @@ from typing import Callable
 
 import lightning as L
 
+from mllm_cl.distributed import broadcast, is_writer
 from mllm_cl.eval.continual_metrics import continual_metrics, final_row_metrics
 from mllm_cl.eval.evaluate import predict, score, write_predictions
 from mllm_cl.system.run_dir import RunDir, adapter_state, new_results, parameter_counts
@@ -46,27 +47,36 @@ class ContinualLoop:
         score_mode: scorer mode (``official`` or ``clean``).
         loggers: Lightning loggers that receive each stage's scores as ``eval/TASK``
             (step = stage) and the final metrics as ``final/METRIC``.
+        device: where the model evaluates and the method's hooks run between fits (Lightning
+            moves it back to the CPU after each fit); ``None``: where it is.
+
+    Under several processes (``ddp``) every process runs this loop in step: each trains on its
+    share of the batches, evaluates its share of the test set (the rows are gathered), and takes
+    the same decisions; only rank 0 writes the run directory and prints.
     """
 
     def __init__(self, module, datamodule, make_trainer: Callable[[int], L.Trainer], run_dir, *, config_text: str,
                  experiment: str, seed: int, callbacks=(), eval_future_tasks: bool = False,
-                 score_mode: str = "official", loggers=(), print_fn=print) -> None:
+                 score_mode: str = "official", loggers=(), print_fn=print, device=None) -> None:
         self.module, self.dm, self.make_trainer = module, datamodule, make_trainer
-        self.run = RunDir(run_dir)
+        self.run = RunDir(run_dir, writer=is_writer())
+        self.device = device
         self.config_text, self.experiment, self.seed = config_text, experiment, seed
         self.callbacks = list(callbacks)
         self.eval_future_tasks, self.score_mode = eval_future_tasks, score_mode
         self.loggers = list(loggers)
-        self.print = print_fn
+        self.print = print_fn if self.run.writer else (lambda *args, **kwargs: None)
 
     # -------------------------------------------------------------------- run
     def __call__(self) -> dict:
         module, dm, method = self.module, self.dm, self.module.method
         T = dm.num_tasks
-        dm.connect(module.tokenizer, module.image_processor(), module.model.num_image_tokens)
+        spec = module.model.data_spec()
+        dm.connect(module.tokenizer, module.image_processor(), spec.pop("num_image_tokens"), **spec)
         module.sequence = dm  # callbacks that need a task's data at task end (a task locator) read it here
-        resuming = self.run.claim(self.config_text)
-        results = self.run.load_results() if resuming else None
+        self._to_device()
+        resuming = broadcast(self.run.claim(self.config_text) if self.run.writer else None)
+        results = broadcast(self.run.load_results() if resuming and self.run.writer else None)
         if results is None:
             tasks = [{"name": t.name, "scorer": t.scorer, "mode": self.score_mode} for t in dm.tasks]
             results = new_results(method=method.name, experiment=self.experiment, seed=self.seed, tasks=tasks,
@@ -101,7 +111,7 @@ class ContinualLoop:
         method.on_task_start(module.model, t)
         self._hook("on_task_start", t)
         phases, trainable, timings = method.phases(t, T), {}, {}
-        for phase in phases:
+        for k, phase in enumerate(phases):
             steps = phase.steps or module.steps_per_task * len(phase.tasks or [t])
             steps = min(steps, module.max_phase_steps or steps)
             method.on_phase_start(module.model, t, phase)
@@ -114,7 +124,11 @@ class ContinualLoop:
             t0 = time.time()
             self.print(f"mllm-cl: task {t + 1}/{T} {dm.tasks[t].name}: phase {phase.name}, {steps} steps")
             self.make_trainer(steps).fit(module, datamodule=dm)
+            self._to_device()
             timings[phase.name] = round(time.time() - t0, 3)
+            # What the method creates after a fit (cmoe's grown routers) must not depend on how many random
+            # draws the fit made: that differs between one process and ddp (Lightning's own samplers).
+            L.seed_everything(dm.task_seed(t) + k + 1, workers=True, verbose=False)
             method.on_phase_end(module.model, t, phase)
             self._hook("on_phase_end", t, phase)
             self.print(dm.skip_report(t))
@@ -137,6 +151,10 @@ class ContinualLoop:
         self.run.save_results(results)
         if os.environ.get(FAULT_ENV) == str(t + 1):
             raise InjectedFault(f"{FAULT_ENV}={t + 1}: stopping after task {t + 1} as asked")
+
+    def _to_device(self) -> None:
+        if self.device is not None:
+            self.module.to(self.device)
 
     def _method_metrics(self, results: dict, *, stage: int) -> None:
         """The method's own numbers from the evaluation just run (a locator's accuracy, ...)."""
@@ -166,7 +184,8 @@ class ContinualLoop:
                 rows = predict(module.model, module.tokenizer, dm.test_dataloader(i), max_new_tokens=spec.max_new_tokens,
                                context=lambda b: module.method.routing_context(b, training=False),
                                desc=f"eval stage {stage} {spec.name}")
-                write_predictions(rows, self.run.predictions_path(stage, spec.name))
+                if self.run.writer:
+                    write_predictions(rows, self.run.predictions_path(stage, spec.name))
                 scores.append(round(score(rows, spec.scorer, self.score_mode), 4))
         finally:
             module.model.train()

@@ -100,8 +100,15 @@ def new_results(*, method: str, experiment: str, seed: int, tasks: list[dict], o
 
 
 class RunDir:
-    def __init__(self, path: str | Path) -> None:
+    """Args:
+        path: the run directory.
+        writer: this process writes (under several processes only rank 0 does; the others
+            read what it wrote and skip every write).
+    """
+
+    def __init__(self, path: str | Path, *, writer: bool = True) -> None:
         self.path = Path(path)
+        self.writer = writer
 
     @property
     def results_path(self) -> Path:
@@ -116,6 +123,8 @@ class RunDir:
     def claim(self, config_text: str) -> bool:
         """Write config.yaml, or check it against an existing one. True when resuming."""
         path = self.path / "config.yaml"
+        if not self.writer:
+            raise RuntimeError("only the writing process claims the run directory")
         if path.exists():
             old = path.read_text()
             if old != config_text:
@@ -135,12 +144,16 @@ class RunDir:
         return json.loads(self.results_path.read_text())
 
     def save_results(self, results: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         _atomic_write(self.results_path, (json.dumps(results, indent=2) + "\n").encode())
 
     def save_checkpoint(self, task_number: int, model: nn.Module, extra: dict[str, Any],
                         method_tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Adapters, the method's own tensors (``method.safetensors``, when it has any) and
         ``structure.json`` (written last: a checkpoint without it is incomplete)."""
+        if not self.writer:
+            return
         folder = self.checkpoint_dir(task_number)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "adapters.safetensors.tmp"

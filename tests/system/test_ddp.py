@@ -1,0 +1,99 @@
+"""The sequence under Lightning's ddp: 2 CPU processes (gloo) against 1 process with the same global batch.
+
+Equal-length data (every answer and question the same length) makes each process's token-mean loss
+average to the one process's; each task is one full batch per step, so sample order does not matter.
+The runs are in float64: in float32 Adam's normalization turns the last-bit differences of a 2-way
+gradient average into ~2e-5 after 3 steps (measured), in float64 they stay below 1e-8.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from mllm_cl.fit import main as fit_main
+
+ROOT = Path(__file__).resolve().parents[2]
+COLOURS = {"red": (210, 30, 30), "tan": (210, 180, 140), "sky": (30, 40, 210), "fir": (30, 140, 60)}
+EXTRA = {"cmoe": ["--model.method.init_args.probe_steps", "2", "--model.method.init_args.vae_steps", "20",
+                  # the balance loss is a per-process statistic under ddp (as in every data-parallel MoE)
+                  "--model.method.init_args.balance_weight", "0"]}
+
+
+@pytest.fixture(scope="module")
+def equal_bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eqbench")
+    (root / "images").mkdir()
+    names = list(COLOURS)
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (32, 32), rgb).save(root / "images" / f"{name}.png")
+    tasks = {"colour": ("What colour is it?", lambda c: c), "mood": ("How does it feel?", lambda c: c[::-1])}
+    for task, (question, answer) in tasks.items():
+        train = [{"id": f"{task}{i}", "image": f"images/{names[i % 4]}.png",
+                  "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                    {"from": "gpt", "value": answer(names[i % 4])}]} for i in range(8)]
+        test = [{"question_id": f"{task}-q{i}", "image": f"images/{names[i % 4]}.png", "text": question,
+                 "answer": answer(names[i % 4])} for i in range(5)]  # 5: the two processes get 3 and 2
+        (root / f"{task}_train.json").write_text(json.dumps(train))
+        (root / f"{task}_test.json").write_text(json.dumps(test))
+    manifest = {"tasks": [{"name": t, "train": f"{t}_train.json", "test": f"{t}_test.json", "image_root": ".",
+                           "scorer": "exact_match", "max_new_tokens": 4} for t in tasks]}
+    (root / "benchmark.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _run(bench, run, method, *extra):
+    cmd = [sys.executable, "-m", "mllm_cl.cli", "fit", "--config", "configs/micro.yaml",
+           "--config", f"configs/methods/{method}.yaml", "--data.benchmark", str(bench),
+           "--trainer.default_root_dir", str(run), "--data.train_limit", "8", "--data.test_limit", "5",
+           "--model.backbone_dtype", "float64", "--model.expert_dtype", "float64", *EXTRA.get(method, []), *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("method", ["individual", "cmoe"])
+def test_two_processes_train_what_one_does(equal_bench, tmp_path, method):
+    one, two = tmp_path / "one", tmp_path / "ddp"
+    _run(equal_bench, one, method, "--data.batch_size", "8")
+    out = _run(equal_bench, two, method, "--data.batch_size", "4", "--trainer.strategy", "ddp",
+               "--trainer.devices", "2")
+    assert "GLOBAL_RANK: 1" in out.stderr + out.stdout  # two processes did run
+    assert out.stdout.count("mllm-cl: finished") == 1  # and only rank 0 talks
+    for n in (1, 2):
+        ckpt = f"checkpoints/task_{n:02d}"
+        a, b = (json.loads((r / ckpt / "structure.json").read_text()) for r in (one, two))
+        assert a["layers"] == b["layers"] and a.get("method_state") == b.get("method_state")
+        x, y = load_file(one / ckpt / "adapters.safetensors"), load_file(two / ckpt / "adapters.safetensors")
+        assert set(x) == set(y)
+        worst = max((x[k].double() - y[k].double()).abs().max().item() for k in x)
+        assert worst <= 1e-5, worst
+    results = [json.loads((r / "results.json").read_text()) for r in (one, two)]
+    assert results[0]["matrix"] == results[1]["matrix"]
+    # Evaluation scores every test sample exactly once, in dataset order, across both processes.
+    for stage, tasks in ((0, ["colour", "mood"]), (1, ["colour"]), (2, ["colour", "mood"])):
+        for task in tasks:
+            rows = [json.loads(line) for line in
+                    (two / f"predictions/stage_{stage:02d}/{task}.jsonl").read_text().splitlines()]
+            assert [r["question_id"] for r in rows] == [f"{task}-q{i}" for i in range(5)]
+            single = (one / f"predictions/stage_{stage:02d}/{task}.jsonl").read_text()
+            assert [r["text"] for r in rows] == [json.loads(line)["text"] for line in single.splitlines()]
+    if method == "cmoe":  # the locator's hits are summed over processes: every test prompt located once
+        assert results[1]["method_metrics"]["stage_02"]["locator_samples"] == {"colour": 5, "mood": 5}
+        assert results[1]["method_metrics"] == results[0]["method_metrics"]
+
+
+@pytest.mark.parametrize("strategy, why", [("fsdp", "sharded strategy"), ("deepspeed_stage_2", "sharded strategy"),
+                                           ("ddp_spawn", "copied back non-strictly")])
+def test_unsupported_strategies_fail_at_start_naming_both(tmp_path, strategy, why):
+    with pytest.raises(ValueError, match=rf"method lora_ft cannot run under trainer.strategy '{strategy}': .*{why}"):
+        fit_main(["--config", str(ROOT / "configs/micro.yaml"), "--config", str(ROOT / "configs/methods/lora_ft.yaml"),
+                  "--data.benchmark", str(tmp_path / "nothing-here"), "--trainer.strategy", strategy,
+                  "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # refused before anything was built or written
