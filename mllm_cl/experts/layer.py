@@ -60,6 +60,8 @@ class ExpertLayer(nn.Module):
         rank: default rank of experts added without an explicit rank.
         alpha: default LoRA alpha (``None``: 2 * rank, i.e. scale 2).
         dropout: dropout on the expert input (as PEFT's ``lora_dropout``).
+        expert_dtype: dtype of experts added later (``None``: the base weight's dtype), e.g.
+            float32 adapters over a bfloat16 base; inputs are cast to it and the delta back.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class ExpertLayer(nn.Module):
         rank: int = 8,
         alpha: float | None = None,
         dropout: float = 0.0,
+        expert_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -84,6 +87,7 @@ class ExpertLayer(nn.Module):
         self.rank = rank
         self.alpha = alpha
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.expert_dtype = expert_dtype
         self.slot: ContextSlot | None = None  # shared with the model's other expert layers
         self.last_routing: Routing | None = None  # for auxiliary losses of this step
         self._grad_transforms: list[GradientTransform] = []
@@ -130,7 +134,7 @@ class ExpertLayer(nn.Module):
             rank,
             alpha=self.alpha if alpha is None and rank == self.rank else alpha,
             device=weight.device,
-            dtype=weight.dtype if weight.is_floating_point() else None,
+            dtype=self.expert_dtype or (weight.dtype if weight.is_floating_point() else None),
         )
         if init_from is not None:
             source = self.experts[init_from]

@@ -18,6 +18,17 @@ from mllm_cl.data.images import ImageProcessor
 from mllm_cl.experts import RoutingContext, expert_layers, routing_context
 from mllm_cl.methods import Method
 
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32, "float64": torch.float64}
+
+
+def parse_dtype(name: str | None, key: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"{key}: unknown dtype {name!r}; choose one of {', '.join(DTYPES)} or null")
+    return DTYPES[name]
+
 
 class ContinualMLLM(L.LightningModule):
     """Backbone + method.
@@ -25,8 +36,16 @@ class ContinualMLLM(L.LightningModule):
     Args:
         method: the continual-learning method (``class_path`` in configs/methods/).
         backbone: tiny preset name (random weights from ``backbone_seed``).
-        backbone_path: a saved backbone directory; wins over ``backbone``.
+        backbone_path: a local backbone directory, wins over ``backbone``: one written by
+            ``ComposedMLLM.save_pretrained``, or a transformers Llava / Qwen2-VL / Qwen2.5-VL
+            checkpoint (model, tokenizer and image processor files).
         backbone_seed: seed of a preset's random weights.
+        backbone_dtype: dtype of the frozen base weights (``bfloat16``, ``float16``, ``float32``;
+            ``null``: as saved, float32 for presets). A bf16 base halves its memory.
+        expert_dtype: dtype of the experts (adapters), whatever the base's (``null``: the base's).
+            float32 adapters over a bf16 base is the usual mixed setup.
+        image_size: Qwen2-VL checkpoints only: the fixed square image side (a multiple of 28;
+            ``null``: from the image processor, at most 448).
         steps_per_task: optimizer steps per task (a phase may set its own).
         max_phase_steps: cap on every phase's steps, its own ones included (a method's
             gate or probe phase); for smoke runs. ``None``: no cap.
@@ -43,6 +62,9 @@ class ContinualMLLM(L.LightningModule):
         backbone: str = "tiny-clip-llama",
         backbone_path: str | None = None,
         backbone_seed: int = 0,
+        backbone_dtype: str | None = None,
+        expert_dtype: str | None = "float32",
+        image_size: int | None = None,
         steps_per_task: int = 100,
         max_phase_steps: int | None = None,
         lr: float = 1e-3,
@@ -51,12 +73,18 @@ class ContinualMLLM(L.LightningModule):
         grad_clip: float = 1.0,
     ) -> None:
         super().__init__()
-        built = build_backbone(backbone, path=backbone_path, seed=backbone_seed)
+        base_dtype = parse_dtype(backbone_dtype, "model.backbone_dtype")
+        built = build_backbone(backbone, path=backbone_path, seed=backbone_seed, dtype=base_dtype, image_size=image_size)
         self.model, self.tokenizer = built.model, built.tokenizer
         self.model.requires_grad_(False)
         self.method = method
         self.injection = method.build(self.model)
-        self.backbone_info = {"preset": None if backbone_path else backbone, "path": backbone_path, "seed": backbone_seed}
+        adapter_dtype = parse_dtype(expert_dtype, "model.expert_dtype")
+        for layer in expert_layers(self.model).values():
+            layer.expert_dtype = adapter_dtype
+            layer.experts.to(adapter_dtype)
+        self.backbone_info = {"preset": None if backbone_path else backbone, "path": backbone_path, "seed": backbone_seed,
+                              "dtype": backbone_dtype, "expert_dtype": expert_dtype, "image_size": image_size}
         if max_phase_steps is not None and max_phase_steps < 1:
             raise ValueError(f"model.max_phase_steps must be >= 1 or null, got {max_phase_steps}")
         self.steps_per_task, self.max_phase_steps = steps_per_task, max_phase_steps
@@ -79,7 +107,8 @@ class ContinualMLLM(L.LightningModule):
             context.token_mask = mask
         with routing_context(self.model, context):
             out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                             pixel_values=batch["pixel_values"], labels=batch.get("labels"))
+                             pixel_values=batch["pixel_values"], labels=batch.get("labels"),
+                             **batch.get("model_inputs", {}))
             extra = self.method.extra_loss(self.model, batch) if training else None
         return out, extra
 

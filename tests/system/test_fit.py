@@ -1,5 +1,6 @@
 """`mllm-cl fit` end to end on the micro config: run directory, baselines, resume, refusal, freezing."""
 
+import csv
 import json
 import os
 import subprocess
@@ -136,3 +137,17 @@ def test_continual_callbacks_live_across_tasks_without_duplicates(bench, tmp_pat
     assert order == ["task_start", "phase_start", "fit_start", "phase_end", "task_end"] * 2
     fits = [c for c in calls if c[0] == "fit_start"]
     assert all(c[3] == 1 for c in fits) and fits[0][2] != fits[1][2]  # a fresh Trainer per phase, one copy each
+
+
+@pytest.mark.parametrize("precision, adapter_dtype", [("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16)])
+def test_precision_plugins_train_the_expert_layers(bench, tmp_path, precision, adapter_dtype):
+    """Mixed precision keeps fp32 adapters (autocast computes in bf16); '-true' converts them too.
+    (16-mixed is GPU only: Lightning turns it into bf16-mixed on the CPU.)"""
+    run = tmp_path / precision
+    results = _fit(bench, run, "moelora", "--trainer.precision", precision)
+    assert results["completed_tasks"] == 2
+    adapters = load_file(run / "checkpoints/task_02/adapters.safetensors")
+    assert {v.dtype for k, v in adapters.items() if ".experts." in k} == {adapter_dtype}
+    with open(run / "logs/metrics.csv") as f:
+        losses = [float(v) for row in csv.DictReader(f) for k, v in row.items() if k.endswith("/loss") and v]
+    assert len(losses) == 6 and all(0 < l < 20 for l in losses)  # 3 steps per task, finite
