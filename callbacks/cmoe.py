@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from callbacks.base import ContinualCallback
 from mllm_cl.data.collate import batch_to
+from mllm_cl.distributed import is_writer
 from mllm_cl.methods.locator import prompt_features
 
 
@@ -41,7 +42,8 @@ class TaskLocatorFitter(ContinualCallback):
         was_training = module.model.training
         module.model.eval()
         feats = []
-        for batch in tqdm(loader, desc=f"task locator: features of {dm.tasks[task].name}", leave=False):
+        for batch in tqdm(loader, desc=f"task locator: features of {dm.tasks[task].name}", leave=False,
+                          disable=None if is_writer() else True):
             if batch.get("empty"):
                 continue
             batch = batch_to(batch, module.device)

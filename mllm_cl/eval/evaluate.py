@@ -21,6 +21,7 @@ from mllm_cl.data.collate import batch_to
 from mllm_cl.eval.generation import greedy_generate
 from mllm_cl.eval.common import answers
 from mllm_cl.eval.rules import CORPUS_RULES, get_rule
+from mllm_cl.distributed import is_writer
 from mllm_cl.eval.sharding import gather_rows
 from mllm_cl.experts import RoutingContext
 
@@ -31,7 +32,7 @@ def predict(model, tokenizer, loader, *, max_new_tokens: int,
     """Greedy answers for every prompt of ``loader``'s dataset, in dataset order (all ranks' shards)."""
     rows = []
     device = next(model.parameters()).device
-    for batch in tqdm(loader, desc=desc, leave=False, mininterval=0.5, disable=None):
+    for batch in tqdm(loader, desc=desc, leave=False, mininterval=0.5, disable=None if is_writer() else True):
         if batch.get("empty"):
             continue
         # On the model's device once: the routing context (a task locator's own forward) reads it too.
