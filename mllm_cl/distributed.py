@@ -44,3 +44,20 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.to(where, copy=True)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total.to(tensor.device)
+
+
+def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (n_r, ...) concatenated in rank order (ranks may hold different n_r)."""
+    _, size = world()
+    if size == 1:
+        return rows
+    where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    n = torch.tensor([rows.shape[0]], device=where)
+    counts = [torch.zeros_like(n) for _ in range(size)]
+    dist.all_gather(counts, n)
+    longest = int(max(c.item() for c in counts))
+    padded = rows.new_zeros(longest, *rows.shape[1:]).to(where)
+    padded[: rows.shape[0]] = rows.to(where)
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)]).to(rows.device)

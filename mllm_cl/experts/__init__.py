@@ -12,6 +12,7 @@ from mllm_cl.experts.injection import (
 from mllm_cl.experts.layer import ExpertLayer
 from mllm_cl.experts.lora import LoRAExpert
 from mllm_cl.experts.routers import (
+    BatchMeanRouter,
     FixedRouter,
     LinearRouter,
     PostHocGateRouter,
@@ -23,9 +24,12 @@ from mllm_cl.experts.routers import (
 )
 from mllm_cl.experts.routing import ContextSlot, Routing, RoutingContext
 from mllm_cl.experts.setup import ExpertSetup
+from mllm_cl.experts.spectral import CovarianceSketch
 
 __all__ = [
+    "BatchMeanRouter",
     "ContextSlot",
+    "CovarianceSketch",
     "ExpertLayer",
     "ExpertSetup",
     "FixedRouter",

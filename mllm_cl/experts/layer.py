@@ -90,6 +90,8 @@ class ExpertLayer(nn.Module):
         self.expert_dtype = expert_dtype
         self.slot: ContextSlot | None = None  # shared with the model's other expert layers
         self.last_routing: Routing | None = None  # for auxiliary losses of this step
+        self.keep_input = False  # a method's statistics read the input of the last forward
+        self.last_input: torch.Tensor | None = None
         self._grad_transforms: list[GradientTransform] = []
 
     # ------------------------------------------------------------------ pool
@@ -203,6 +205,8 @@ class ExpertLayer(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        if self.keep_input:
+            self.last_input = x.detach()
         context = self.slot.current if self.slot is not None else None
         if not self.experts or (context is not None and context.disable_adapters):
             return out

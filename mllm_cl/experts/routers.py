@@ -196,6 +196,49 @@ class SequenceTopKRouter(LinearRouter):
         return f"{super().extra_repr()}, top_k={self.top_k}, temperature={self.temperature}"
 
 
+class BatchMeanRouter(SequenceTopKRouter):
+    """SAME's router (methods.md, section 2): one bias-free logit row per expert.
+
+    Training: per-token ``softmax(W x)`` averaged over every real token of the
+    micro-batch (``context.extra["attention_mask"]``, else ``token_mask``) gives one
+    weight vector for the whole batch; no top-k. Experts named in ``masked`` get
+    weight 0 and the rest are renormalized, so a masked expert is left out of the
+    forward and gets no gradient. ``probs`` keeps the per-token distribution for
+    the method's statistics.
+
+    Evaluation (``eval()``): logits divided by the number of experts, softmax,
+    averaged over each sample's prompt, top-``top_k`` renormalized, computed at
+    prefill and kept while decoding (``SequenceTopKRouter``); masks do not apply.
+    """
+
+    def __init__(self, in_features: int, *, top_k: int = 2) -> None:
+        super().__init__(in_features, top_k=top_k)
+        self.masked: set[str] = set()
+
+    @property
+    def level(self) -> str:  # one vector per micro-batch in training, per sample at evaluation
+        return "batch" if self.training else "sample"
+
+    def forward(self, x: torch.Tensor, context: RoutingContext | None) -> Routing:
+        if not self.training:
+            self.temperature = float(self.num_experts)
+            return super().forward(x, context)
+        probs = torch.softmax(self.logits(x), dim=-1)  # (B, L, E)
+        mask = None if context is None else context.extra.get("attention_mask", context.token_mask)
+        if mask is None:
+            mask = torch.ones(x.shape[:-1], device=x.device)
+        mask = mask.to(probs.dtype).unsqueeze(-1)  # (B, L, 1)
+        pooled = (probs * mask).sum((0, 1)) / mask.sum().clamp(min=1)  # (E,)
+        keep = [i for i, n in enumerate(self.expert_names) if n not in self.masked]
+        if not keep:
+            raise RuntimeError("BatchMeanRouter: every expert is masked")
+        idx = torch.tensor(keep, device=x.device)
+        weights = pooled.index_select(0, idx)
+        weights = weights / weights.sum()
+        shape = (1,) * (x.dim() - 1) + (len(keep),)
+        return Routing(weights=weights.view(shape), indices=idx.view(shape), probs=probs)
+
+
 class TaskRouter(Router):
     """Routes each sample to the expert of its task (``context.task_ids``).
 

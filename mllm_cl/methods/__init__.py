@@ -4,6 +4,7 @@ from mllm_cl.methods.base import Method, Phase
 from mllm_cl.methods.baselines import Individual, LoRAFineTune, MoELoRA, MultiTask, ZeroShot
 from mllm_cl.methods.cmoe import LLaVACMoE
 from mllm_cl.methods.routing import RoutingCL
+from mllm_cl.methods.same import SAME
 
 __all__ = ["Individual", "LLaVACMoE", "LoRAFineTune", "Method", "MoELoRA", "MultiTask", "Phase", "RoutingCL",
-           "ZeroShot"]
+           "SAME", "ZeroShot"]

@@ -142,7 +142,8 @@ class ContinualLoop:
             self._method_metrics(results, stage=t + 1)
         results["params"]["trainable_per_task"].append(parameter_counts(sorted(trainable.items())))
         stored = sorted((k, v) for k, v in adapter_state(module.model).items())
-        results["params"]["stored_per_task"].append(parameter_counts(stored))
+        buffers = {name for name, _ in module.model.named_buffers()}
+        results["params"]["stored_per_task"].append(parameter_counts(stored, statistics=buffers))
         results["timings"]["tasks"].append({"phases": timings, "eval_s": round(time.time() - t0, 3)})
         facts, tensors = method.state()
         self.run.save_checkpoint(t + 1, module.model, {"method": method.name, "backbone": module.backbone_info,

@@ -59,13 +59,15 @@ def structure(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def parameter_counts(params: list[tuple[str, nn.Parameter]]) -> dict[str, Any]:
-    """Parameter counts by kind (expert, router, other)."""
+def parameter_counts(params: list[tuple[str, nn.Parameter]], statistics: set[str] = frozenset()) -> dict[str, Any]:
+    """Parameter counts by kind (expert, router, other); tensors named in ``statistics`` (buffers
+    a method keeps, such as SAME's covariances) are listed apart and left out of the total."""
     kinds: dict[str, int] = {}
     for name, p in params:
-        kind = "expert" if ".experts." in name else "router" if ".routers." in name else "other"
+        kind = "statistics" if name in statistics else "expert" if ".experts." in name \
+            else "router" if ".routers." in name else "other"
         kinds[kind] = kinds.get(kind, 0) + p.numel()
-    return {"total": sum(kinds.values()), "by_kind": kinds}
+    return {"total": sum(n for k, n in kinds.items() if k != "statistics"), "by_kind": kinds}
 
 
 def new_results(*, method: str, experiment: str, seed: int, tasks: list[dict], one_row: bool) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from mllm_cl.experts import (
     PostHocGateRouter,
     Router,
     RoutingContext,
+    BatchMeanRouter,
     SequenceTopKRouter,
     SoftmaxRouter,
     TaskRouter,
@@ -67,6 +68,9 @@ CASES = {
     "posthoc_top1_null": Case(lambda d: PostHocGateRouter(d, top_k=1, null_expert=True), top_k=1, null=True),
     "posthoc_top2_null": Case(lambda d: PostHocGateRouter(d, top_k=2, null_expert=True), top_k=2, null=True),
     "posthoc_gate": Case(PostHocGateRouter, prepare=lambda r: r.train_on(r.expert_names[-1], gate=True)),
+    "batch_mean": Case(BatchMeanRouter),
+    "batch_mean_masked": Case(BatchMeanRouter, prepare=lambda r: r.masked.update(r.expert_names[:-1])),
+    "batch_mean_eval": Case(BatchMeanRouter, top_k=2, prepare=lambda r: r.eval()),
 }
 LAYERS = [ExpertLayer]
 POOLS = [1, 3, 16]  # 16 with top-k takes the dispatch path
@@ -119,7 +123,7 @@ class TestContract:
         assert routing is not None
         lead = routing.weights.shape[:-1]
         assert torch.broadcast_shapes(lead, x.shape[:-1]) == x.shape[:-1]
-        level = type(layer.routers["default"]).level
+        level = layer.routers["default"].level  # an instance's mode may decide (SAME's router)
         expected_lead = {"token": (B, L), "sample": (B, 1), "batch": (1, 1)}[level]
         assert tuple(lead) == expected_lead
         if not layer.routers["default"].normalized:  # an instance's mode may decide (gate stages)

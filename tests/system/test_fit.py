@@ -16,9 +16,10 @@ from mllm_cl.system.loop import FAULT_ENV, InjectedFault
 from mllm_cl.system.run_dir import ConfigMismatch
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ["zero_shot", "lora_ft", "moelora", "multitask", "individual", "routing", "cmoe"]
+METHODS = ["zero_shot", "lora_ft", "moelora", "multitask", "individual", "routing", "cmoe", "same"]
 EXTRA = {"routing": ["--model.method.init_args.gate_steps", "2"],
-         "cmoe": ["--model.method.init_args.probe_steps", "2", "--model.method.init_args.vae_steps", "20"]}
+         "cmoe": ["--model.method.init_args.probe_steps", "2", "--model.method.init_args.vae_steps", "20"],
+         "same": ["--model.method.init_args.warmup_steps", "1", "--model.method.init_args.refresh_every", "2"]}
 
 
 def _fit(bench, run_dir, method, *extra):

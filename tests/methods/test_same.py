@@ -1,0 +1,198 @@
+"""SAME on a tiny backbone: the gradient rewrites in place, masking, statistics buffers, routing modes."""
+
+import pytest
+import torch
+
+from mllm_cl.backbones import build_preset
+from mllm_cl.experts import BatchMeanRouter, ExpertSetup, RoutingContext, expert_layers, routing_context
+from mllm_cl.experts.spectral import expert_rewrite
+from mllm_cl.methods import SAME
+from mllm_cl.system.run_dir import RunDir
+
+
+def _setup(**kwargs):
+    model = build_preset("tiny-clip-llama", seed=0).model
+    model.requires_grad_(False)
+    method = SAME(ExpertSetup(["up_proj", "down_proj"], rank=4), num_experts=3, **kwargs)
+    method.build(model)
+    method.on_task_start(model, 0)
+    for layer in expert_layers(model).values():
+        for e in layer.experts.values():
+            torch.nn.init.normal_(e.B, std=0.05)  # B = 0 would leave A without gradient
+    return model, method
+
+
+def _batch(seed=0, b=3, length=7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 200, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[0, -2:] = 0  # right padding on one sample
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _step(model, method, batch):
+    """Forward + backward under the method's training context; gradients rewritten; statistics observed."""
+    with routing_context(model, method.routing_context(batch, training=True)):
+        loss = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    loss.backward()
+    for layer in expert_layers(model).values():
+        layer.apply_gradient_transforms()
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_expert_rewrite_is_the_identity_on_the_first_task():
+    model, method = _setup(spectral_routing=False, adaptive_activation=False)
+    batch = _batch()
+    with routing_context(model, method.routing_context(batch, training=True)):
+        model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+    before = _grads(model)
+    for layer in expert_layers(model).values():
+        layer.apply_gradient_transforms()
+    after = _grads(model)
+    assert before.keys() == after.keys() and any(".A" in n for n in before)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_expert_rewrite_applies_the_previous_tasks_snapshot():
+    model, method = _setup(spectral_routing=False, adaptive_activation=False)
+    for seed in range(3):
+        _step(model, method, _batch(seed))
+        method.observe(model, _batch(seed)["attention_mask"])
+        model.zero_grad()
+    method.on_task_end(model, 0)
+    method.on_task_start(model, 1)
+    batch = _batch(5)
+    with routing_context(model, method.routing_context(batch, training=True)):
+        model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+    before = _grads(model)
+    for layer in expert_layers(model).values():
+        layer.apply_gradient_transforms()
+    name, layer = next(iter(expert_layers(model).items()))
+    stats, k = layer.same, int(layer.same.snapshot_k)
+    assert k > 0
+    key = f"{name}.experts.e0.A"
+    expected = expert_rewrite(before[key].double(), stats.snapshot_directions[:, :k], stats.snapshot_sigma[:k], 0.9)
+    torch.testing.assert_close(layer.experts["e0"].A.grad, expected.float())
+    assert torch.equal(layer.experts["e0"].B.grad, before[f"{name}.experts.e0.B"])  # B is not rescaled
+
+
+def test_router_rewrite_starts_after_warmup_steps():
+    model, method = _setup(warmup_steps=2, adaptive_activation=False, curvature_scaling=False)
+    layer = next(iter(expert_layers(model).values()))
+    changed = []
+    for seed in range(4):
+        batch = _batch(seed)
+        with routing_context(model, method.routing_context(batch, training=True)):
+            model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+        raw = layer.routers["default"].rows["e0"].grad.clone()
+        layer.apply_gradient_transforms()
+        changed.append(not torch.equal(raw, layer.routers["default"].rows["e0"].grad))
+        method.observe(model, batch["attention_mask"])
+        model.zero_grad()
+    assert changed == [False, False, True, True]
+
+
+def test_masked_experts_get_no_gradient_and_do_not_move():
+    model, method = _setup(spectral_routing=False, curvature_scaling=False)
+    for layer in expert_layers(model).values():
+        layer.routers["default"].masked = {"e1"}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.1)
+    layer = next(iter(expert_layers(model).values()))
+    frozen = {k: v.clone() for k, v in layer.experts["e1"].state_dict().items()}
+    row = layer.routers["default"].rows["e1"].detach().clone()
+    _step(model, method, _batch())
+    assert layer.experts["e1"].A.grad is None and layer.experts["e1"].B.grad is None
+    assert layer.routers["default"].rows["e1"].grad is None
+    assert layer.experts["e0"].A.grad is not None
+    optimizer.step()
+    assert all(torch.equal(layer.experts["e1"].state_dict()[k], v) for k, v in frozen.items())
+    assert torch.equal(layer.routers["default"].rows["e1"], row)
+
+
+def test_masks_never_take_the_current_tasks_expert_and_freeze_once_complete():
+    model, method = _setup(spectral_routing=False, curvature_scaling=False)
+    layer = next(iter(expert_layers(model).values()))
+    stats, router = layer.same, layer.routers["default"]
+    tokens = torch.randn(10, layer.in_features, dtype=torch.float64)
+    # e0 (task 1's) used least and most important: the lowest score, still never masked
+    probs = torch.tensor([[0.1, 0.45, 0.45]], dtype=torch.float64).expand(10, 3)
+    stats.importance.copy_(torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64))
+    stats.importance_seen.fill_(True)
+    method._activation(layer, tokens, probs)
+    assert "e0" not in router.masked
+    method.task = 1  # task 2: its expert is e1; make e0 and e2 score low
+    probs = torch.tensor([[0.05, 0.9, 0.05]], dtype=torch.float64).expand(10, 3)
+    stats.utilization_seen = False
+    method._activation(layer, tokens, probs)
+    assert router.masked == {"e0", "e2"} and stats.masks_final
+    method._activation(layer, tokens, torch.tensor([[0.9, 0.05, 0.05]], dtype=torch.float64).expand(10, 3))
+    assert router.masked == {"e0", "e2"}  # kept once every other expert is masked
+    method.on_task_start(model, 2)
+    assert router.masked == set() and not stats.masks_final
+
+
+def test_statistics_are_buffers_that_survive_save_and_load(tmp_path):
+    model, method = _setup()
+    for seed in range(3):
+        _step(model, method, _batch(seed))
+        method.observe(model, _batch(seed)["attention_mask"])
+        model.zero_grad()
+    method.on_task_end(model, 0)
+    run = RunDir(tmp_path)
+    run.save_checkpoint(1, model, {})
+    fresh, fresh_method = _setup()
+    fresh_method.on_task_end(fresh, 0)  # the replay of a resume, before the weights are loaded
+    run.load_checkpoint(1, fresh)
+    saved = {n: b for n, b in model.named_buffers() if ".same." in n}
+    loaded = dict(fresh.named_buffers())
+    assert saved and {"covariance.basis", "snapshot_sigma", "importance"} <= {n.split(".same.")[1] for n in saved}
+    assert all(torch.equal(b, loaded[n]) for n, b in saved.items())
+    assert any(b.abs().sum() > 0 for n, b in saved.items() if n.endswith("covariance.moments"))
+
+
+def test_training_routes_the_whole_batch_with_one_renormalized_vector():
+    torch.manual_seed(0)
+    router = BatchMeanRouter(8)
+    for name in ("a", "b", "c"):
+        router.add_expert(name)
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    routing = router(x, RoutingContext(extra={"attention_mask": mask}))
+    probs = torch.softmax(x @ router.weight().T, -1)
+    mean = probs[mask.bool()].mean(0)  # over the 8 real tokens of the whole batch
+    assert routing.weights.shape == (1, 1, 3)
+    torch.testing.assert_close(routing.weights.flatten(), mean)
+    router.masked = {"b"}
+    routing = router(x, RoutingContext(extra={"attention_mask": mask}))
+    assert routing.indices.flatten().tolist() == [0, 2]
+    torch.testing.assert_close(routing.weights.flatten(), mean[[0, 2]] / mean[[0, 2]].sum())
+
+
+def test_evaluation_routes_each_sample_by_its_prompt_top2_of_logits_over_e():
+    torch.manual_seed(0)
+    router = BatchMeanRouter(8).eval()
+    for name in ("a", "b", "c", "d"):
+        router.add_expert(name)
+    router.masked = {"a", "b", "c"}  # masks do not apply at test time
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    routing = router(x, RoutingContext(token_mask=mask))
+    probs = torch.softmax(x @ router.weight().T / 4, -1)
+    for b in range(2):
+        mean = probs[b][mask[b].bool()].mean(0)
+        top, idx = mean.topk(2)
+        assert routing.indices[b].flatten().tolist() == idx.tolist()
+        torch.testing.assert_close(routing.weights[b].flatten(), top / top.sum())
+    alone = router(x[1:], RoutingContext(token_mask=mask[1:]))  # the same weights without a batch neighbour
+    torch.testing.assert_close(alone.weights[0], routing.weights[1])
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="covariance must be 'running' or 'batch'"):
+        SAME(ExpertSetup(["up_proj"]), covariance="sometimes")
+    with pytest.raises(ValueError, match="builds its own router"):
+        SAME(ExpertSetup(["up_proj"], router=BatchMeanRouter))
