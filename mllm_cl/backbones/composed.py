@@ -86,6 +86,13 @@ class ComposedMLLM(nn.Module):
     def config(self):
         return self.language_model.config
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def image_embeddings(self, pixel_values: torch.Tensor, **model_inputs) -> torch.Tensor:
+        """(n_images, llm_hidden): each image's projected features, mean-pooled (what the LLM reads)."""
+        return self.encode_images(pixel_values).mean(1)
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n_images, 3, H, W) -> (n_images, num_image_tokens, llm_hidden)."""
         return self.projector(self.vision(pixel_values))

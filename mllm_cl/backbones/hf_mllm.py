@@ -77,6 +77,17 @@ class HFMLLM(nn.Module):
     def data_spec(self) -> dict:
         return {"num_image_tokens": self.num_image_tokens, "image_token_id": self.image_token_id}
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.hf.get_input_embeddings()
+
+    def image_embeddings(self, pixel_values: torch.Tensor, **model_inputs) -> torch.Tensor:
+        """(n_images, llm_hidden): each image's projected features, mean-pooled (what the LLM reads)."""
+        out = self._image_features(pixel_values.to(self._vision_dtype()), **model_inputs).pooler_output
+        return torch.stack([f.reshape(-1, f.shape[-1]).mean(0) for f in out])
+
+    def _image_features(self, pixel_values, **model_inputs):
+        return self.hf.model.get_image_features(pixel_values=pixel_values)
+
     def _vision_dtype(self) -> torch.dtype:
         return self.hf.model.vision_tower.dtype
 
@@ -135,6 +146,9 @@ class Qwen2VLMLLM(HFMLLM):
 
     def _vision_dtype(self) -> torch.dtype:
         return self.hf.model.visual.dtype
+
+    def _image_features(self, pixel_values, *, image_grid_thw=None, **model_inputs):
+        return self.hf.model.get_image_features(pixel_values, image_grid_thw)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, *, position_ids=None,
                 past_key_values=None, image_grid_thw=None, mm_token_type_ids=None, **kwargs):

@@ -13,6 +13,7 @@ from mllm_cl.experts.layer import ExpertLayer
 from mllm_cl.experts.lora import LoRAExpert
 from mllm_cl.experts.routers import (
     BatchMeanRouter,
+    CentroidRouter,
     FixedRouter,
     LinearRouter,
     PostHocGateRouter,
@@ -28,6 +29,7 @@ from mllm_cl.experts.spectral import CovarianceSketch
 
 __all__ = [
     "BatchMeanRouter",
+    "CentroidRouter",
     "ContextSlot",
     "CovarianceSketch",
     "ExpertLayer",

@@ -239,6 +239,45 @@ class BatchMeanRouter(SequenceTopKRouter):
         return Routing(weights=weights.view(shape), indices=idx.view(shape), probs=probs)
 
 
+class CentroidRouter(Router):
+    """CRAM's per-sample centroid routing (methods.md, section 3): one learnable centroid per
+    expert in the space of a per-sample embedding (``context.image_embeds``, dimension
+    ``embed_dim``), ``w_b = softmax_k(-||x_b - c_k||^2 / (2 sigma^2 D))``, dense over the experts.
+
+    Centroids start at zero; the method sets each from its task's mean embedding
+    (``set_centroid``). Freezing an expert freezes its centroid.
+    """
+
+    level = "sample"
+
+    def __init__(self, in_features: int, *, embed_dim: int, sigma: float = 0.5) -> None:
+        super().__init__(in_features)
+        if sigma <= 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        self.embed_dim, self.sigma = embed_dim, sigma
+        self.centroids = nn.ParameterDict()
+
+    def init_expert(self, name: str) -> None:
+        self.centroids[name] = nn.Parameter(torch.zeros(self.embed_dim, device=self._anchor.device,
+                                                        dtype=self._anchor.dtype))
+
+    @torch.no_grad()
+    def set_centroid(self, name: str, value: torch.Tensor) -> None:
+        self.centroids[name].copy_(value)
+
+    def forward(self, x: torch.Tensor, context: RoutingContext | None) -> Routing:
+        if context is None:
+            raise ValueError("CentroidRouter needs `image_embeds` in the routing context; none is active")
+        emb = context.require("image_embeds", "CentroidRouter")  # (B, D)
+        c = torch.stack([self.centroids[n] for n in self.expert_names])  # (E, D)
+        dist = (emb.to(c.dtype)[:, None, :] - c[None]).square().sum(-1)  # (B, E)
+        w = torch.softmax(-dist / (2 * self.sigma ** 2 * self.embed_dim), dim=-1)
+        return Routing(weights=w.view(w.shape[0], *([1] * (x.dim() - 2)), -1).to(x.dtype), indices=None)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, embed_dim={self.embed_dim}, sigma={self.sigma}"
+
+
 class TaskRouter(Router):
     """Routes each sample to the expert of its task (``context.task_ids``).
 

@@ -48,12 +48,15 @@ class Phase:
             the number of tasks trained on (so joint training gets the sequence's budget).
         fraction: share of the task's training data (probe phases use < 1).
         tasks: train on these task indices (``None``: the current task only).
+        share: instead of ``steps``, this share of the task's budget (``steps_per_task``),
+            at least one step (CRAM's warm-up is the first 5% of a task's steps).
     """
 
     name: str = "train"
     steps: int | None = None
     fraction: float = 1.0
     tasks: list[int] | None = None
+    share: float | None = None
 
 
 class Method:

@@ -112,7 +112,8 @@ class ContinualLoop:
         self._hook("on_task_start", t)
         phases, trainable, timings = method.phases(t, T), {}, {}
         for k, phase in enumerate(phases):
-            steps = phase.steps or module.steps_per_task * len(phase.tasks or [t])
+            budget = module.steps_per_task * len(phase.tasks or [t])
+            steps = phase.steps or (max(1, round(phase.share * budget)) if phase.share is not None else budget)
             steps = min(steps, module.max_phase_steps or steps)
             method.on_phase_start(module.model, t, phase)
             self._hook("on_phase_start", t, phase)

@@ -156,3 +156,13 @@ def test_bad_directories_name_the_file(tmp_path):
 def test_tiny_checkpoint_command(tmp_path, capsys):
     assert tiny_main(["llava", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "config.json").exists() and (tmp_path / "t" / "preprocessor_config.json").exists()
+
+
+def test_image_embeddings_pool_the_projected_features(checkpoint):
+    family, path = checkpoint
+    model = load_backbone(path).model
+    batch = _batch(model, load_backbone(path).tokenizer)
+    extra = {k: v for k, v in batch.get("model_inputs", {}).items() if k == "image_grid_thw"}
+    emb = model.image_embeddings(batch["pixel_values"], **extra)
+    assert emb.shape == (2, model.config.get_text_config().hidden_size)
+    assert model.get_input_embeddings().weight.shape[1] == emb.shape[1]

@@ -31,6 +31,7 @@ from mllm_cl.experts import (
     Router,
     RoutingContext,
     BatchMeanRouter,
+    CentroidRouter,
     SequenceTopKRouter,
     SoftmaxRouter,
     TaskRouter,
@@ -69,6 +70,8 @@ CASES = {
     "posthoc_top2_null": Case(lambda d: PostHocGateRouter(d, top_k=2, null_expert=True), top_k=2, null=True),
     "posthoc_gate": Case(PostHocGateRouter, prepare=lambda r: r.train_on(r.expert_names[-1], gate=True)),
     "batch_mean": Case(BatchMeanRouter),
+    "centroid": Case(lambda d: CentroidRouter(d, embed_dim=6),
+                     context=lambda n: RoutingContext(image_embeds=torch.randn(B, 6))),
     "batch_mean_masked": Case(BatchMeanRouter, prepare=lambda r: r.masked.update(r.expert_names[:-1])),
     "batch_mean_eval": Case(BatchMeanRouter, top_k=2, prepare=lambda r: r.eval()),
 }

@@ -58,7 +58,7 @@ def _run(bench, run, method, *extra):
     return out
 
 
-@pytest.mark.parametrize("method", ["individual", "cmoe"])
+@pytest.mark.parametrize("method", ["individual", "cmoe", "cram"])
 def test_two_processes_train_what_one_does(equal_bench, tmp_path, method):
     one, two = tmp_path / "one", tmp_path / "ddp"
     _run(equal_bench, one, method, "--data.batch_size", "8")

@@ -16,7 +16,7 @@ from mllm_cl.system.loop import FAULT_ENV, InjectedFault
 from mllm_cl.system.run_dir import ConfigMismatch
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ["zero_shot", "lora_ft", "moelora", "multitask", "individual", "routing", "cmoe", "same"]
+METHODS = ["zero_shot", "lora_ft", "moelora", "multitask", "individual", "routing", "cmoe", "same", "cram"]
 EXTRA = {"routing": ["--model.method.init_args.gate_steps", "2"],
          "cmoe": ["--model.method.init_args.probe_steps", "2", "--model.method.init_args.vae_steps", "20"],
          "same": ["--model.method.init_args.warmup_steps", "1", "--model.method.init_args.refresh_every", "2"]}
@@ -92,7 +92,7 @@ def test_old_experts_stay_bit_identical(bench, tmp_path, method):
         assert all(set(t["phases"]) == {"expert", "gate"} for t in results["timings"]["tasks"])
 
 
-@pytest.mark.parametrize("method", ["lora_ft", "cmoe"])  # cmoe: growth and its task locator are data-dependent
+@pytest.mark.parametrize("method", ["lora_ft", "cmoe", "cram"])  # cmoe, cram: data-dependent structure
 def test_interrupted_run_resumes_to_the_same_result(bench, tmp_path, monkeypatch, method):
     args = [method, "--model.steps_per_task", "4", *EXTRA.get(method, [])]
     whole = _fit(bench, tmp_path / "whole", *args)
