@@ -75,8 +75,9 @@ class ContinualLoop:
         dm.connect(module.tokenizer, module.image_processor(), spec.pop("num_image_tokens"), **spec)
         module.sequence = dm  # callbacks that need a task's data at task end (a task locator) read it here
         self._to_device()
-        resuming = broadcast(self.run.claim(self.config_text) if self.run.writer else None)
-        results = broadcast(self.run.load_results() if resuming and self.run.writer else None)
+        resuming, results = broadcast(self._claim())  # rank 0 reads and writes; every rank gets its answer
+        if isinstance(resuming, Exception):
+            raise resuming  # on every rank, so none waits for the others forever
         if results is None:
             tasks = [{"name": t.name, "scorer": t.scorer, "mode": self.score_mode} for t in dm.tasks]
             results = new_results(method=method.name, experiment=self.experiment, seed=self.seed, tasks=tasks,
@@ -153,6 +154,16 @@ class ContinualLoop:
         self.run.save_results(results)
         if os.environ.get(FAULT_ENV) == str(t + 1):
             raise InjectedFault(f"{FAULT_ENV}={t + 1}: stopping after task {t + 1} as asked")
+
+    def _claim(self) -> tuple:
+        """(resuming, results so far), or (the refusal, None); rank 0 only, the others get (None, None)."""
+        if not self.run.writer:
+            return None, None
+        try:
+            resuming = self.run.claim(self.config_text)
+        except Exception as e:  # noqa: BLE001 - handed to every rank, raised there
+            return e, None
+        return resuming, self.run.load_results() if resuming else None
 
     def _to_device(self) -> None:
         if self.device is not None:

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from safetensors.torch import load_file
 
 from mllm_cl.fit import main as fit_main
@@ -26,35 +25,21 @@ EXTRA = {"cmoe": ["--model.method.init_args.probe_steps", "2", "--model.method.i
 
 
 @pytest.fixture(scope="module")
-def equal_bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eqbench")
-    (root / "images").mkdir()
-    names = list(COLOURS)
-    for name, rgb in COLOURS.items():
-        Image.new("RGB", (32, 32), rgb).save(root / "images" / f"{name}.png")
+def equal_bench(tmp_path_factory, make_bench):
     tasks = {"colour": ("What colour is it?", lambda c: c), "mood": ("How does it feel?", lambda c: c[::-1])}
-    for task, (question, answer) in tasks.items():
-        train = [{"id": f"{task}{i}", "image": f"images/{names[i % 4]}.png",
-                  "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                                    {"from": "gpt", "value": answer(names[i % 4])}]} for i in range(8)]
-        test = [{"question_id": f"{task}-q{i}", "image": f"images/{names[i % 4]}.png", "text": question,
-                 "answer": answer(names[i % 4])} for i in range(5)]  # 5: the two processes get 3 and 2
-        (root / f"{task}_train.json").write_text(json.dumps(train))
-        (root / f"{task}_test.json").write_text(json.dumps(test))
-    manifest = {"tasks": [{"name": t, "train": f"{t}_train.json", "test": f"{t}_test.json", "image_root": ".",
-                           "scorer": "exact_match", "max_new_tokens": 4} for t in tasks]}
-    (root / "benchmark.json").write_text(json.dumps(manifest))
-    return root
+    # 5 test samples: the two processes get 3 and 2
+    return make_bench(tmp_path_factory.mktemp("eqbench"), COLOURS, tasks, train=8, test=5)
 
 
-def _run(bench, run, method, *extra):
+def _run(bench, run, method, *extra, check=True):
     cmd = [sys.executable, "-m", "mllm_cl.cli", "fit", "--config", "configs/micro.yaml",
            "--config", f"configs/methods/{method}.yaml", "--data.benchmark", str(bench),
            "--trainer.default_root_dir", str(run), "--data.train_limit", "8", "--data.test_limit", "5",
            "--model.backbone_dtype", "float64", "--model.expert_dtype", "float64", *EXTRA.get(method, []), *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert out.returncode == 0, out.stderr[-4000:]
+    if check:
+        assert out.returncode == 0, out.stderr[-4000:]
     return out
 
 
@@ -84,6 +69,10 @@ def test_two_processes_train_what_one_does(equal_bench, tmp_path, method):
             assert [r["question_id"] for r in rows] == [f"{task}-q{i}" for i in range(5)]
             single = (one / f"predictions/stage_{stage:02d}/{task}.jsonl").read_text()
             assert [r["text"] for r in rows] == [json.loads(line)["text"] for line in single.splitlines()]
+    if method == "individual":  # a refused resume stops every process (none waits for the others)
+        again = _run(equal_bench, two, method, "--data.batch_size", "4", "--trainer.strategy", "ddp",
+                     "--trainer.devices", "2", "--model.lr", "0.5", check=False)
+        assert again.returncode != 0 and "refusing to resume" in again.stderr
     if method == "cmoe":  # the locator's hits are summed over processes: every test prompt located once
         assert results[1]["method_metrics"]["stage_02"]["locator_samples"] == {"colour": 5, "mood": 5}
         assert results[1]["method_metrics"] == results[0]["method_metrics"]
