@@ -4,10 +4,39 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json
+
 import pytest
 import torch
+from PIL import Image
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def write_bench(root, colours: dict, tasks: dict, *, train: int, test: int):
+    """One image per colour; per task ``(question, answer(colour name))``, ``train`` / ``test`` samples."""
+    (root / "images").mkdir()
+    names = list(colours)
+    for name, rgb in colours.items():
+        Image.new("RGB", (32, 32), rgb).save(root / "images" / f"{name}.png")
+    for task, (question, answer) in tasks.items():
+        rows = [{"id": f"{task}{i}", "image": f"images/{names[i % len(names)]}.png",
+                 "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                   {"from": "gpt", "value": answer(names[i % len(names)])}]} for i in range(train)]
+        tests = [{"question_id": f"{task}-q{i}", "image": f"images/{names[i % len(names)]}.png", "text": question,
+                  "answer": answer(names[i % len(names)])} for i in range(test)]
+        (root / f"{task}_train.json").write_text(json.dumps(rows))
+        (root / f"{task}_test.json").write_text(json.dumps(tests))
+    manifest = {"tasks": [{"name": t, "train": f"{t}_train.json", "test": f"{t}_test.json", "image_root": ".",
+                           "scorer": "exact_match", "max_new_tokens": 4} for t in tasks]}
+    (root / "benchmark.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture(scope="session")
+def make_bench():
+    """``write_bench``: a small benchmark in the manifest layout, for tests that need their own."""
+    return write_bench
