@@ -1,0 +1,112 @@
+"""Comparing methods over sweeps: one table (mean and spread over task orders and seeds) and two figures.
+
+A sweep is a folder of run directories, one per method (``SWEEP/METHOD/results.json``),
+all trained on one task order with one seed and one budget. ``comparison`` reads
+any number of sweeps; a method's row gives each metric's mean over the sweeps and,
+with more than one, its range (min–max).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from mllm_cl.report.summary import load_results
+
+COLUMNS = ("MFT", "MFN", "MAA", "BWT")
+
+
+def collect(sweeps: list[Path]) -> dict[str, list[dict[str, Any]]]:
+    """method -> the results.json of each sweep that holds a finished run of it."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for sweep in sweeps:
+        for results_path in sorted(Path(sweep).glob("*/results.json")):
+            results = load_results(results_path.parent)
+            if results["completed_tasks"] == len(results["tasks"]):
+                found.setdefault(results["method"], []).append(results)
+    return found
+
+
+def _seconds(results: dict[str, Any]) -> float:
+    timings = results["timings"]
+    return (timings.get("zero_shot_eval_s") or 0) + sum(sum(t["phases"].values()) + t["eval_s"] for t in timings["tasks"])
+
+
+def _cell(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ({min(values):.1f}–{max(values):.1f})"
+
+
+def table(found: dict[str, list[dict[str, Any]]], order: list[str] | None = None) -> str:
+    """Markdown: one row per method; mean (min–max) over the sweeps."""
+    methods = [m for m in (order or []) if m in found] + sorted(m for m in found if m not in (order or []))
+    head = "| method | runs | " + " | ".join(COLUMNS) + " | final row (first sweep) | stored params | time |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for m in methods:
+        runs = found[m]
+        metrics = [[(r.get("metrics") or {}).get(c) for r in runs] for c in COLUMNS]
+        final = " / ".join("–" if v is None else f"{v:.0f}" for v in runs[0]["matrix"][-1])
+        stored = statistics.fmean(r["params"]["stored_per_task"][-1]["total"] for r in runs)
+        time = statistics.fmean(_seconds(r) for r in runs)
+        lines.append(f"| {m} | {len(runs)} | " + " | ".join(_cell(v) for v in metrics)
+                     + f" | {final} | {stored / 1000:.1f}k | {time:.0f} s |")
+    return "\n".join(lines)
+
+
+def figures(found: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
+    """``mfn_vs_params.png`` (each method's sweeps as points, the mean marked) and ``task_curves.png``
+    (per method, each task's score after each stage, from the first sweep)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, runs in sorted(found.items()):
+        xs = [r["params"]["stored_per_task"][-1]["total"] / 1000 for r in runs]
+        ys = [(r.get("metrics") or {}).get("MFN") for r in runs]
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        if not pts:
+            continue
+        line = ax.scatter([x for x, _ in pts], [y for _, y in pts], alpha=0.45)
+        mx, my = statistics.fmean(x for x, _ in pts), statistics.fmean(y for _, y in pts)
+        ax.scatter([mx], [my], marker="D", color=line.get_facecolor()[0], edgecolor="black")
+        ax.annotate(m, (mx, my), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("stored parameters after the last task (thousands)")
+    ax.set_ylabel("MFN (%)")
+    ax.set_title("MFN vs stored parameters (diamond: mean over sweeps)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    scatter = out / "mfn_vs_params.png"
+    fig.savefig(scatter, dpi=120)
+    plt.close(fig)
+
+    methods = sorted(found)
+    cols = 3
+    rows = (len(methods) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False, sharey=True)
+    for ax, m in zip(axes.flat, methods):
+        r = found[m][0]
+        stages = [("0", r["zero_shot"])] + [(str(i + 1), row) for i, row in enumerate(r["matrix"])]
+        for j, task in enumerate(r["order"]):
+            pts = [(k, row[j]) for k, (_, row) in enumerate(stages) if row is not None and row[j] is not None]
+            ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", markersize=3, label=task)
+        ax.set_title(m, fontsize=10)
+        ax.set_xticks(range(len(stages)), [s for s, _ in stages])
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.supxlabel("after task (0: zero-shot)")
+    fig.supylabel("score (%)")
+    fig.tight_layout()
+    curves = out / "task_curves.png"
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+    return [scatter, curves]
