@@ -31,26 +31,31 @@ def sweep_dir(runs: Path, order: list[str], seed: int) -> Path:
     return runs / f"{'-'.join(order)}-s{seed}"
 
 
+def fit(run_dir: Path, config: Path, order: list[str], seed: int, experiment: str, steps: int | None,
+        fit_args: list[str]) -> None:
+    """One `mllm-cl fit` process into run_dir (a finished run is kept; a half-run one resumes)."""
+    if not config.exists():
+        raise SystemExit(f"compare_methods: no method config {config}")
+    cmd = [sys.executable, "-m", "mllm_cl.cli", "fit", "--config", experiment, "--config", str(config),
+           "--trainer.default_root_dir", str(run_dir), "--seed_everything", str(seed),
+           "--data.order", "[" + ", ".join(order) + "]", "--trainer.enable_progress_bar", "false"]
+    if steps is not None:
+        cmd += ["--model.steps_per_task", str(steps)]
+    cmd += fit_args
+    t0 = time.time()
+    print(f"compare_methods: {run_dir} ...", flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"compare_methods: {run_dir} failed (status {done.returncode}); rerun: {' '.join(cmd)}")
+    print(f"compare_methods: {run_dir} done in {time.time() - t0:.0f} s", flush=True)
+
+
 def run_sweep(runs: Path, order: list[str], seed: int, methods: list[str], experiment: str, steps: int | None,
               fit_args: list[str]) -> None:
     folder = sweep_dir(runs, order, seed)
     for method in methods:
-        config = ROOT / "configs" / "methods" / f"{method}.yaml"
-        if not config.exists():
-            raise SystemExit(f"compare_methods: no method config {config}")
-        cmd = [sys.executable, "-m", "mllm_cl.cli", "fit", "--config", experiment, "--config", str(config),
-               "--trainer.default_root_dir", str(folder / method), "--seed_everything", str(seed),
-               "--data.order", "[" + ", ".join(order) + "]", "--trainer.enable_progress_bar", "false"]
-        if steps is not None:
-            cmd += ["--model.steps_per_task", str(steps)]
-        cmd += fit_args
-        t0 = time.time()
-        print(f"compare_methods: {folder.name}: {method} ...", flush=True)
-        done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
-        if done.returncode != 0:
-            raise SystemExit(f"compare_methods: {method} failed (status {done.returncode}); "
-                             f"rerun: {' '.join(cmd)}")
-        print(f"compare_methods: {folder.name}: {method} done in {time.time() - t0:.0f} s", flush=True)
+        fit(folder / method, ROOT / "configs" / "methods" / f"{method}.yaml", order, seed, experiment, steps, fit_args)
 
 
 def compare(runs: Path) -> None:

@@ -1,9 +1,10 @@
 """Comparing methods over sweeps: one table (mean and spread over task orders and seeds) and two figures.
 
 A sweep is a folder of run directories, one per method (``SWEEP/METHOD/results.json``),
-all trained on one task order with one seed and one budget. ``comparison`` reads
-any number of sweeps; a method's row gives each metric's mean over the sweeps and,
-with more than one, its range (min–max).
+all trained on one task order with one seed and one budget. ``collect`` reads any
+number of sweeps and groups runs by their folder's name (the method, in a sweep; an
+ablation's name, in a folder of ablations); a row gives each metric's mean over the
+sweeps and, with more than one, its range (min–max).
 """
 
 from __future__ import annotations
@@ -18,19 +19,20 @@ COLUMNS = ("MFT", "MFN", "MAA", "BWT")
 
 
 def collect(sweeps: list[Path]) -> dict[str, list[dict[str, Any]]]:
-    """method -> the results.json of each sweep that holds a finished run of it."""
+    """run name (its folder's name) -> the results.json of each sweep that holds a finished run of it."""
     found: dict[str, list[dict[str, Any]]] = {}
     for sweep in sweeps:
         for results_path in sorted(Path(sweep).glob("*/results.json")):
             results = load_results(results_path.parent)
             if results["completed_tasks"] == len(results["tasks"]):
-                found.setdefault(results["method"], []).append(results)
+                found.setdefault(results_path.parent.name, []).append(results)
     return found
 
 
 def _seconds(results: dict[str, Any]) -> float:
     timings = results["timings"]
-    return (timings.get("zero_shot_eval_s") or 0) + sum(sum(t["phases"].values()) + t["eval_s"] for t in timings["tasks"])
+    tasks = timings["tasks"]
+    return (timings.get("zero_shot_eval_s") or 0) + sum(sum(t["phases"].values()) + t["eval_s"] for t in tasks)
 
 
 def _cell(values: list[float | None]) -> str:
@@ -38,22 +40,29 @@ def _cell(values: list[float | None]) -> str:
     if not values:
         return "–"
     mean = statistics.fmean(values)
-    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ({min(values):.1f}–{max(values):.1f})"
+    text = f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ({min(values):.1f}–{max(values):.1f})"
+    return text.replace("-", "−")  # a minus sign, not a hyphen next to the range's dash
+
+
+def _scores(values) -> str:
+    return " / ".join("–" if v is None else f"{v:.0f}" for v in values)
 
 
 def table(found: dict[str, list[dict[str, Any]]], order: list[str] | None = None) -> str:
     """Markdown: one row per method; mean (min–max) over the sweeps."""
     methods = [m for m in (order or []) if m in found] + sorted(m for m in found if m not in (order or []))
-    head = "| method | runs | " + " | ".join(COLUMNS) + " | final row (first sweep) | stored params | time |"
+    head = ("| method | runs | " + " | ".join(COLUMNS)
+            + " | right after each task (first sweep) | final row (first sweep) | stored params | train + eval time |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m in methods:
         runs = found[m]
         metrics = [[(r.get("metrics") or {}).get(c) for r in runs] for c in COLUMNS]
-        final = " / ".join("–" if v is None else f"{v:.0f}" for v in runs[0]["matrix"][-1])
+        first = runs[0]["matrix"]
+        diagonal = "–" if runs[0]["one_row"] else _scores(first[i][i] for i in range(len(first)))
         stored = statistics.fmean(r["params"]["stored_per_task"][-1]["total"] for r in runs)
         time = statistics.fmean(_seconds(r) for r in runs)
         lines.append(f"| {m} | {len(runs)} | " + " | ".join(_cell(v) for v in metrics)
-                     + f" | {final} | {stored / 1000:.1f}k | {time:.0f} s |")
+                     + f" | {diagonal} | {_scores(first[-1])} | {stored / 1000:.1f}k | {time:.0f} s |")
     return "\n".join(lines)
 
 

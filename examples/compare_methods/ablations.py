@@ -1,0 +1,75 @@
+"""The ablation rows of the SAME (#11), CRAM (#13) and LLaVA-CMoE (#12) notes, on the canonical order, seed 0.
+
+    python examples/compare_methods/ablations.py             # runs what is missing, then the table
+
+Each row is a method config plus `mllm-cl fit` overrides, run into ``RUNS/ablations/NAME``; the
+table (``RUNS/ablations.md``) puts them next to the canonical seed-0 sweep of ``run.py``
+(``RUNS/color-classify-count-ocr-s0``) when it is there, so each method sits beside its own baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import CANONICAL, METHODS, ROOT, fit, sweep_dir
+
+FFN = "[gate_proj, up_proj, down_proj]"
+#: name -> (method config, overrides)
+ABLATIONS: dict[str, tuple[str, list[str]]] = {
+    # SAME's own baseline: MoELoRA on SAME's modules with SAME's pool (4 experts of rank 8).
+    "moelora_ffn_4x8": ("moelora", ["--model.method.init_args.experts.target_modules", FFN,
+                                    "--model.method.init_args.num_experts", "4",
+                                    "--model.method.init_args.experts.rank", "32"]),
+    "same_spectral_only": ("same", ["--model.method.init_args.curvature_scaling", "false",
+                                    "--model.method.init_args.adaptive_activation", "false"]),
+    "same_spectral_curvature": ("same", ["--model.method.init_args.adaptive_activation", "false"]),
+    # CRAM: without the orthogonality penalty, with a fixed rank, and individual at r_max on CRAM's modules.
+    "cram_no_penalty": ("cram", ["--model.method.init_args.orth_weight", "0"]),
+    "cram_fixed_rank": ("cram", ["--model.method.init_args.fixed_rank", "true"]),
+    "individual_attn_r9": ("individual", ["--model.method.init_args.experts.target_modules",
+                                          "[q_proj, k_proj, v_proj, o_proj]",
+                                          "--model.method.init_args.experts.rank", "9"]),
+    # LLaVA-CMoE: the true task's router instead of the locator; individual on cmoe's modules and rank.
+    "cmoe_oracle_router": ("cmoe", ["--model.method.init_args.route_by", "task_id"]),
+    "individual_up_down_r8": ("individual", ["--model.method.init_args.experts.target_modules",
+                                             "[up_proj, down_proj]"]),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=sorted(ABLATIONS), help="run these rows only (default: all)")
+    p.add_argument("--runs", default="runs/compare", help="the comparison's folder (default: %(default)s)")
+    p.add_argument("--experiment", default=str(ROOT / "configs/experiments/synth.yaml"),
+                   help="experiment config (default: the canonical synthetic sequence)")
+    p.add_argument("--compare-only", action="store_true", help="only write the table of existing runs")
+    p.add_argument("fit_args", nargs=argparse.REMAINDER,
+                   help="after --: more `mllm-cl fit` options for every run (e.g. -- --data.benchmark DIR)")
+    args = p.parse_args(argv)
+    fit_args = args.fit_args[1:] if args.fit_args[:1] == ["--"] else args.fit_args
+    runs = Path(args.runs)
+    t0 = time.time()
+    if not args.compare_only:
+        for name in args.only or ABLATIONS:
+            method, overrides = ABLATIONS[name]
+            fit(runs / "ablations" / name, ROOT / "configs" / "methods" / f"{method}.yaml", CANONICAL, 0,
+                args.experiment, None, overrides + fit_args)
+
+    from mllm_cl.report.compare import collect, table
+
+    found = collect([sweep_dir(runs, CANONICAL, 0), runs / "ablations"])
+    if not found:
+        raise SystemExit(f"ablations: no finished runs under {runs}")
+    text = table(found, order=METHODS + list(ABLATIONS))
+    (runs / "ablations.md").write_text(f"Canonical order, seed 0; rows: {__file__}\n\n{text}\n")
+    print(text)
+    print(f"ablations: {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
