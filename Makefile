@@ -5,13 +5,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup quickstart test test-slow bench help
+.PHONY: setup quickstart test test-slow bench compare help
 
 help:
 	@echo "make quickstart  set up .venv and run the quickstart (lora_ft vs routing on the synthetic sequence)"
 	@echo "make test        set up .venv and run the test suite (slow and GPU tests excluded)"
 	@echo "make test-slow   run the slow tests too"
 	@echo "make bench       run the benchmarks in benchmarks/"
+	@echo "make compare     every method on the canonical sequence, 2 seeds and 2 task orders (~1 h on 2 cores)"
 
 setup: $(VENV)/.installed
 
@@ -32,3 +33,6 @@ test-slow: setup
 
 bench: setup
 	$(PY) benchmarks/expert_layer.py
+
+compare: setup
+	$(PY) examples/compare_methods/run.py --reproduce
