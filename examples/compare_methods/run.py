@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ METHODS = ["zero_shot", "lora_ft", "moelora", "multitask", "individual", "routin
 CANONICAL = ["color", "classify", "count", "ocr"]
 #: --reproduce: the canonical order with seeds 0 and 1, and the reversed order with seed 0.
 SWEEPS = [(CANONICAL, 0), (CANONICAL, 1), (CANONICAL[::-1], 0)]
+SWEEP_NAME = re.compile(r"-s\d+$")
 
 
 def sweep_dir(runs: Path, order: list[str], seed: int) -> Path:
@@ -45,7 +47,7 @@ def fit(run_dir: Path, config: Path, order: list[str], seed: int, experiment: st
     t0 = time.time()
     print(f"compare_methods: {run_dir} ...", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, check=False)
+    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=False)  # relative paths: from here
     if done.returncode != 0:
         raise SystemExit(f"compare_methods: {run_dir} failed (status {done.returncode}); rerun: {' '.join(cmd)}")
     print(f"compare_methods: {run_dir} done in {time.time() - t0:.0f} s", flush=True)
@@ -61,7 +63,7 @@ def run_sweep(runs: Path, order: list[str], seed: int, methods: list[str], exper
 def compare(runs: Path) -> None:
     from mllm_cl.report.compare import collect, figures, table
 
-    sweeps = sorted(p for p in runs.iterdir() if p.is_dir())
+    sweeps = sorted(p for p in runs.iterdir() if p.is_dir() and SWEEP_NAME.search(p.name))  # not ablations/
     found = collect(sweeps)
     if not found:
         raise SystemExit(f"compare_methods: no finished runs under {runs}")

@@ -29,6 +29,11 @@ def _sweep(bench, runs, *args):
     return out.stdout
 
 
+def _row_names(table: Path) -> list[str]:
+    return [line.split("|")[1].strip() for line in table.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| method")]
+
+
 def test_two_orders_and_two_seeds_make_one_table_with_the_spread(bench, tmp_path):
     runs = tmp_path / "compare"
     _sweep(bench, runs, "--order", "colour,mood", "--seed", "0")
@@ -52,20 +57,22 @@ def test_two_orders_and_two_seeds_make_one_table_with_the_spread(bench, tmp_path
     assert "lora_ft" in out
 
 
-
 def test_ablations_run_each_row_with_its_overrides(bench, tmp_path):
     runs = tmp_path / "compare"
+    _sweep(bench, runs, "--order", "colour,mood")
     cmd = [sys.executable, "examples/compare_methods/ablations.py", "--experiment", "configs/micro.yaml",
            "--only", "cram_no_penalty", "individual_attn_r9", "--runs", str(runs), "--",
            "--data.benchmark", str(bench), "--data.order", "[colour, mood]"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [line.split("|")[1].strip() for line in (runs / "ablations.md").read_text().splitlines()
-            if line.startswith("| ") and not line.startswith("| method")]
+    rows = _row_names(runs / "ablations.md")
     assert rows == ["cram_no_penalty", "individual_attn_r9"]
     cram = yaml.safe_load((runs / "ablations/cram_no_penalty/config.yaml").read_text())["model"]["method"]
     assert cram["class_path"].endswith("CRAM") and cram["init_args"]["orth_weight"] == 0
     individual = yaml.safe_load((runs / "ablations/individual_attn_r9/config.yaml").read_text())["model"]["method"]
     experts = individual["init_args"]["experts"]["init_args"]
     assert experts["rank"] == 9 and experts["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    _sweep(bench, runs, "--compare-only")  # the sweeps' table leaves the ablations/ folder out
+    rows = _row_names(runs / "comparison.md")
+    assert rows == ["zero_shot", "lora_ft"]
