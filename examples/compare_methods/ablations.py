@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import CANONICAL, METHODS, ROOT, fit, sweep_dir
+from run import CANONICAL, METHODS, ROOT, fit, parse_common, sweep_dir
 
 FFN = "[gate_proj, up_proj, down_proj]"
 #: name -> (method config, overrides)
@@ -43,15 +43,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=sorted(ABLATIONS), help="run these rows only (default: all)")
-    p.add_argument("--runs", default="runs/compare", help="the comparison's folder (default: %(default)s)")
-    p.add_argument("--experiment", default=str(ROOT / "configs/experiments/synth.yaml"),
-                   help="experiment config (default: the canonical synthetic sequence)")
-    p.add_argument("--compare-only", action="store_true", help="only write the table of existing runs")
-    p.add_argument("fit_args", nargs=argparse.REMAINDER,
-                   help="after --: more `mllm-cl fit` options for every run (e.g. -- --data.benchmark DIR)")
-    args = p.parse_args(argv)
-    fit_args = args.fit_args[1:] if args.fit_args[:1] == ["--"] else args.fit_args
-    runs = Path(args.runs)
+    args, runs, fit_args = parse_common(p, argv)
     t0 = time.time()
     if not args.compare_only:
         for name in args.only or ABLATIONS:
@@ -65,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if not found:
         raise SystemExit(f"ablations: no finished runs under {runs}")
     text = table(found, order=METHODS + list(ABLATIONS))
-    (runs / "ablations.md").write_text(f"Canonical order, seed 0; rows: {__file__}\n\n{text}\n")
+    header = "Canonical order, seed 0; rows: ABLATIONS in examples/compare_methods/ablations.py"
+    (runs / "ablations.md").write_text(f"{header}\n\n{text}\n")
     print(text)
     print(f"ablations: {time.time() - t0:.0f} s")
     return 0

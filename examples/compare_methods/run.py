@@ -76,25 +76,30 @@ def compare(runs: Path) -> None:
     print("figures: " + ", ".join(map(str, plots)))
 
 
+def parse_common(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Path, list[str]]:
+    """The options run.py and ablations.py share; returns (args, the runs folder, the extra fit options)."""
+    p.add_argument("--runs", default="runs/compare", help="folder for the sweeps and the tables")
+    p.add_argument("--experiment", default=str(ROOT / "configs/experiments/synth.yaml"),
+                   help="experiment config (default: the canonical synthetic sequence)")
+    p.add_argument("--compare-only", action="store_true", help="only write the table of the runs already there")
+    p.add_argument("fit_args", nargs=argparse.REMAINDER,
+                   help="after --: more `mllm-cl fit` options for every run (e.g. -- --data.benchmark DIR)")
+    args = p.parse_args(argv)
+    fit_args = args.fit_args[1:] if args.fit_args[:1] == ["--"] else args.fit_args
+    return args, Path(args.runs), fit_args
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--order", default=",".join(CANONICAL),
                    help="task order, comma-separated (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="run seed (default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=METHODS, help="method configs to run (default: all)")
-    p.add_argument("--runs", default="runs/compare", help="folder for the sweeps and the comparison")
-    p.add_argument("--experiment", default=str(ROOT / "configs/experiments/synth.yaml"),
-                   help="experiment config (default: the canonical synthetic sequence)")
     p.add_argument("--steps", type=int, default=None, help="steps per task (default: the experiment's budget)")
     p.add_argument("--reproduce", action="store_true",
                    help="run the three sweeps of the README's table (canonical order seeds 0 and 1, reversed "
                         "order seed 0), ignoring --order and --seed")
-    p.add_argument("--compare-only", action="store_true", help="only write the comparison of existing sweeps")
-    p.add_argument("fit_args", nargs=argparse.REMAINDER,
-                   help="after --: more `mllm-cl fit` options for every run (e.g. -- --data.benchmark DIR)")
-    args = p.parse_args(argv)
-    fit_args = args.fit_args[1:] if args.fit_args[:1] == ["--"] else args.fit_args
-    runs = Path(args.runs)
+    args, runs, fit_args = parse_common(p, argv)
     t0 = time.time()
     if not args.compare_only:
         for order, seed in SWEEPS if args.reproduce else [(args.order.split(","), args.seed)]:
