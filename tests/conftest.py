@@ -16,8 +16,14 @@ def _seed():
     torch.manual_seed(0)
 
 
-def write_bench(root, colours: dict, tasks: dict, *, train: int, test: int):
-    """One image per colour; per task ``(question, answer(colour name))``, ``train`` / ``test`` samples."""
+#: The two tasks most tests use: name the colour; a "mood" word made from it.
+TWO_TASKS = {"colour": ("What colour is it?", lambda c: c), "mood": ("How does it feel?", lambda c: f"{c[0]}{c[0]}")}
+
+
+def write_bench(root, colours: dict, tasks: dict | None = None, *, train: int, test: int):
+    """One image per colour; per task ``(question, answer(colour name))`` (default ``TWO_TASKS``),
+    ``train`` / ``test`` samples."""
+    tasks = TWO_TASKS if tasks is None else tasks
     (root / "images").mkdir()
     names = list(colours)
     for name, rgb in colours.items():

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mllm_cl.report.summary import load_results
+from mllm_cl.report.summary import load_results, run_seconds
 
 COLUMNS = ("MFT", "MFN", "MAA", "BWT")
 
@@ -29,10 +29,13 @@ def collect(sweeps: list[Path]) -> dict[str, list[dict[str, Any]]]:
     return found
 
 
-def _seconds(results: dict[str, Any]) -> float:
-    timings = results["timings"]
-    tasks = timings["tasks"]
-    return (timings.get("zero_shot_eval_s") or 0) + sum(sum(t["phases"].values()) + t["eval_s"] for t in tasks)
+def _metric(results: dict[str, Any], name: str) -> float | None:
+    return (results.get("metrics") or {}).get(name)
+
+
+def _stored(results: dict[str, Any]) -> int:
+    """Stored parameters after the last task."""
+    return results["params"]["stored_per_task"][-1]["total"]
 
 
 def _cell(values: list[float | None]) -> str:
@@ -56,11 +59,11 @@ def table(found: dict[str, list[dict[str, Any]]], order: list[str] | None = None
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m in methods:
         runs = found[m]
-        metrics = [[(r.get("metrics") or {}).get(c) for r in runs] for c in COLUMNS]
+        metrics = [[_metric(r, c) for r in runs] for c in COLUMNS]
         first = runs[0]["matrix"]
         diagonal = "–" if runs[0]["one_row"] else _scores(first[i][i] for i in range(len(first)))
-        stored = statistics.fmean(r["params"]["stored_per_task"][-1]["total"] for r in runs)
-        time = statistics.fmean(_seconds(r) for r in runs)
+        stored = statistics.fmean(_stored(r) for r in runs)
+        time = statistics.fmean(run_seconds(r) for r in runs)
         lines.append(f"| {m} | {len(runs)} | " + " | ".join(_cell(v) for v in metrics)
                      + f" | {diagonal} | {_scores(first[-1])} | {stored / 1000:.1f}k | {time:.0f} s |")
     return "\n".join(lines)
@@ -69,16 +72,13 @@ def table(found: dict[str, list[dict[str, Any]]], order: list[str] | None = None
 def figures(found: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     """``mfn_vs_params.png`` (each method's sweeps as points, the mean marked) and ``task_curves.png``
     (per method, each task's score after each stage, from the first sweep)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mllm_cl.report.plots import draw_task_curves, plt  # plots selects the Agg backend first
 
     out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, runs in sorted(found.items()):
-        xs = [r["params"]["stored_per_task"][-1]["total"] / 1000 for r in runs]
-        ys = [(r.get("metrics") or {}).get("MFN") for r in runs]
+        xs = [_stored(r) / 1000 for r in runs]
+        ys = [_metric(r, "MFN") for r in runs]
         pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
         if not pts:
             continue
@@ -100,15 +100,9 @@ def figures(found: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     rows = (len(methods) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False, sharey=True)
     for ax, m in zip(axes.flat, methods):
-        r = found[m][0]
-        stages = [("0", r["zero_shot"])] + [(str(i + 1), row) for i, row in enumerate(r["matrix"])]
-        for j, task in enumerate(r["order"]):
-            pts = [(k, row[j]) for k, (_, row) in enumerate(stages) if row is not None and row[j] is not None]
-            ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", markersize=3, label=task)
+        stages = draw_task_curves(ax, found[m][0], markersize=3)
         ax.set_title(m, fontsize=10)
-        ax.set_xticks(range(len(stages)), [s for s, _ in stages])
-        ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
+        ax.set_xticks(range(len(stages)))
     for ax in list(axes.flat)[len(methods):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)

@@ -34,19 +34,23 @@ def heatmap(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def task_curves(results: dict[str, Any], path: Path) -> None:
+def draw_task_curves(ax, results: dict[str, Any], markersize: float = 6) -> list[str]:
+    """Each task's score after each stage (x = 0 for zero-shot, k after task k) on ``ax``; the stage labels."""
     rows = matrix_rows(results)
-    names = results["order"]
-    stages = list(range(len(rows)))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(rows) + 3), 3.8))
-    for j, name in enumerate(names):
-        points = [(x, scores[j]) for x, (_, scores) in zip(stages, rows) if scores[j] is not None]
-        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
-    ax.set_xticks(stages, [label for label, _ in rows], rotation=30, ha="right")
+    for j, name in enumerate(results["order"]):
+        points = [(x, scores[j]) for x, (_, scores) in enumerate(rows) if scores[j] is not None]
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=markersize, label=name)
     ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    return [label for label, _ in rows]
+
+
+def task_curves(results: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * (len(results["matrix"]) + 1) + 3), 3.8))
+    labels = draw_task_curves(ax, results)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_ylabel("score (%)")
     ax.set_title(f"{results['method']}: each task across stages")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -35,13 +35,18 @@ def _count(n: float | None) -> str:
     return str(int(n))
 
 
+def run_seconds(results: dict[str, Any]) -> float:
+    """Training and evaluation time of a run (zero-shot row, every phase, every stage's evaluation)."""
+    timings = results["timings"]
+    return (timings.get("zero_shot_eval_s") or 0) + sum(sum(t["phases"].values()) + t["eval_s"]
+                                                         for t in timings["tasks"])
+
+
 def row(run_dir: str | Path, results: dict[str, Any]) -> dict[str, str]:
     """One table row of a run."""
     metrics = results.get("metrics") or {}
     trainable = [p["total"] for p in results["params"]["trainable_per_task"]]
     stored = results["params"]["stored_per_task"]
-    seconds = (results["timings"].get("zero_shot_eval_s") or 0) + sum(
-        sum(t["phases"].values()) + t["eval_s"] for t in results["timings"]["tasks"])
     modes = sorted({t["mode"] for t in results["tasks"]})
     done = results["completed_tasks"]
     return {
@@ -50,7 +55,7 @@ def row(run_dir: str | Path, results: dict[str, Any]) -> dict[str, str]:
         **{m: _fmt(metrics.get(m)) for m in METRICS if m != "FWT"},
         "trainable/task": _count(sum(trainable) / len(trainable) if trainable else None),
         "stored": _count(stored[-1]["total"] if stored else None),
-        "time": f"{seconds:.0f}s",
+        "time": f"{run_seconds(results):.0f}s",
         "mode": ",".join(modes),
         "tasks": f"{done}/{len(results['tasks'])}",
     }

@@ -16,8 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory, make_bench):
     colours = {"red": (210, 30, 30), "blue": (30, 40, 210)}
-    tasks = {"colour": ("What colour is it?", lambda c: c), "mood": ("How does it feel?", lambda c: f"{c[0]}{c[0]}")}
-    return make_bench(tmp_path_factory.mktemp("bench"), colours, tasks, train=8, test=3)
+    return make_bench(tmp_path_factory.mktemp("bench"), colours, train=8, test=3)
 
 
 def _sweep(bench, runs, *args):
