@@ -27,6 +27,9 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "same_spectral_only": ("same", ["--model.method.init_args.curvature_scaling", "false",
                                     "--model.method.init_args.adaptive_activation", "false"]),
     "same_spectral_curvature": ("same", ["--model.method.init_args.adaptive_activation", "false"]),
+    "same_no_prior": ("same", ["--model.method.init_args.prior", "none"]),
+    # SAME's oracle: one expert per task on SAME's modules and rank, chosen by the true task id.
+    "individual_ffn_r8": ("individual", ["--model.method.init_args.experts.target_modules", FFN]),
     # CRAM: without the orthogonality penalty, with a fixed rank, and individual at r_max on CRAM's modules.
     "cram_no_penalty": ("cram", ["--model.method.init_args.orth_weight", "0"]),
     "cram_fixed_rank": ("cram", ["--model.method.init_args.fixed_rank", "true"]),

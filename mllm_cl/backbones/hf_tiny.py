@@ -81,6 +81,30 @@ def tiny_qwen2_vl(directory: str | Path, *, seed: int = 0, width: int = 64, laye
     return _save(directory, model, tok, processor)
 
 
+def tiny_clip(directory: str | Path, *, seed: int = 0, width: int = 32, projection: int = 16, image_size: int = 32):
+    """A CLIPModel (both towers and projections) with a CLIP-like tokenizer: ``<|startoftext|> ... <|endoftext|>``,
+    the end token the highest id (CLIP's text tower pools there), right padding. A routing encoder for tests."""
+    from tokenizers import processors
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|startoftext|>", "<|endoftext|>"]})
+    sot, eot = tok.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", sot), ("<|endoftext|>", eot)])
+    tok.padding_side = "right"
+    layers = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=sot,
+                                         eos_token_id=eot, pad_token_id=tok.pad_token_id, **layers),
+                        vision_config=dict(image_size=image_size, patch_size=8, **layers), projection_dim=projection)
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    return _save(directory, model, tok, processor)
+
+
 def _save(directory, model, tokenizer, processor) -> Path:
     directory = Path(directory)
     model.save_pretrained(directory)
@@ -89,13 +113,14 @@ def _save(directory, model, tokenizer, processor) -> Path:
     return directory
 
 
-BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl,
+BUILDERS = {"llava": tiny_llava, "clip": tiny_clip, "qwen2_vl": tiny_qwen2_vl,
             "qwen2_5_vl": lambda d, **kw: tiny_qwen2_vl(d, v2_5=True, **kw)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mllm_cl.backbones.hf_tiny",
-                                description="Write a tiny random transformers MLLM checkpoint directory.")
+                                description="Write a tiny random transformers MLLM checkpoint directory "
+                                            "(or a tiny CLIP, for the clip routing encoder).")
     p.add_argument("family", choices=sorted(BUILDERS), help="which model class to build")
     p.add_argument("out", help="directory to write (model, tokenizer and image processor)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")

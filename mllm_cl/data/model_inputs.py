@@ -47,6 +47,19 @@ class Qwen2VLInputs:
         grid = torch.tensor([[1, gh, gw]], dtype=torch.long).expand(n, 3).clone()
         return patches, grid
 
+    def unpatchify(self, patches: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """``patchify``'s inverse for images of one size: patches and (n, 3) grids -> (n, C, H, W)
+        (the first of the repeated frames); what a second image encoder (CLIP routing) reads."""
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        n = grid.shape[0]
+        gh, gw = int(grid[0, 1]), int(grid[0, 2])
+        if not bool((grid[:, 1:] == grid[:1, 1:]).all()):
+            raise ValueError("unpatchify: the batch's images have different grids")
+        c = patches.shape[-1] // (t * p * p)
+        x = patches.reshape(n, 1, gh // m, gw // m, m, m, c, t, p, p)
+        x = x.permute(0, 1, 7, 6, 2, 4, 8, 3, 5, 9)  # (n, gt, t, c, gh/m, m, p, gw/m, m, p)
+        return x.reshape(n, t, c, gh * p, gw * p)[:, 0]
+
     def tokens_per_image(self, image_size: int) -> int:
         return (image_size // self.patch_size) ** 2 // self.merge_size ** 2
 

@@ -185,12 +185,18 @@ class SequenceTopKRouter(LinearRouter):
                              "decode with mllm_cl.eval.generation.greedy_generate, which keeps prefill routing")
         mask = mask.to(probs.dtype).unsqueeze(-1)  # (B, L, 1)
         pooled = (probs * mask).sum(-2, keepdim=True) / mask.sum(-2, keepdim=True).clamp(min=1)  # (B, 1, E)
-        k = min(self.top_k, pooled.shape[-1])
-        top, idx = pooled.topk(k, dim=-1)
-        routing = Routing(weights=top / top.sum(-1, keepdim=True), indices=idx, probs=pooled)
+        scores = self.reweight(pooled, context)
+        k = min(self.top_k, scores.shape[-1])
+        top, idx = scores.topk(k, dim=-1)
+        routing = Routing(weights=top / top.sum(-1, keepdim=True).clamp(min=torch.finfo(top.dtype).tiny), indices=idx,
+                          probs=pooled)
         if context is not None and "decoding" in context.cache:
             context.cache[key] = routing  # prefill: keep for the decoding steps
         return routing
+
+    def reweight(self, pooled: torch.Tensor, context: RoutingContext | None) -> torch.Tensor:
+        """The per-sample scores the top-k is taken over (B, 1, E); the pooled probabilities by default."""
+        return pooled
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_k={self.top_k}, temperature={self.temperature}"
@@ -207,8 +213,10 @@ class BatchMeanRouter(SequenceTopKRouter):
     the method's statistics.
 
     Evaluation (``eval()``): logits divided by the number of experts, softmax,
-    averaged over each sample's prompt, top-``top_k`` renormalized, computed at
-    prefill and kept while decoding (``SequenceTopKRouter``); masks do not apply.
+    averaged over each sample's prompt, multiplied by the sample's task prior over
+    the experts when the context carries one (``context.extra["prior"]``, (B, E): SAME's
+    prototype prior), top-``top_k`` renormalized, computed at prefill and kept while
+    decoding (``SequenceTopKRouter``); masks do not apply.
     """
 
     def __init__(self, in_features: int, *, top_k: int = 2) -> None:
@@ -218,6 +226,15 @@ class BatchMeanRouter(SequenceTopKRouter):
     @property
     def level(self) -> str:  # one vector per micro-batch in training, per sample at evaluation
         return "batch" if self.training else "sample"
+
+    def reweight(self, pooled: torch.Tensor, context: RoutingContext | None) -> torch.Tensor:
+        prior = None if context is None else context.extra.get("prior")
+        if prior is None:
+            return pooled
+        if prior.shape != (pooled.shape[0], pooled.shape[-1]):
+            raise ValueError(f"prior {tuple(prior.shape)} does not match {pooled.shape[0]} samples x "
+                             f"{pooled.shape[-1]} experts")
+        return pooled * prior.to(pooled.dtype).unsqueeze(1)  # (B, 1, E)
 
     def forward(self, x: torch.Tensor, context: RoutingContext | None) -> Routing:
         if not self.training:

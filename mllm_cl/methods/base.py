@@ -69,6 +69,8 @@ class Method:
     name: str = "method"
     #: only the final row of the accuracy matrix is evaluated (multitask, zero_shot)
     one_row: bool = False
+    #: the backbone's tokenizer, set by the system before ``build`` (routing encoders tokenize instructions)
+    tokenizer: Any = None
 
     def __init__(self, experts: ExpertSetup | None = None) -> None:
         self.experts = experts

@@ -21,12 +21,41 @@ Statistics (``SAMEStatistics``, one per adapted layer, registered on the layer
 as ``same``) are buffers: they are saved with the adapters, and under ``ddp``
 every process adds the rows and sums of all processes, so they stay identical.
 
-[choice] values (methods.md): the covariance is centred; ``covariance: running``
-accumulates it over all tasks (the paper), ``batch`` re-estimates the router's
-directions from the current batch at each refresh (the public code; the expert
-snapshot still uses the running one); ``mu`` is absolute unless
-``mu_relative``. At most ``stat_tokens`` real tokens per process and step feed
-the covariance (evenly spaced). The public code's ``mixing="factorized"`` is not built.
+**Task prior** (``prior: prototype``, the authors' code: ``RouterIntegration`` in
+their ``method/custom/specialized_integration.py``, outside the SAME layer). While
+task t trains, the count-weighted means ("anchors") of every training sample's
+frozen image and instruction features (``routing_encoder``) are kept for task t.
+At evaluation a sample's ``s_t = w_img cos(img, anchor_img_t) + (1 - w_img)
+cos(text, anchor_text_t)`` over the seen tasks (text only for a sample without an
+image), ``prior = softmax(prior_scale * s)``, and expert ``min(t, E - 1)``'s pooled
+routing probability is multiplied by ``prior_t`` before the top-2 (``BatchMeanRouter``).
+In training the prior is one-hot on the true task and does not change the forward.
+Adaptive activation closes every other expert's mask within the first steps in
+both codes, so the router gets no gradient after them: the prior is what sends a
+test sample to its task's expert. The prior's top-1 accuracy per task is a stage
+metric (``prior_accuracy``). ``prior: none`` is the method without it.
+
+Where this follows the authors' code rather than methods.md's first reading, each
+with ours as a named option: experts start with ``A ~ N(0, 0.01^2)``, ``B = 0``
+(``expert_init: normal``; ``kaiming``: PEFT's init); utilization and importance start
+at ``1/E`` (``ema_init: uniform``; ``first_batch``: the first batch's values); the
+training batch mean, the activation EMAs and the covariance see every position of
+the micro-batch, padding included (``train_tokens: all``; ``real``: attention-mask
+tokens only).
+
+[choice] departures kept: the anchors start empty (the authors' start from
+``0.1 * randn`` with weight 1) and the prior spans the seen tasks only (theirs spans
+every task, unseen ones at random anchors, each with a weight about exp(-28 s) of a seen one); the routing of
+an evaluation sample is fixed at prefill from its prompt, prior included (theirs
+re-pools the router on each decoded token, the prior fixed); per sample, where theirs
+takes the max cosine over the evaluation batch (their evaluation batch is 1 sample,
+so the two agree). The covariance is centred; ``covariance: running`` accumulates it
+over all tasks (the paper), ``batch`` re-estimates the router's directions from the
+current batch at each refresh (the public code; the expert snapshot still uses the
+running one); ``mu`` is absolute unless ``mu_relative``. At most ``stat_tokens``
+tokens per process and step feed the covariance (evenly spaced). The public code's
+``mixing="factorized"`` is not built (with one-hot training routing and a sharp prior
+the two mixings nearly agree).
 """
 
 from __future__ import annotations
@@ -34,12 +63,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mllm_cl.distributed import all_gather_rows, all_reduce_sum
 from mllm_cl.experts import BatchMeanRouter, CovarianceSketch, ExpertLayer, ExpertSetup, RoutingContext, expert_layers
 from mllm_cl.experts.spectral import expert_rewrite, kept_directions, router_rewrite
 from mllm_cl.methods.base import Method
+from mllm_cl.methods.routing_encoder import RoutingEncoder, RoutingFeatures
 
 
 def minmax(v: torch.Tensor) -> torch.Tensor:
@@ -80,6 +111,15 @@ class SAME(Method):
         mask_threshold: experts scoring below it are masked.
         stat_tokens: real tokens per process and step added to the covariance.
         spectral_routing, curvature_scaling, adaptive_activation: the three parts (ablations).
+        routing_encoder: the frozen features the task prior compares (``backbone`` or ``clip``).
+        prior: ``prototype`` (the authors' task prior at evaluation) or ``none``.
+        prior_scale: the softmax scale of the prior over cosine scores (the authors' 28).
+        prior_image_weight: the image cosine's share of a sample's score (the authors' 0.2).
+        expert_init: ``normal`` (A ~ N(0, ``init_std``^2), the authors') or ``kaiming`` (PEFT's); B is zero.
+        init_std: the standard deviation of ``expert_init: normal``.
+        ema_init: ``uniform`` (utilization and importance start at 1/E, the authors') or ``first_batch``.
+        train_tokens: ``all`` (every position of the micro-batch, the authors') or ``real`` (no padding):
+            the tokens the training batch mean, the activation EMAs and the covariance see.
     """
 
     name = "same"
@@ -88,7 +128,10 @@ class SAME(Method):
                  refresh_every: int = 20, warmup_steps: int = 10, mu: float = 0.9, mu_relative: bool = False,
                  covariance: str = "running", ema_decay: float = 0.95, mask_threshold: float = 0.1,
                  stat_tokens: int = 256, spectral_routing: bool = True, curvature_scaling: bool = True,
-                 adaptive_activation: bool = True) -> None:
+                 adaptive_activation: bool = True, routing_encoder: RoutingEncoder | None = None,
+                 prior: str = "prototype", prior_scale: float = 28.0, prior_image_weight: float = 0.2,
+                 expert_init: str = "normal", init_std: float = 0.01, ema_init: str = "uniform",
+                 train_tokens: str = "all") -> None:
         if experts.router is not None or experts.initial_experts:
             raise ValueError("same builds its own router and experts: leave experts.router and "
                              "experts.initial_experts unset")
@@ -98,6 +141,13 @@ class SAME(Method):
             raise ValueError(f"same: covariance must be 'running' or 'batch', got {covariance!r}")
         if not 0 < delta <= 1 or max_directions < 1 or refresh_every < 1 or mu <= 0:
             raise ValueError("same: need 0 < delta <= 1, max_directions >= 1, refresh_every >= 1 and mu > 0")
+        for key, value, allowed in (("prior", prior, ("prototype", "none")), ("expert_init", expert_init, ("normal", "kaiming")),
+                                    ("ema_init", ema_init, ("uniform", "first_batch")),
+                                    ("train_tokens", train_tokens, ("all", "real"))):
+            if value not in allowed:
+                raise ValueError(f"same: {key} must be one of {', '.join(allowed)}, got {value!r}")
+        if not 0 <= prior_image_weight <= 1 or prior_scale <= 0 or init_std <= 0:
+            raise ValueError("same: need 0 <= prior_image_weight <= 1, prior_scale > 0 and init_std > 0")
         experts.router = BatchMeanRouter
         super().__init__(experts)
         self.num_experts, self.delta, self.max_directions = num_experts, delta, max_directions
@@ -106,16 +156,28 @@ class SAME(Method):
         self.ema_decay, self.mask_threshold, self.stat_tokens = ema_decay, mask_threshold, stat_tokens
         self.spectral_routing, self.curvature_scaling = spectral_routing, curvature_scaling
         self.adaptive_activation = adaptive_activation
+        self.routing_encoder = routing_encoder or RoutingEncoder()
+        self.prior, self.prior_scale, self.prior_image_weight = prior, prior_scale, prior_image_weight
+        self.expert_init, self.init_std, self.ema_init, self.train_tokens = expert_init, init_std, ema_init, train_tokens
         self.task, self.steps = 0, 0
+        # Per seen task: sums and counts of its training samples' features (anchor = sum / count).
+        self.anchors: dict[int, dict[str, torch.Tensor]] = {}
+        self._pending: dict[int, dict[str, torch.Tensor]] = {}  # this process, the task in training
+        self._hits: dict[int, list[int]] = {}
 
     # --------------------------------------------------------------- structure
     def build(self, model: nn.Module):
         report = super().build(model)
         for layer in expert_layers(model).values():
             stats = SAMEStatistics(layer.in_features, self.num_experts, self.max_directions)
+            if self.ema_init == "uniform":  # importance starts at 1/E once and is carried across tasks
+                stats.importance.fill_(1.0 / self.num_experts)
+                stats.importance_seen.fill_(True)
             layer.add_module("same", stats.to(layer.base_layer.weight.device))
             layer.keep_input = True
             layer.register_gradient_transform(self.rewrite_gradients)
+        if self.prior != "none":
+            self.routing_encoder.bind(model, self.tokenizer)
         return report
 
     def callbacks(self) -> list:
@@ -127,11 +189,18 @@ class SAME(Method):
         if task == 0:
             for i in range(self.num_experts):
                 self.add_expert_everywhere(model, f"e{i}")
+            if self.expert_init == "normal":
+                with torch.no_grad():
+                    for layer in expert_layers(model).values():
+                        for expert in layer.experts.values():
+                            expert.A.normal_(0.0, self.init_std)
+                            expert.B.zero_()
         self.task, self.steps = task, 0
+        self._pending = {task: self._empty_sums(model)} if self.prior != "none" else {}
         for layer in expert_layers(model).values():
             stats = layer.same
-            stats.utilization.zero_()
-            stats.utilization_seen, stats.masks_final = False, False
+            stats.utilization.fill_(1.0 / self.num_experts if self.ema_init == "uniform" else 0.0)
+            stats.utilization_seen, stats.masks_final = self.ema_init == "uniform", False
             stats.router_directions = stats.router_sigma = None
             layer.routers["default"].masked = set()
             layer.requires_grad_(True)
@@ -141,7 +210,14 @@ class SAME(Method):
         return f"e{min(self.task, self.num_experts - 1)}"
 
     def on_task_end(self, model: nn.Module, task: int) -> None:
-        """Snapshot each layer's input covariance for the next task's expert scaling."""
+        """Snapshot each layer's input covariance for the next task's expert scaling; the task's anchors."""
+        for t, sums in sorted(self._pending.items()):  # every process's samples; zero while a resume replays
+            sums = {k: all_reduce_sum(v) for k, v in sums.items()}
+            if float(sums["text_count"]) > 0:
+                total = self.anchors.setdefault(t, {k: torch.zeros_like(v) for k, v in sums.items()})
+                for k, v in sums.items():
+                    total[k] += v.to(total[k])
+        self._pending = {}
         for layer in expert_layers(model).values():
             stats = layer.same
             vecs, vals, trace = stats.covariance.eig()
@@ -153,8 +229,92 @@ class SAME(Method):
 
     # ------------------------------------------------------------------- steps
     def routing_context(self, batch: dict[str, Any], *, training: bool) -> RoutingContext | None:
-        # Training routes on every real token of the micro-batch (the answer too), not only the prompt.
-        return RoutingContext(extra={"attention_mask": batch["attention_mask"]}) if training else None
+        if training:
+            if self.prior != "none":
+                self._accumulate(batch["task_ids"], self.routing_encoder(batch))
+            # Training routes on the micro-batch's tokens, the answer too, not only the prompt.
+            return RoutingContext(extra={"attention_mask": self._train_mask(batch["attention_mask"])})
+        if self.prior == "none" or not self.anchors:
+            return None
+        prior = self.task_prior(self.routing_encoder(batch))  # (B, T_seen)
+        self._count_hits(batch["task_ids"], prior)
+        return RoutingContext(extra={"prior": self.expert_prior(prior)})
+
+    def _train_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(attention_mask) if self.train_tokens == "all" else attention_mask
+
+    # -------------------------------------------------------------- task prior
+    def _empty_sums(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        enc, dev = self.routing_encoder, next(model.parameters()).device
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=dev)  # noqa: E731
+        return {"image_sum": zeros(enc.image_dim), "image_count": zeros(()), "text_sum": zeros(enc.text_dim),
+                "text_count": zeros(())}
+
+    @torch.no_grad()
+    def _accumulate(self, task_ids: torch.Tensor, feats: RoutingFeatures) -> None:
+        for t in task_ids.unique().tolist():
+            rows = task_ids.to(feats.text.device) == t
+            img = rows & feats.has_image
+            add = {"image_sum": feats.image[img].double().sum(0), "image_count": img.sum().double(),
+                   "text_sum": feats.text[rows].double().sum(0), "text_count": rows.sum().double()}
+            pending = self._pending.setdefault(int(t), {k: torch.zeros_like(v) for k, v in add.items()})
+            for k, v in add.items():
+                pending[k] += v.to(pending[k].device)
+
+    def seen_tasks(self) -> list[int]:
+        return sorted(t for t, a in self.anchors.items() if float(a["text_count"]) > 0)
+
+    @torch.no_grad()
+    def task_prior(self, feats: RoutingFeatures) -> torch.Tensor:
+        """(B, T_seen) softmax over the seen tasks (``seen_tasks()`` order) of the anchor scores."""
+        seen = self.seen_tasks()
+        dev = feats.text.device
+
+        def anchor(t: int, kind: str) -> torch.Tensor:
+            a = self.anchors[t]
+            return (a[f"{kind}_sum"] / a[f"{kind}_count"].clamp(min=1)).to(dev, torch.float32)
+
+        text = torch.stack([anchor(t, "text") for t in seen])  # (T, D)
+        score = F.cosine_similarity(feats.text[:, None], text[None], dim=-1)  # (B, T)
+        image = torch.stack([anchor(t, "image") for t in seen])
+        cos_img = F.cosine_similarity(feats.image[:, None], image[None], dim=-1)
+        w = self.prior_image_weight
+        score = torch.where(feats.has_image[:, None], w * cos_img + (1 - w) * score, score)
+        return torch.softmax(self.prior_scale * score, dim=-1)
+
+    def expert_prior(self, prior: torch.Tensor) -> torch.Tensor:
+        """(B, E): a task's prior on its expert ``min(t, E - 1)`` (tasks past E share the last one)."""
+        out = prior.new_zeros(prior.shape[0], self.num_experts)
+        idx = torch.tensor([min(t, self.num_experts - 1) for t in self.seen_tasks()], device=prior.device)
+        return out.index_add(1, idx, prior)
+
+    def _count_hits(self, task_ids: torch.Tensor, prior: torch.Tensor) -> None:
+        seen = self.seen_tasks()
+        chosen = [seen[i] for i in prior.argmax(-1).tolist()]
+        for true, c in zip(task_ids.tolist(), chosen):
+            hits = self._hits.setdefault(true, [0, 0])
+            hits[0] += int(true == c)
+            hits[1] += 1
+
+    def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:
+        if self.prior == "none" or not self.anchors:
+            return None
+        hits = torch.zeros(len(task_names), 2, dtype=torch.float64)
+        for t, (right, total) in self._hits.items():
+            hits[t] = torch.tensor([right, total], dtype=torch.float64)
+        hits = all_reduce_sum(hits)  # every process scored its share of the test sets
+        self._hits = {}
+        return {"prior_accuracy": {task_names[t]: round(100.0 * r / n, 2)
+                                   for t, (r, n) in enumerate(hits.tolist()) if n}}
+
+    # ------------------------------------------------------------------- state
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors = {f"anchor.{t}.{k}": v.cpu() for t, a in self.anchors.items() for k, v in a.items()}
+        return {"anchor_tasks": sorted(self.anchors)}, tensors
+
+    def load_state(self, facts: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        keys = ("image_sum", "image_count", "text_sum", "text_count")
+        self.anchors = {int(t): {k: tensors[f"anchor.{t}.{k}"] for k in keys} for t in facts.get("anchor_tasks", [])}
 
     def rewrite_gradients(self, layer: ExpertLayer) -> None:
         """Between backward and the optimizer step (``ExpertLayer.apply_gradient_transforms``)."""
@@ -186,7 +346,7 @@ class SAME(Method):
             x, routing = layer.last_input, layer.last_routing
             if x is None or routing is None or routing.probs is None:
                 continue
-            real = attention_mask.reshape(-1).bool()
+            real = self._train_mask(attention_mask).reshape(-1).bool()
             tokens = x.reshape(-1, x.shape[-1])[real].double()  # (N, d)
             probs = routing.probs.reshape(-1, routing.probs.shape[-1])[real].double()  # (N, E)
             self._covariance(layer.same, tokens)

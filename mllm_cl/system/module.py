@@ -78,6 +78,7 @@ class ContinualMLLM(L.LightningModule):
         self.model, self.tokenizer = built.model, built.tokenizer
         self.model.requires_grad_(False)
         self.method = method
+        method.tokenizer = self.tokenizer
         self.injection = method.build(self.model)
         adapter_dtype = parse_dtype(expert_dtype, "model.expert_dtype")
         for layer in expert_layers(self.model).values():

@@ -11,9 +11,12 @@ from mllm_cl.system.run_dir import RunDir
 
 
 def _setup(**kwargs):
-    model = build_preset("tiny-clip-llama", seed=0).model
+    backbone = build_preset("tiny-clip-llama", seed=0)
+    model = backbone.model
     model.requires_grad_(False)
+    kwargs.setdefault("prior", "none")  # the prior has its own tests (test_same_prior.py)
     method = SAME(ExpertSetup(["up_proj", "down_proj"], rank=4), num_experts=3, **kwargs)
+    method.tokenizer = backbone.tokenizer
     method.build(model)
     method.on_task_start(model, 0)
     for layer in expert_layers(model).values():

@@ -21,7 +21,7 @@ def _layer():
     holder = nn.Sequential()
     holder.add_module("proj", nn.Linear(D, 10))
     method = SAME(ExpertSetup(["proj"], scope="", rank=2), num_experts=3, max_directions=8, refresh_every=1,
-                  stat_tokens=1000)
+                  stat_tokens=1000, prior="none")
     method.build(holder)
     method.on_task_start(holder, 0)
     return method, holder.proj

@@ -92,7 +92,7 @@ def test_old_experts_stay_bit_identical(bench, tmp_path, method):
         assert all(set(t["phases"]) == {"expert", "gate"} for t in results["timings"]["tasks"])
 
 
-@pytest.mark.parametrize("method", ["lora_ft", "cmoe", "cram"])  # cmoe, cram: data-dependent structure
+@pytest.mark.parametrize("method", ["lora_ft", "cmoe", "cram", "same"])  # cmoe, cram, same: data-dependent state
 def test_interrupted_run_resumes_to_the_same_result(bench, tmp_path, monkeypatch, method):
     args = [method, "--model.steps_per_task", "4", *EXTRA.get(method, [])]
     whole = _fit(bench, tmp_path / "whole", *args)
