@@ -33,6 +33,9 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     # CRAM: without the orthogonality penalty, with a fixed rank, and individual at r_max on CRAM's modules.
     "cram_no_penalty": ("cram", ["--model.method.init_args.orth_weight", "0"]),
     "cram_fixed_rank": ("cram", ["--model.method.init_args.fixed_rank", "true"]),
+    "cram_sigma_absolute": ("cram", ["--model.method.init_args.bandwidth", "absolute"]),  # the authors' sigma 2
+    "cram_novelty_scaled": ("cram", ["--model.method.init_args.novelty_scaling", "dimension"]),
+    "cram_eval_batch": ("cram", ["--model.method.init_args.eval_routing", "batch"]),  # leaks task identity
     "individual_attn_r9": ("individual", ["--model.method.init_args.experts.target_modules",
                                           "[q_proj, k_proj, v_proj, o_proj]",
                                           "--model.method.init_args.experts.rank", "9"]),

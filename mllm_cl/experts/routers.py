@@ -257,38 +257,62 @@ class BatchMeanRouter(SequenceTopKRouter):
 
 
 class CentroidRouter(Router):
-    """CRAM's per-sample centroid routing (methods.md, section 3): one learnable centroid per
-    expert in the space of a per-sample embedding (``context.image_embeds``, dimension
-    ``embed_dim``), ``w_b = softmax_k(-||x_b - c_k||^2 / (2 sigma^2 D))``, dense over the experts.
+    """CRAM's centroid routing (methods.md, section 3): one learnable centroid per expert in the
+    space of a per-sample embedding (``context.image_embeds``, dimension ``embed_dim``),
+    ``w_b = softmax_k(-||x_b - c_k||^2 / (2 sigma^2 s))``, dense over the experts.
 
-    Centroids start at zero; the method sets each from its task's mean embedding
-    (``set_centroid``). Freezing an expert freezes its centroid.
+    ``s`` is the mean of the experts' spreads (``set_spread``; 1 until set): CRAM sets an
+    expert's spread to the mean squared distance of its task's embeddings to their
+    centroid, so ``sigma`` is in units of the tasks' own spread and means the same at any
+    feature scale and dimension; with every spread 1, ``sigma`` is absolute (the authors'
+    sigma = 2 on raw CLIP embeddings). One ``s`` for all experts keeps the nearest centroid
+    the most weighted one (a wider kernel per broad task would draw its neighbours' samples).
+    Centroids start at zero; the method sets each from its task's mean
+    embedding (``set_centroid``). Freezing an expert freezes its centroid. With one
+    embedding for the whole batch (every row the same) the batch gets one weight vector.
     """
 
     level = "sample"
 
-    def __init__(self, in_features: int, *, embed_dim: int, sigma: float = 0.5) -> None:
+    def __init__(self, in_features: int, *, embed_dim: int, sigma: float = 1.0) -> None:
         super().__init__(in_features)
         if sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
         self.embed_dim, self.sigma = embed_dim, sigma
         self.centroids = nn.ParameterDict()
+        self.register_buffer("spreads", torch.zeros(0))  # (E,) in expert order
 
     def init_expert(self, name: str) -> None:
         self.centroids[name] = nn.Parameter(torch.zeros(self.embed_dim, device=self._anchor.device,
                                                         dtype=self._anchor.dtype))
+        self.spreads = torch.cat([self.spreads.to(self._anchor), torch.ones(1).to(self._anchor)])
+
+    def remove_expert(self, name: str) -> None:
+        i = self.expert_names.index(name)
+        self.spreads = torch.cat([self.spreads[:i], self.spreads[i + 1:]])
+        super().remove_expert(name)
 
     @torch.no_grad()
     def set_centroid(self, name: str, value: torch.Tensor) -> None:
         self.centroids[name].copy_(value)
 
+    @torch.no_grad()
+    def set_spread(self, name: str, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"CentroidRouter: the spread of {name!r} must be > 0, got {value}")
+        self.spreads[self.expert_names.index(name)] = value
+
+    def logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, E) ``-||x_b - c_k||^2 / (2 sigma^2 s)`` for embeddings (B, D)."""
+        c = torch.stack([self.centroids[n] for n in self.expert_names])  # (E, D)
+        dist = (emb.to(c.dtype)[:, None, :] - c[None]).square().sum(-1)  # (B, E)
+        return -dist / (2 * self.sigma ** 2 * self.spreads.to(dist.dtype).mean())
+
     def forward(self, x: torch.Tensor, context: RoutingContext | None) -> Routing:
         if context is None:
             raise ValueError("CentroidRouter needs `image_embeds` in the routing context; none is active")
         emb = context.require("image_embeds", "CentroidRouter")  # (B, D)
-        c = torch.stack([self.centroids[n] for n in self.expert_names])  # (E, D)
-        dist = (emb.to(c.dtype)[:, None, :] - c[None]).square().sum(-1)  # (B, E)
-        w = torch.softmax(-dist / (2 * self.sigma ** 2 * self.embed_dim), dim=-1)
+        w = torch.softmax(self.logits(emb), dim=-1)
         return Routing(weights=w.view(w.shape[0], *([1] * (x.dim() - 2)), -1).to(x.dtype), indices=None)
 
     def extra_repr(self) -> str:

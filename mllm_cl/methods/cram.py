@@ -1,33 +1,61 @@
 """CRAM: instruction groups, adaptive-rank experts, centroid routing, orthogonality penalty
-(methods.md, section 3).
+(methods.md, section 3; the parts as functions in ``mllm_cl.methods.cram_slots``).
 
 Per adapted attention linear: a rank-48 ``buffer`` LoRA and one slot expert per
 task (``t{t}``) whose rank is chosen per module. Per task:
 
 - ``warmup`` (the first ``warmup_share`` of the task's steps): only the buffer
-  trains (a ``FixedRouter``); the task's mean image embedding (its visual
-  centroid) and mean instruction embedding are accumulated.
-- between the phases: the task joins or opens an instruction group
-  (``assign_group``); in every module the buffer's delta becomes the slot
-  (``instantiate_slot``: significant singular directions, kept if novel with
-  respect to the group's older slots, padded to ``r_min``, orthogonalized) and
-  the slot joins the group's ``CentroidRouter``
-  (``group{g}``) with its centroid set to the visual centroid.
-- ``stable``: only the slot and its centroid train, routed per sample over the
-  group's slots by image embedding, with the orthogonality penalty
-  (``orthogonality_penalty``) on the group's older slots' output space.
+  trains (a ``FixedRouter``); the task's mean image feature (its visual centroid),
+  the images' spread around it and the mean instruction feature are accumulated.
+- the task joins or opens an instruction group (``assign_group``; on the task's first
+  micro-batch, as the authors' code decides it, or on the warm-up's mean:
+  ``group_decision``); between the phases, in every module the buffer's delta becomes
+  the slot (``instantiate_slot``: significant singular directions, kept if novel with
+  respect to the group's older slots, padded to ``r_min``, orthogonalized) and the slot
+  joins the group's ``CentroidRouter`` (``group{g}``) with its centroid set to the
+  visual centroid and its bandwidth unit to the images' spread.
+- ``stable``: only the slot and its centroid train, routed per sample over the group's
+  slots by image feature, with the orthogonality penalty on the group's older slots.
 
-The buffer is dropped at task end (it is not stored) and a fresh one is made at
-the next task's start. At evaluation each sample picks its group by the cosine of its instruction
-embedding to the group prototypes, then that group's centroid router.
+The buffer is dropped at task end (it is not stored) and a fresh one is made at the
+next task's start. At evaluation each sample picks its group by the cosine of its
+instruction feature to the group prototypes, then that group's centroid router
+(``eval_routing: sample``). ``eval_routing: batch`` is the authors' evaluation: the
+batch's mean instruction feature picks one group and the batch's mean image feature
+one weight vector for every sample of the batch. **It leaks task identity**: their
+evaluation batches hold one task's questions, so a batch's mean carries the task (on
+the canonical synthetic sequence the mean of 8 test images finds the right centroid
+far more often than one image does), and a sample's answer depends on its neighbours.
 
-The routing encoder **[choice]** is the model itself, frozen: an image is its
-projected features mean-pooled (what the LLM reads, ``image_embeddings``), an
-instruction the mean input embedding of the prompt's text tokens (the chat
-template's fixed words included, the answer excluded); both standardized. A
-separate CLIP encoder from a local path is not built. The significance
-threshold is relative (``sigma >= 0.1 sigma_max``) by default; ``fixed_rank``
-takes the ``r_max`` largest directions with no filter (the ablation row).
+Features come from a frozen ``RoutingEncoder`` (``routing_encoder``: the backbone's own,
+or a local CLIP as the authors use): the instruction feature is the question alone, no
+chat-template token (with the template, the canonical tasks' instruction vectors reach
+cosine 0.82-0.94 and every task joins one group). Instruction features are standardized
+(the authors layer-normalize theirs); image features are compared raw, as theirs.
+
+Where ours departs from the authors' code, each with theirs as an option:
+
+- **RBF bandwidth** [choice] ``bandwidth: spread`` (default): ``-d^2 / (2 sigma^2 s)`` with
+  ``s`` the mean over the group's slots of each task's images' mean squared distance to
+  their centroid, so ``sigma`` (default 0.5) is in units of the tasks' own spread at any
+  feature scale and dimension. ``absolute``: the authors' ``-d^2 / (2 sigma^2)`` (their
+  sigma = 2 on raw CLIP ``image_embeds``; on the tiny base's features that is sigma ~0.65 in
+  spread units). A spread per slot instead of the group's mean was tried and dropped: a broad
+  task's wider kernel drew its neighbours' samples (color's test images found their own
+  centroid 1% of the time against 47% for the nearest centroid).
+- **novelty** ``novelty_scaling: absolute`` (the authors' tau = 0.99) or ``dimension``
+  (``cram_slots.novelty_threshold``: the same in-subspace energy per dimension as tau allows
+  at ``novelty_ref_dim`` = 4096; at d = 128 an absolute 0.99 rejects every direction).
+- **significance** ``threshold: relative`` (sigma > 0.1 sigma_max, default) or ``absolute`` (their 0.08).
+- **slot scale** ``slot_scale: exact`` (the slot starts at the buffer's delta) or ``authors`` (twice it).
+- **penalty basis** ``penalty_basis: output`` (the older slots' output space) or ``authors``
+  (their input row space for square modules); ``detach_gamma: false`` lets the penalty's
+  gradient reach the routing mass gamma (and so the slot's centroid), as theirs does.
+- [choice] kept without an option: centroids are per module (theirs: one per decoder layer,
+  shared by q/k/v/o); training routes per sample (theirs: by the micro-batch's mean image);
+  prototypes are sample-weighted means of per-sample features (theirs: batch means).
+
+``fixed_rank`` takes the ``r_max`` largest directions with no filter (the ablation row).
 """
 
 from __future__ import annotations
@@ -41,86 +69,14 @@ from torch import nn
 from mllm_cl.distributed import all_reduce_sum
 from mllm_cl.experts import CentroidRouter, ExpertLayer, ExpertSetup, FixedRouter, RoutingContext, expert_layers
 from mllm_cl.methods.base import Method, Phase
+from mllm_cl.methods.cram_slots import (assign_group, instantiate_slot, novelty_threshold, orthogonality_penalty,
+                                        standardize)
+from mllm_cl.methods.routing_encoder import RoutingEncoder
 
-
-def standardize(x: torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit variance over the features of each row (layer norm without affine)."""
-    return F.layer_norm(x.float(), (x.shape[-1],))
-
-
-def assign_group(prototypes: list[torch.Tensor], embedding: torch.Tensor, *, join_cosine: float = 0.8,
-                 margin: float = 0.1, max_groups: int = 5) -> int | None:
-    """The group a new task joins, or ``None`` for a new group (methods.md's rule)."""
-    if not prototypes:
-        return None
-    cos = torch.stack([F.cosine_similarity(p, embedding, dim=0) for p in prototypes])
-    if len(prototypes) == 1:
-        return 0 if float(cos[0]) > join_cosine else None
-    best = int(cos.argmax())
-    if len(prototypes) >= max_groups:
-        return best
-    top = cos.topk(2).values
-    return best if float(top[0] - top[1]) > margin else None
-
-
-def _basis(columns: torch.Tensor | None, tol: float = 1e-6) -> torch.Tensor | None:
-    """Orthonormal basis (d, m) of the span of ``columns`` (d, n), rank-revealing."""
-    if columns is None or columns.shape[1] == 0:
-        return None
-    u, s, _ = torch.linalg.svd(columns, full_matrices=False)
-    keep = s > tol * s.max().clamp(min=tol)
-    return u[:, keep] if keep.any() else None
-
-
-def instantiate_slot(buffer_A: torch.Tensor, buffer_B: torch.Tensor, scale: float, older_A: list[torch.Tensor], *,
-                     r_min: int = 4, r_max: int = 9, threshold: str = "relative", relative: float = 0.1,
-                     absolute: float = 0.08, novelty: float = 0.99, fixed_rank: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_e (r, d_in), B_e (d_out, r)) with ``2 B_e A_e = delta V V^T`` for the kept directions V.
-
-    ``delta = scale B_buf A_buf``; its SVD through the QR of B. Candidates are the
-    significant right-singular vectors (at most ``r_max``), kept when novel with
-    respect to the row spaces of ``older_A`` (the group's older slots), padded to
-    ``r_min`` with the next largest, then orthogonalized against those row spaces
-    and among themselves. The slot's own scale is 2 (alpha = 2r at any rank).
-    """
-    A, B = buffer_A.double(), buffer_B.double()
-    q, r = torch.linalg.qr(B)  # (d_out, R), (R, R)
-    _, s, vh = torch.linalg.svd(scale * (r @ A), full_matrices=False)  # delta = q u s vh
-    delta = scale * (B @ A)  # (d_out, d_in)
-    qa = _basis(torch.cat([a.double() for a in older_A]).T) if older_A else None  # (d_in, m)
-    order = list(range(s.numel()))
-    if fixed_rank:
-        kept = order[:r_max]
-    else:
-        limit = relative * s[0] if threshold == "relative" else absolute
-        candidates = [i for i in order if s[i] >= limit][:r_max]
-
-        def novel(i: int) -> bool:
-            v = vh[i]
-            rest = v if qa is None else v - qa @ (qa.T @ v)
-            return float(rest.norm() / v.norm()) > novelty
-
-        kept = [i for i in candidates if novel(i)] or order[:1]
-        kept += [i for i in order if i not in kept][: max(0, r_min - len(kept))]
-    v = vh[kept].T  # (d_in, r)
-    if qa is not None:
-        v = v - qa @ (qa.T @ v)
-    v, _ = torch.linalg.qr(v)  # orthonormal, in the order of the kept directions
-    slot_scale = 2.0
-    return v.T.to(buffer_A.dtype), (delta @ v / slot_scale).to(buffer_B.dtype)
-
-
-def orthogonality_penalty(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
-                          older_B: list[torch.Tensor], gamma: torch.Tensor) -> torch.Tensor:
-    """``mean_b gamma_b ||Q_B^T z_b||^2`` with ``z_b = s B A h_b``; zero without older slots."""
-    if not older_B:
-        return h.new_zeros(())
-    qb = _basis(torch.cat([b.detach().double() for b in older_B], dim=1))  # (d_out, m)
-    if qb is None:
-        return h.new_zeros(())
-    z = scale * (h.to(A.dtype) @ A.T) @ B.T  # (n, d_out)
-    return (gamma.to(z.dtype) * (z @ qb.to(z.dtype)).square().sum(-1)).mean()
+CHOICES = {"threshold": ("relative", "absolute"), "bandwidth": ("spread", "absolute"),
+           "novelty_scaling": ("absolute", "dimension"), "eval_routing": ("sample", "batch"),
+           "group_decision": ("first_batch", "warmup"), "penalty_basis": ("output", "authors"),
+           "slot_scale": ("exact", "authors")}
 
 
 class CRAM(Method):
@@ -129,45 +85,70 @@ class CRAM(Method):
         r_min, r_max: bounds of a slot's rank.
         warmup_share: the warm-up's share of the task's steps.
         join_cosine, margin, max_groups: the group rule.
-        threshold: ``relative`` (sigma >= ``relative`` x sigma_max) or ``absolute`` (>= ``absolute``).
+        threshold: ``relative`` (sigma > ``relative`` x sigma_max) or ``absolute`` (> ``absolute``).
         novelty: tau_novel, the share of a direction outside the group's older slots.
+        novelty_scaling: ``absolute`` (tau as given) or ``dimension`` (tau scaled from ``novelty_ref_dim``).
+        novelty_ref_dim: the width at which ``novelty`` holds under ``novelty_scaling: dimension``.
         fixed_rank: every slot takes the ``r_max`` largest directions (ablation).
-        sigma: the centroid router's width on standardized embeddings.
+        bandwidth: ``spread`` (sigma in units of each slot's own spread) or ``absolute`` (the authors').
+        sigma: the centroid router's width (``null``: 0.5 under ``spread``, the authors' 2 under ``absolute``).
         orth_weight: lambda of the orthogonality penalty (0: off, ablation).
+        penalty_basis: ``output`` or ``authors`` (see the module docstring); detach_gamma: stop the
+            penalty's gradient through the routing mass.
+        eval_routing: ``sample`` (each sample on its own) or ``batch`` (the authors': leaks task identity).
+        group_decision: ``first_batch`` (the authors': the task's first micro-batch) or ``warmup``.
+        slot_scale: ``exact`` or ``authors`` (a slot starts at twice the buffer's delta).
+        routing_encoder: the frozen image and instruction features (``backbone`` or ``clip``).
     """
 
     name = "cram"
 
     def __init__(self, experts: ExpertSetup, *, r_min: int = 4, r_max: int = 9, warmup_share: float = 0.05,
                  join_cosine: float = 0.8, margin: float = 0.1, max_groups: int = 5, threshold: str = "relative",
-                 relative: float = 0.1, absolute: float = 0.08, novelty: float = 0.99, fixed_rank: bool = False,
-                 sigma: float = 0.5, orth_weight: float = 1.0) -> None:
+                 relative: float = 0.1, absolute: float = 0.08, novelty: float = 0.99,
+                 novelty_scaling: str = "absolute", novelty_ref_dim: int = 4096, fixed_rank: bool = False,
+                 bandwidth: str = "spread", sigma: float | None = None, orth_weight: float = 1.0,
+                 penalty_basis: str = "output", detach_gamma: bool = False, eval_routing: str = "sample",
+                 group_decision: str = "first_batch", slot_scale: str = "exact",
+                 routing_encoder: RoutingEncoder | None = None) -> None:
         if experts.router is not None or experts.initial_experts:
             raise ValueError("cram builds its own buffer, slots and routers: leave experts.router and "
                              "experts.initial_experts unset")
         if not 1 <= r_min <= r_max:
             raise ValueError(f"cram: need 1 <= r_min <= r_max, got r_min {r_min}, r_max {r_max}")
-        if threshold not in ("relative", "absolute"):
-            raise ValueError(f"cram: threshold must be 'relative' or 'absolute', got {threshold!r}")
         if not 0 < warmup_share < 1:
             raise ValueError(f"cram: warmup_share must be in (0, 1), got {warmup_share}")
+        options = dict(threshold=threshold, bandwidth=bandwidth, novelty_scaling=novelty_scaling,
+                       eval_routing=eval_routing, group_decision=group_decision, penalty_basis=penalty_basis,
+                       slot_scale=slot_scale)
+        for key, value in options.items():
+            if value not in CHOICES[key]:
+                raise ValueError(f"cram: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        if sigma is not None and sigma <= 0:
+            raise ValueError(f"cram: sigma must be > 0 or null, got {sigma}")
         super().__init__(experts)
         self.r_min, self.r_max, self.warmup_share = r_min, r_max, warmup_share
         self.join_cosine, self.margin, self.max_groups = join_cosine, margin, max_groups
         self.threshold, self.relative, self.absolute = threshold, relative, absolute
-        self.novelty, self.fixed_rank, self.sigma, self.orth_weight = novelty, fixed_rank, sigma, orth_weight
+        self.novelty, self.novelty_scaling, self.novelty_ref_dim = novelty, novelty_scaling, novelty_ref_dim
+        self.fixed_rank, self.bandwidth = fixed_rank, bandwidth
+        self.sigma = sigma if sigma is not None else (0.5 if bandwidth == "spread" else 2.0)
+        self.orth_weight, self.penalty_basis, self.detach_gamma = orth_weight, penalty_basis, detach_gamma
+        self.eval_routing, self.group_decision, self.slot_scale = eval_routing, group_decision, slot_scale
+        self.routing_encoder = routing_encoder or RoutingEncoder()
         self.slots: dict[int, dict[str, Any]] = {}  # task -> {"group", "ranks": {layer: r}} (replayed on resume)
-        self.prototypes: list[torch.Tensor] = []  # per group: running mean instruction embedding
+        self.prototypes: list[torch.Tensor] = []  # per group: running mean instruction feature
         self.prototype_counts: list[float] = []
-        self._sums: dict[str, torch.Tensor] = {}  # the current task's embedding sums
+        self._sums: dict[str, torch.Tensor] = {}  # the current task's feature sums (this process)
         self._phase = ""
-        self._hits: dict[int, list[int]] = {}
+        self._hits: dict[int, list[float]] = {}  # task -> [group right, samples, own-slot weight sum]
         self._model: nn.Module | None = None
 
     # --------------------------------------------------------------- structure
     def build(self, model: nn.Module):
         self._model = model
         report = super().build(model)
+        self.routing_encoder.bind(model, self.tokenizer)
         for layer in expert_layers(model).values():
             layer.keep_input = True  # the penalty reads each module's input at the image tokens
         return report
@@ -204,31 +185,38 @@ class CRAM(Method):
         sums = {k: all_reduce_sum(v) for k, v in self._sums.items()}  # every process's warm-up batches
         if not sums:
             raise RuntimeError("cram: the warm-up saw no batch; it needs at least one step")
-        instruction = sums["instruction"] / sums["count"]
-        centroid = sums["image"] / sums["count_image"].clamp(min=1)
-        group = assign_group(self.prototypes, instruction, join_cosine=self.join_cosine, margin=self.margin,
-                             max_groups=self.max_groups)
+        key = "first" if self.group_decision == "first_batch" else "instruction"
+        group = assign_group(self.prototypes, sums[key] / sums[f"{key}_count"], join_cosine=self.join_cosine,
+                             margin=self.margin, max_groups=self.max_groups)
         if group is None:
             group = len(self.prototypes)
-            self.prototypes.append(torch.zeros_like(instruction))
+            self.prototypes.append(torch.zeros_like(sums["instruction"]))
             self.prototype_counts.append(0.0)
+        n_img = sums["image_count"].clamp(min=1)
+        centroid = sums["image"] / n_img
+        spread = float(sums["image_sq"] / n_img - centroid.square().sum())
+        spread = max(spread, 1e-6 * (float(centroid.square().sum()) + 1.0))  # identical images: no spread
+        ref_dim = self.novelty_ref_dim if self.novelty_scaling == "dimension" else None
         ranks = {}
         for name, layer in expert_layers(model).items():
             older = [layer.experts[f"t{t}"].A for t, s in sorted(self.slots.items()) if s["group"] == group]
+            tau = novelty_threshold(self.novelty, layer.in_features, ref_dim)
             buffer = layer.experts["buffer"]
             A, B = instantiate_slot(buffer.A.detach(), buffer.B.detach(), buffer.scale, older, r_min=self.r_min,
                                     r_max=self.r_max, threshold=self.threshold, relative=self.relative,
-                                    absolute=self.absolute, novelty=self.novelty, fixed_rank=self.fixed_rank)
+                                    absolute=self.absolute, novelty=tau, fixed_rank=self.fixed_rank,
+                                    slot_scale=self.slot_scale)
             ranks[name] = A.shape[0]
             self._add_slots_layer(layer, task, group, A.shape[0], init=(A, B))
-            layer.routers[f"group{group}"].set_centroid(f"t{task}", centroid)
+            router = layer.routers[f"group{group}"]
+            router.set_centroid(f"t{task}", centroid)
+            router.set_spread(f"t{task}", spread if self.bandwidth == "spread" else 1.0)
         self.slots[task] = {"group": group, "ranks": ranks}
         self._update_prototype(group, sums)
 
     def on_task_end(self, model: nn.Module, task: int) -> None:
         if task in self.slots and "instruction" in self._sums:
-            stable = {k: v for k, v in self._sums.items()}
-            self._update_prototype(self.slots[task]["group"], {k: all_reduce_sum(v) for k, v in stable.items()})
+            self._update_prototype(self.slots[task]["group"], {k: all_reduce_sum(v) for k, v in self._sums.items()})
         self._sums = {}
         for layer in expert_layers(model).values():  # the buffer is for training only: not stored
             layer.remove_expert("buffer")
@@ -242,8 +230,8 @@ class CRAM(Method):
     def _add_slots_layer(self, layer: ExpertLayer, task: int, group: int, rank: int, init=None) -> None:
         name = f"group{group}"
         if name not in layer.routers:
-            embed = layer_input_embed_dim(self._model)
-            layer.add_router(name, CentroidRouter(layer.in_features, embed_dim=embed, sigma=self.sigma))
+            router = CentroidRouter(layer.in_features, embed_dim=self.routing_encoder.image_dim, sigma=self.sigma)
+            layer.add_router(name, router)
         expert = layer.add_expert(f"t{task}", rank=rank, routers=[name])
         if init is not None:
             with torch.no_grad():
@@ -251,12 +239,13 @@ class CRAM(Method):
                 expert.B.copy_(init[1])
 
     def _update_prototype(self, group: int, sums: dict[str, torch.Tensor]) -> None:
-        n_old, n_new = self.prototype_counts[group], float(sums["count"])
+        n_old, n_new = self.prototype_counts[group], float(sums["instruction_count"])
         mean = sums["instruction"] / max(n_new, 1.0)
         self.prototypes[group] = (self.prototypes[group] * n_old + mean.to(self.prototypes[group]) * n_new) / (n_old + n_new)
         self.prototype_counts[group] = n_old + n_new
         for key in list(self._sums):
-            self._sums[key] = torch.zeros_like(self._sums[key])
+            if key not in ("first", "first_count"):
+                self._sums[key] = torch.zeros_like(self._sums[key])
 
     @staticmethod
     def _freeze(model: nn.Module) -> None:
@@ -266,43 +255,58 @@ class CRAM(Method):
 
     # ------------------------------------------------------------------- steps
     @torch.no_grad()
-    def embed(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(image embeddings (B, D), instruction embeddings (B, D), has_image (B,)), standardized."""
-        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-        text = mask & ~batch["image_mask"]
-        if batch.get("labels") is not None:
-            text = text & (batch["labels"] == -100)
-        tokens = model.get_input_embeddings()(ids).float()  # (B, L, D)
-        instruction = (tokens * text[..., None]).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
-        has = batch["has_image"].to(ids.device)
-        image = tokens.new_zeros(ids.shape[0], tokens.shape[-1])
-        if batch.get("pixel_values") is not None:
-            extra = {k: v for k, v in batch.get("model_inputs", {}).items() if k == "image_grid_thw"}
-            image[has] = standardize(model.image_embeddings(batch["pixel_values"], **extra))
-        return image, standardize(instruction), has
+    def embed(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image features (B, D), instruction features (B, D'), has_image (B,)) as CRAM compares them."""
+        feats = self.routing_encoder(batch)
+        return feats.image, standardize(feats.text), feats.has_image
 
     def routing_context(self, batch: dict[str, Any], *, training: bool) -> RoutingContext | None:
-        model = self._model
-        if model is None or (not training and not self.slots):
+        if self._model is None or (not training and not self.slots):
             return None  # before the first task: no slots to route to
-        image, instruction, has = self.embed(model, batch)
+        image, instruction, has = self.embed(batch)
         if training:
             self._accumulate(image, instruction, has)
             return RoutingContext(image_embeds=image)
         protos = torch.stack(self.prototypes).to(instruction)  # (G, D)
+        if self.eval_routing == "batch":  # one group and one weight vector for the whole batch
+            instruction = instruction.mean(0, keepdim=True).expand_as(instruction)
+            image = (image[has].mean(0, keepdim=True) if bool(has.any()) else image[:1]).expand_as(image)
         groups = F.cosine_similarity(instruction[:, None], protos[None], dim=-1).argmax(-1).tolist()
-        task_group = {t: s["group"] for t, s in self.slots.items()}
-        for true, g in zip(batch["task_ids"].tolist(), groups):
-            hits = self._hits.setdefault(true, [0, 0])
-            hits[0] += int(task_group.get(true) == g)
-            hits[1] += 1
+        self._count(batch["task_ids"].tolist(), groups, image)
         return RoutingContext(image_embeds=image, router_choice=[f"group{g}" for g in groups])
 
     def _accumulate(self, image: torch.Tensor, instruction: torch.Tensor, has: torch.Tensor) -> None:
-        add = {"instruction": instruction.double().sum(0), "count": instruction.new_tensor(float(len(instruction))).double(),
-               "image": image[has].double().sum(0), "count_image": has.sum().double()}
+        img = image[has].double()
+        add = {"instruction": instruction.double().sum(0), "instruction_count": instruction.new_tensor(
+                   float(len(instruction))).double(),
+               "image": img.sum(0), "image_sq": img.square().sum(), "image_count": has.sum().double()}
+        if "first" not in self._sums:  # the task's first micro-batch (per process; summed at warm-up end)
+            add["first"], add["first_count"] = add["instruction"], add["instruction_count"]
         for k, v in add.items():
             self._sums[k] = self._sums.get(k, torch.zeros_like(v)) + v
+
+    @torch.no_grad()
+    def _count(self, tasks: list[int], groups: list[int], image: torch.Tensor) -> None:
+        """Group accuracy, and the centroid weight on the sample's own slot (mean over the layers)."""
+        task_group = {t: s["group"] for t, s in self.slots.items()}
+        right = [task_group.get(t) == g for t, g in zip(tasks, groups)]
+        own = [0.0] * len(tasks)
+        layers = list(expert_layers(self._model).values())
+        for g in set(groups):
+            rows = [b for b, (t, c) in enumerate(zip(tasks, groups)) if c == g and right[b]]
+            if not rows:
+                continue
+            for layer in layers:
+                router = layer.routers[f"group{g}"]
+                w = torch.softmax(router.logits(image[rows]), -1)  # (n, E)
+                cols = torch.tensor([router.expert_names.index(f"t{tasks[b]}") for b in rows], device=w.device)
+                for b, v in zip(rows, w.gather(1, cols[:, None])[:, 0].tolist()):
+                    own[b] += v / len(layers)
+        for t, r, o in zip(tasks, right, own):
+            hits = self._hits.setdefault(t, [0.0, 0.0, 0.0])
+            hits[0] += float(r)
+            hits[1] += 1
+            hits[2] += o
 
     def extra_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | None:
         if self._phase != "stable" or not self.orth_weight:
@@ -320,21 +324,26 @@ class CRAM(Method):
                 continue
             h = (layer.last_input * image_mask[..., None]).sum(1) / counts.clamp(min=1)  # (B, d_in)
             keep = counts.flatten() > 0
-            gamma = 1 - layer.last_routing.weights.reshape(h.shape[0], -1)[:, -1].detach()  # mass on older slots
+            gamma = 1 - layer.last_routing.weights.reshape(h.shape[0], -1)[:, -1]  # mass on older slots
+            if self.detach_gamma:
+                gamma = gamma.detach()
             e = layer.experts[slot]
-            losses.append(orthogonality_penalty(h[keep], e.A, e.B, e.scale,
-                                                [layer.experts[o].B for o in older], gamma[keep]))
+            pairs = [(layer.experts[o].A, layer.experts[o].B) for o in older]
+            losses.append(orthogonality_penalty(h[keep], e.A, e.B, e.scale, pairs, gamma[keep],
+                                                basis_of=self.penalty_basis))
         return self.orth_weight * torch.stack(losses).mean() if losses else None
 
     # ------------------------------------------------------------ reporting
     def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:
         out: dict[str, Any] = {}
         if self._hits:
-            hits = torch.zeros(len(task_names), 2, dtype=torch.float64)
-            for t, (right, total) in self._hits.items():
-                hits[t] = torch.tensor([right, total], dtype=torch.float64)
-            hits = all_reduce_sum(hits)
-            out["group_accuracy"] = {task_names[t]: round(100.0 * r / n, 2) for t, (r, n) in enumerate(hits.tolist()) if n}
+            hits = torch.zeros(len(task_names), 3, dtype=torch.float64)
+            for t, row in self._hits.items():
+                hits[t] = torch.tensor(row, dtype=torch.float64)
+            hits = all_reduce_sum(hits)  # every process scored its share of the test sets
+            out["group_accuracy"] = {task_names[t]: round(100.0 * r / n, 2)
+                                     for t, (r, n, _) in enumerate(hits.tolist()) if n}
+            out["own_slot_weight"] = {task_names[t]: round(w / r, 4) for t, (r, n, w) in enumerate(hits.tolist()) if r}
         self._hits = {}
         if self.slots:
             out["groups"] = {task_names[t]: s["group"] for t, s in sorted(self.slots.items())}
@@ -346,14 +355,9 @@ class CRAM(Method):
     # ------------------------------------------------------------------- state
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         facts = {"slots": {str(t): s for t, s in self.slots.items()}, "prototype_counts": self.prototype_counts}
-        return facts, {f"prototype.{g}": p for g, p in enumerate(self.prototypes)}
+        return facts, {f"prototype.{g}": p.cpu() for g, p in enumerate(self.prototypes)}
 
     def load_state(self, facts: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.slots = {int(t): {"group": s["group"], "ranks": dict(s["ranks"])} for t, s in facts.get("slots", {}).items()}
         self.prototype_counts = list(facts.get("prototype_counts", []))
         self.prototypes = [tensors[f"prototype.{g}"] for g in range(len(self.prototype_counts))]
-
-
-def layer_input_embed_dim(model: nn.Module) -> int:
-    """The routing encoder's dimension: the LLM's embedding width."""
-    return model.get_input_embeddings().embedding_dim

@@ -5,7 +5,7 @@ import torch
 
 from mllm_cl.experts import ExpertSetup
 from mllm_cl.methods import CRAM
-from mllm_cl.methods.cram import assign_group, instantiate_slot, orthogonality_penalty
+from mllm_cl.methods.cram_slots import assign_group, instantiate_slot, orthogonality_penalty
 
 
 def _unit(*values):
@@ -74,12 +74,12 @@ def test_penalty_is_zero_without_older_slots_and_positive_with_them():
     A, B = torch.randn(4, 16, generator=g), torch.randn(12, 4, generator=g)
     gamma = torch.full((5,), 0.5)
     assert orthogonality_penalty(h, A, B, 2.0, [], gamma) == 0
-    older_B = [B[:, :2] + 0.1 * torch.randn(12, 2, generator=g)]  # an output space close to the new slot's
-    loss = orthogonality_penalty(h, A.requires_grad_(), B, 2.0, older_B, gamma)
+    older = [(torch.randn(2, 16, generator=g), B[:, :2] + 0.1 * torch.randn(12, 2, generator=g))]  # output space close
+    loss = orthogonality_penalty(h, A.requires_grad_(), B, 2.0, older, gamma)
     assert loss > 0
     loss.backward()
     assert A.grad is not None and A.grad.abs().sum() > 0
-    assert orthogonality_penalty(h, A, B, 2.0, older_B, torch.zeros(5)) == 0  # no mass on older slots
+    assert orthogonality_penalty(h, A, B, 2.0, older, torch.zeros(5)) == 0  # no mass on older slots
 
 
 def test_options_are_checked():

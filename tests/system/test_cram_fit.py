@@ -45,3 +45,21 @@ def test_cram_instantiates_slots_freezes_them_and_stores_effective_ranks(bench, 
     own = results["method_metrics"]["stage_02"]
     assert own["groups"] == {"colour": 0, "mood": 0} and set(own["slot_ranks"]) == {"colour", "mood"}
     assert set(own["group_accuracy"]) == {"colour", "mood"}
+
+
+def test_cram_runs_with_a_clip_routing_encoder(bench, tmp_path):
+    from mllm_cl.backbones.hf_tiny import tiny_clip
+
+    clip = tiny_clip(tmp_path / "clip")
+    run = tmp_path / "cram-clip"
+    fit_main(["--config", str(ROOT / "configs/micro.yaml"), "--config", str(ROOT / "configs/methods/cram.yaml"),
+              "--data.benchmark", str(bench), "--trainer.default_root_dir", str(run),
+              "--model.method.init_args.routing_encoder.kind", "clip",
+              "--model.method.init_args.routing_encoder.path", str(clip)])
+    results = json.loads((run / "results.json").read_text())
+    assert results["completed_tasks"] == 2
+    adapters = load_file(run / "checkpoints/task_02/adapters.safetensors")
+    centroids = [t for k, t in adapters.items() if ".centroids." in k]
+    assert centroids and all(t.shape == (16,) for t in centroids)  # CLIP's projection width, not the LLM's
+    assert not any("clip" in k.lower() for k in adapters)  # the encoder is not stored
+    assert set(results["method_metrics"]["stage_02"]["group_accuracy"]) == {"colour", "mood"}
