@@ -71,6 +71,8 @@ class Method:
     one_row: bool = False
     #: the backbone's tokenizer, set by the system before ``build`` (routing encoders tokenize instructions)
     tokenizer: Any = None
+    #: the kind under which ``state()``'s tensors count in the stored parameters (``results.json``)
+    state_kind: str = "method_state"
 
     def __init__(self, experts: ExpertSetup | None = None) -> None:
         self.experts = experts

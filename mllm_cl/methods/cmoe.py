@@ -17,15 +17,16 @@ that task. Per task:
   copy the layer's most-activated old expert; the probes are dropped.
 - ``train`` phase: the task's new experts and its new routers (every layer,
   grown or not) train on the full task; old experts stay frozen.
-- task end: ``callbacks.cmoe.TaskLocatorFitter`` fits the task's VAE on the
-  frozen base's last-prompt-token features (``mllm_cl.methods.locator``). At
-  evaluation each sample runs with the router of the task the locator picks
-  (hard selection); the locator's accuracy per task is reported under
-  ``method_metrics`` in ``results.json``.
+- task end: ``callbacks.cmoe.TaskLocatorFitter`` fits the task's locator on the
+  frozen base's last-prompt-token features (``mllm_cl.methods.locator``: a VAE on a
+  proper ELBO, ``locator: vae``, the paper's PTL; or a shrunk full Gaussian,
+  ``locator: gaussian``). At evaluation each sample runs with the router of the task the
+  locator picks (hard selection); the locator's accuracy per task and its confusion
+  matrix are reported under ``method_metrics`` in ``results.json``.
 
 Options **[choice]** as methods.md gives them: top_k 2, one probe expert, 10%
 probe data, alpha 1, one new expert per grown layer, balance weight 0.01, VAE
-512 -> 64 with beta 1. Frequency **[choice]**: the probes' share of the routing
+sized from the feature width (``locator.vae_sizes``) with beta 1. Frequency **[choice]**: the probes' share of the routing
 *weight* in the kept slots, not of the slot count: with one old expert and one
 probe at top-2 every slot count is 1/2 in every layer, and nothing could be
 told apart (no layer would ever grow). ``probe_steps`` (default 30, a tenth of the canonical
@@ -45,7 +46,7 @@ from torch import nn
 from mllm_cl.distributed import all_reduce_sum
 from mllm_cl.experts import ExpertSetup, RoutingContext, TopKRouter, expert_layers
 from mllm_cl.methods.base import Method, Phase
-from mllm_cl.methods.locator import TaskLocator, prompt_features
+from mllm_cl.methods.locator import GaussianLocator, TaskLocator, prompt_features
 
 
 def balance_loss(probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,11 +76,13 @@ def layers_to_grow(frequencies: dict[str, float], alpha: float) -> list[str]:
 
 class LLaVACMoE(Method):
     name = "cmoe"
+    state_kind = "locator"  # stored parameters: what ``state()`` keeps to route
 
     def __init__(self, experts: ExpertSetup, *, top_k: int = 2, probe_experts: int = 1, probe_fraction: float = 0.1,
                  probe_steps: int = 30, alpha: float = 1.0, new_experts: int = 1, balance_weight: float = 0.01,
-                 vae_hidden: int = 512, vae_latent: int = 64, vae_steps: int = 300, vae_lr: float = 1e-3,
-                 vae_beta: float = 1.0, route_by: str = "locator") -> None:
+                 locator: str = "vae", vae_hidden: int | None = None, vae_latent: int | None = None,
+                 vae_steps: int = 300, vae_lr: float = 1e-3, vae_beta: float = 1.0, shrinkage: float = 0.01,
+                 route_by: str = "locator") -> None:
         if experts.router is not None or experts.initial_experts:
             raise ValueError("cmoe adds its own experts and per-task routers: leave experts.router and "
                              "experts.initial_experts unset")
@@ -91,17 +94,20 @@ class LLaVACMoE(Method):
                              f"got {probe_fraction} and {probe_steps}")
         if route_by not in ("locator", "task_id"):
             raise ValueError(f"cmoe: route_by must be 'locator' or 'task_id', got {route_by!r}")
+        if locator not in ("vae", "gaussian"):
+            raise ValueError(f"cmoe: locator must be 'vae' or 'gaussian', got {locator!r}")
         super().__init__(experts)
         self.route_by = route_by
         self.top_k, self.probe_experts = top_k, probe_experts
         self.probe_fraction, self.probe_steps = probe_fraction, probe_steps
         self.alpha, self.new_experts, self.balance_weight = alpha, new_experts, balance_weight
-        self.locator = TaskLocator(hidden=vae_hidden, latent=vae_latent, steps=vae_steps, lr=vae_lr, beta=vae_beta)
+        self.locator = (TaskLocator(hidden=vae_hidden, latent=vae_latent, steps=vae_steps, lr=vae_lr, beta=vae_beta)
+                        if locator == "vae" else GaussianLocator(shrinkage=shrinkage))
         self.grown: dict[int, list[str]] = {}  # task -> layers that grew (replayed on resume)
         self.frequencies: dict[int, dict[str, float]] = {}  # task -> probe frequency per layer
         self.probe_counts: dict[str, torch.Tensor] = {}
         self.probing = False
-        self._hits: dict[int, list[int]] = {}
+        self._hits: dict[tuple[int, int], int] = {}  # (true task, located task) -> samples
         self._model: nn.Module | None = None
 
     # --------------------------------------------------------------- structure
@@ -219,26 +225,28 @@ class LLaVACMoE(Method):
         else:
             chosen_by_locator = chosen
         for true, pred in zip(batch["task_ids"].tolist(), chosen_by_locator):
-            hits = self._hits.setdefault(true, [0, 0])
-            hits[0] += int(true == pred)
-            hits[1] += 1
+            self._hits[(true, pred)] = self._hits.get((true, pred), 0) + 1
         return RoutingContext(router_choice=[f"task{c}" for c in chosen])
 
     def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:
-        hits = torch.zeros(len(task_names), 2, dtype=torch.float64)
-        for t, (right, total) in self._hits.items():
-            hits[t] = torch.tensor([right, total], dtype=torch.float64)
+        T = len(task_names)
+        confusion = torch.zeros(T, T, dtype=torch.float64)  # [true task, located task]
+        for (true, pred), n in self._hits.items():
+            confusion[true, pred] += n
         self._hits = {}
-        hits = all_reduce_sum(hits)  # every rank scored its share of the test sets
-        if not hits[:, 1].any():
+        confusion = all_reduce_sum(confusion)  # every rank scored its share of the test sets
+        total = confusion.sum(1)
+        if not total.any():
             return None
-        accuracy = {task_names[t]: round(100.0 * right / total, 2) for t, (right, total) in enumerate(hits.tolist()) if total}
-        located = {task_names[t]: int(total) for t, (_, total) in enumerate(hits.tolist()) if total}
-        return {"locator_accuracy": accuracy, "locator_samples": located}
+        seen = [t for t in range(T) if total[t]]
+        return {"locator_accuracy": {task_names[t]: round(100.0 * float(confusion[t, t] / total[t]), 2) for t in seen},
+                "locator_samples": {task_names[t]: int(total[t]) for t in seen},
+                "locator_confusion": {task_names[t]: {task_names[p]: int(confusion[t, p]) for p in range(T)
+                                                      if confusion[t, p]} for t in seen}}
 
     # ------------------------------------------------------------------- state
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        dim = self.locator.vaes[0].feat_mean.numel() if self.locator.num_tasks else 0
+        dim = self.locator.feature_dim if self.locator.num_tasks else 0
         facts = {"grown": {str(t): layers for t, layers in self.grown.items()},
                  "probe_frequencies": {str(t): f for t, f in self.frequencies.items()},
                  "locator_tasks": self.locator.num_tasks, "feature_dim": dim}

@@ -102,6 +102,7 @@ class CRAM(Method):
     """
 
     name = "cram"
+    state_kind = "prototypes"  # stored parameters: what ``state()`` keeps to route
 
     def __init__(self, experts: ExpertSetup, *, r_min: int = 4, r_max: int = 9, warmup_share: float = 0.05,
                  join_cosine: float = 0.8, margin: float = 0.1, max_groups: int = 5, threshold: str = "relative",

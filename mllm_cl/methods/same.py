@@ -123,6 +123,7 @@ class SAME(Method):
     """
 
     name = "same"
+    state_kind = "prior"  # stored parameters: what ``state()`` keeps to route
 
     def __init__(self, experts: ExpertSetup, *, num_experts: int = 4, delta: float = 0.9, max_directions: int = 64,
                  refresh_every: int = 20, warmup_steps: int = 10, mu: float = 0.9, mu_relative: bool = False,

@@ -102,6 +102,7 @@ def markdown(run_dir: Path, results: dict[str, Any]) -> str:
     if results.get("locator_accuracy"):
         lines += ["Task-locator accuracy: " + ", ".join(f"{n} {_fmt(a)}" for n, a in
                                                         zip(names, results["locator_accuracy"])), ""]
+    lines += method_metrics_markdown(results)
     lines += ["## Parameters and time per task", "", "| task | trainable | stored | train s | eval s |",
               "|---|---|---|---|---|"]
     for i, name in enumerate(names[: results["completed_tasks"]]):
@@ -111,3 +112,30 @@ def markdown(run_dir: Path, results: dict[str, Any]) -> str:
                      f"{sum(t['phases'].values()):.1f} | {t['eval_s']:.1f} |")
     lines += ["", "![accuracy matrix](plots/accuracy_matrix.png)", "", "![task curves](plots/task_curves.png)", ""]
     return "\n".join(lines)
+
+
+def method_metrics_markdown(results: dict[str, Any]) -> list[str]:
+    """The method's own numbers of the last evaluated stage (a locator's or a prior's accuracy,
+    groups, own-slot weights) as a table over tasks, and each confusion matrix (true task x chosen)."""
+    stages = results.get("method_metrics") or {}
+    if not stages:
+        return []
+    last = max(stages)
+    own = stages[last]
+    names = results["order"]
+    per_task = {k: v for k, v in own.items() if isinstance(v, dict) and v
+                and all(isinstance(x, (int, float)) for x in v.values())}
+    confusions = {k: v for k, v in own.items() if isinstance(v, dict) and v
+                  and all(isinstance(x, dict) for x in v.values())}
+    lines = [f"## Routing at {last.replace('_', ' ')}", ""]
+    if per_task:
+        lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {k} | " + " | ".join(_fmt(v.get(n), 2) if n in v else "–" for n in names) + " |"
+                  for k, v in per_task.items()]
+        lines.append("")
+    for key, matrix in confusions.items():
+        lines += [f"{key.replace('_', ' ')} (rows: true task, columns: chosen):", "",
+                  "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {t} | " + " | ".join(str(matrix[t].get(n, 0)) for n in names) + " |" for t in names if t in matrix]
+        lines.append("")
+    return lines

@@ -145,9 +145,10 @@ class ContinualLoop:
         results["params"]["trainable_per_task"].append(parameter_counts(sorted(trainable.items())))
         stored = sorted((k, v) for k, v in adapter_state(module.model).items())
         buffers = {name for name, _ in module.model.named_buffers()}
-        results["params"]["stored_per_task"].append(parameter_counts(stored, statistics=buffers))
-        results["timings"]["tasks"].append({"phases": timings, "eval_s": round(time.time() - t0, 3)})
         facts, tensors = method.state()
+        results["params"]["stored_per_task"].append(parameter_counts(stored, statistics=buffers,
+                                                                     method_state=(method.state_kind, tensors)))
+        results["timings"]["tasks"].append({"phases": timings, "eval_s": round(time.time() - t0, 3)})
         self.run.save_checkpoint(t + 1, module.model, {"method": method.name, "backbone": module.backbone_info,
                                                        "method_state": facts}, tensors)
         results["completed_tasks"] = t + 1

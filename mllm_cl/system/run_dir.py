@@ -59,14 +59,19 @@ def structure(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def parameter_counts(params: list[tuple[str, nn.Parameter]], statistics: set[str] = frozenset()) -> dict[str, Any]:
+def parameter_counts(params: list[tuple[str, nn.Parameter]], statistics: set[str] = frozenset(),
+                     method_state: tuple[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
     """Parameter counts by kind (expert, router, other); tensors named in ``statistics`` (buffers
-    a method keeps, such as SAME's covariances) are listed apart and left out of the total."""
+    a method keeps, such as SAME's covariances) are listed apart and left out of the total.
+    ``method_state``: (kind, tensors) the method stores outside the expert layers to route
+    (a task locator, prototypes, anchors): counted under that kind, in the total."""
     kinds: dict[str, int] = {}
     for name, p in params:
         kind = "statistics" if name in statistics else "expert" if ".experts." in name \
             else "router" if ".routers." in name else "other"
         kinds[kind] = kinds.get(kind, 0) + p.numel()
+    if method_state is not None and method_state[1]:
+        kinds[method_state[0]] = kinds.get(method_state[0], 0) + sum(t.numel() for t in method_state[1].values())
     return {"total": sum(n for k, n in kinds.items() if k != "statistics"), "by_kind": kinds}
 
 

@@ -51,3 +51,19 @@ def test_missing_run_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mllm_cl.cli", "report", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "results.json does not exist" in out.stderr
+
+
+def test_report_shows_the_last_stages_routing_and_confusion(tmp_path):
+    from mllm_cl.report.summary import markdown
+
+    run = _run(tmp_path, "cmoe", "cmoe", [[90.0, None, None], [20.0, 80.0, None], [0.0, 10.0, 70.0]])
+    results = json.loads((run / "results.json").read_text())
+    results["method_metrics"] = {
+        "stage_01": {"locator_accuracy": {"shape": 50.0}},
+        "stage_03": {"locator_accuracy": {"shape": 100.0, "colour": 75.0, "count": 90.0},
+                     "locator_confusion": {"shape": {"shape": 4}, "colour": {"shape": 1, "colour": 3},
+                                           "count": {"count": 9, "colour": 1}}}}
+    text = markdown(run, results)
+    assert "## Routing at stage 03" in text
+    assert "| locator_accuracy | 100.00 | 75.00 | 90.00 |" in text
+    assert "| colour | 1 | 3 | 0 |" in text and "| count | 0 | 1 | 9 |" in text
