@@ -80,8 +80,10 @@ class ContinualCLI(LightningCLI):
             version = f"resume-{len(list(logs.glob('resume-*'))) + 1}" if (logs / "metrics.csv").exists() else ""
             loggers = [CSVLogger(save_dir=run_dir, name="logs", version=version)]
 
-        def make_trainer(steps: int) -> L.Trainer:
+        def make_trainer(steps: int, accumulation: int = 1) -> L.Trainer:
             options = dict(base)
+            if accumulation > 1:  # a phase's own (the routing gate phase's); else the configured one
+                options["accumulate_grad_batches"] = accumulation
             if options.get("strategy") == "ddp":  # a fresh strategy object per Trainer (Lightning binds it to one)
                 from lightning.pytorch.strategies import DDPStrategy
 

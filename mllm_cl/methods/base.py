@@ -50,6 +50,10 @@ class Phase:
         tasks: train on these task indices (``None``: the current task only).
         share: instead of ``steps``, this share of the task's budget (``steps_per_task``),
             at least one step (CRAM's warm-up is the first 5% of a task's steps).
+        lr: the phase's learning rate (``None``: the model's ``lr``).
+        warmup: the phase's linear learning-rate warm-up, as a share of its steps (``None``: the
+            model's ``warmup_steps``); constant after it.
+        accumulation: micro-batches per optimizer step (Lightning's ``accumulate_grad_batches``).
     """
 
     name: str = "train"
@@ -57,6 +61,9 @@ class Phase:
     fraction: float = 1.0
     tasks: list[int] | None = None
     share: float | None = None
+    lr: float | None = None
+    warmup: float | None = None
+    accumulation: int = 1
 
 
 class Method:

@@ -38,7 +38,7 @@ class ContinualLoop:
     Args:
         module: the ContinualMLLM (backbone + method).
         datamodule: the TaskSequence.
-        make_trainer: ``steps -> Trainer`` for one phase (fresh each time, explicit callbacks).
+        make_trainer: ``(steps, accumulation) -> Trainer`` for one phase (fresh each time, explicit callbacks).
         run_dir: the run directory.
         config_text: the resolved config, compared on resume.
         experiment, seed: recorded in results.json.
@@ -55,7 +55,7 @@ class ContinualLoop:
     the same decisions; only rank 0 writes the run directory and prints.
     """
 
-    def __init__(self, module, datamodule, make_trainer: Callable[[int], L.Trainer], run_dir, *, config_text: str,
+    def __init__(self, module, datamodule, make_trainer: Callable[[int, int], L.Trainer], run_dir, *, config_text: str,
                  experiment: str, seed: int, callbacks=(), eval_future_tasks: bool = False,
                  score_mode: str = "official", loggers=(), print_fn=print, device=None) -> None:
         self.module, self.dm, self.make_trainer = module, datamodule, make_trainer
@@ -120,12 +120,13 @@ class ContinualLoop:
             self._hook("on_phase_start", t, phase)
             dm.set_task(t, fraction=phase.fraction, tasks=phase.tasks)
             module.log_prefix = f"task{t + 1}_{dm.tasks[t].name}/{phase.name}"
+            module.phase_optim = (phase.lr, None if phase.warmup is None else round(phase.warmup * steps))
             for name, p in module.model.named_parameters():
                 if p.requires_grad:
                     trainable[name] = p
             t0 = time.time()
             self.print(f"mllm-cl: task {t + 1}/{T} {dm.tasks[t].name}: phase {phase.name}, {steps} steps")
-            self.make_trainer(steps).fit(module, datamodule=dm)
+            self.make_trainer(steps, phase.accumulation).fit(module, datamodule=dm)
             self._to_device()
             timings[phase.name] = round(time.time() - t0, 3)
             # What the method creates after a fit (cmoe's grown routers) must not depend on how many random

@@ -92,6 +92,7 @@ class ContinualMLLM(L.LightningModule):
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_steps, self.grad_clip = warmup_steps, grad_clip
         self.log_prefix = "train"  # the loop sets "taskN_NAME/PHASE": every phase restarts the step count
+        self.phase_optim: tuple[float | None, int | None] = (None, None)  # the loop sets a phase's (lr, warm-up steps)
 
     def image_processor(self) -> ImageProcessor:
         return ImageProcessor.for_model(self.model)
@@ -139,10 +140,11 @@ class ContinualMLLM(L.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise RuntimeError(f"method {self.method.name}: nothing is trainable in this phase")
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        if self.warmup_steps <= 0:
+        lr, warmup = self.phase_optim
+        optimizer = torch.optim.AdamW(params, lr=self.lr if lr is None else lr, weight_decay=self.weight_decay)
+        warmup = self.warmup_steps if warmup is None else warmup
+        if warmup <= 0:
             return optimizer
-        warmup = self.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -17,7 +17,7 @@ from mllm_cl.system.run_dir import ConfigMismatch
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["zero_shot", "lora_ft", "moelora", "multitask", "individual", "routing", "cmoe", "same", "cram"]
-EXTRA = {"routing": ["--model.method.init_args.gate_steps", "2"],
+EXTRA = {"routing": ["--model.method.init_args.gate_steps", "2", "--model.method.init_args.gate_accumulation", "1"],
          "cmoe": ["--model.method.init_args.probe_steps", "2", "--model.method.init_args.vae_steps", "20"],
          "same": ["--model.method.init_args.warmup_steps", "1", "--model.method.init_args.refresh_every", "2"]}
 
@@ -152,3 +152,21 @@ def test_precision_plugins_train_the_expert_layers(bench, tmp_path, precision, a
     with open(run / "logs/metrics.csv") as f:
         losses = [float(v) for row in csv.DictReader(f) for k, v in row.items() if k.endswith("/loss") and v]
     assert len(losses) == 6 and all(0 < l < 20 for l in losses)  # 3 steps per task, finite
+
+
+def test_the_gate_phase_trains_with_its_own_lr_warmup_and_accumulation(bench, tmp_path):
+    import recording_callback
+
+    recording_callback.OPTIM.clear()
+    _fit(bench, tmp_path / "gates", "routing", "--model.method.init_args.gate_steps", "4",
+         "--model.method.init_args.gate_lr", "0.05", "--model.method.init_args.gate_warmup", "0.5",
+         "--model.method.init_args.gate_accumulation", "3", "--model.warmup_steps", "0",
+         "--trainer.callbacks+", "recording_callback.OptimizerRecorder")
+    steps = recording_callback.OPTIM
+    expert = [s for s in steps if s["phase"] == "expert"]
+    gate = [s for s in steps if s["phase"] == "gate"]
+    assert len(expert) == 2 * 3 and len(gate) == 2 * 4  # micro: 3 expert steps, 4 gate steps per task
+    assert all(s["lr"] == 0.003 and s["batches"] == 1 and s["accumulate"] == 1 for s in expert)
+    assert all(s["batches"] == 3 and s["accumulate"] == 3 for s in gate)
+    # warm-up over half of the 4 steps (2), linear: 0.025, 0.05, then constant 0.05
+    assert [round(s["lr"], 6) for s in gate[:4]] == [0.025, 0.05, 0.05, 0.05]
