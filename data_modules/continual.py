@@ -74,6 +74,11 @@ class TaskSequence(L.LightningDataModule):
             epoch exactly this many batches per process (``None``: plain epochs, each sample
             once). Under several processes plain epochs are padded to the same length on every
             process (a few samples repeat) so that all take the same number of steps.
+        general: tasks of the benchmark that are never trained: their test sets are evaluated at
+            the zero-shot row and after every task, reported apart (``results.json`` ``general``,
+            retention = last score / zero-shot score) and never in MFN/BWT: what the base could do
+            before the sequence (its pretraining task on the synthetic benchmark: ``[caption]``).
+        general_scorers: the rules every general task is scored with (``None``: its own scorer).
     """
 
     def __init__(
@@ -97,6 +102,8 @@ class TaskSequence(L.LightningDataModule):
         shards: str | dict[str, str] | None = None,
         shuffle_buffer: int = 1000,
         resample_steps: int | None = None,
+        general: list[str] | None = None,
+        general_scorers: list[str] | None = None,
     ) -> None:
         super().__init__()
         if (tasks is None) == (benchmark is None):
@@ -126,6 +133,15 @@ class TaskSequence(L.LightningDataModule):
         by_name = {t.name: t for t in all_tasks}
         if len(by_name) != len(all_tasks):
             raise ValueError(f"task names repeat: {[t.name for t in all_tasks]}")
+        general = list(general or [])
+        unknown = [n for n in general if n not in by_name]
+        if unknown or len(set(general)) != len(general) or set(general) & set(order or []):
+            raise ValueError(f"data.general {general} must name distinct tasks among {list(by_name)} that are not in "
+                             f"data.order")
+        self.general_tasks = [by_name[n] for n in general]
+        self.general_scorers = list(general_scorers) if general_scorers else None
+        if order is None:
+            all_tasks = [t for t in all_tasks if t.name not in general]
         if order is not None:
             unknown = [n for n in order if n not in by_name]
             if unknown or len(set(order)) != len(order):
@@ -143,6 +159,7 @@ class TaskSequence(L.LightningDataModule):
         self._encoder: ConversationEncoder | None = None
         self._train_cache: dict[int, ConversationDataset] = {}
         self._test_cache: dict[int, PromptDataset] = {}
+        self.skips.update({t.name: SkipLog() for t in self.general_tasks})
 
     # ------------------------------------------------------------------ setup
     @property
@@ -205,14 +222,19 @@ class TaskSequence(L.LightningDataModule):
                                                            on_bad_sample=self.on_bad_sample)
         return self._train_cache[index]
 
+    def scorers(self, task: TaskSpec) -> list[str]:
+        """The rules a general task is scored with."""
+        return self.general_scorers or [task.scorer]
+
     def test_dataset(self, index: int) -> PromptDataset:
+        """Task ``index``'s test set; ``-1 - j``: general task ``j`` (its samples carry task id -1)."""
         encoder = self._need_model()
         if index not in self._test_cache:
-            t = self.tasks[index]
+            t = self.tasks[index] if index >= 0 else self.general_tasks[-1 - index]
             answers = None if t.annotation is None else read_annotation(t.annotation, t.annotation_format or "")
             records = load_test_records(t.test, t.image_root, on_bad_sample=self.on_bad_sample,
                                         skips=self.skips[t.name], limit=self.test_limit, answers_from=answers)
-            self._test_cache[index] = PromptDataset(records, encoder, self.images, task_id=index,
+            self._test_cache[index] = PromptDataset(records, encoder, self.images, task_id=max(index, -1),
                                                     on_bad_sample=self.on_bad_sample)
         return self._test_cache[index]
 
@@ -251,7 +273,8 @@ class TaskSequence(L.LightningDataModule):
                                collate_fn=self.train_collate, persistent_workers=False)
 
     def test_dataloader(self, index: int | None = None) -> DataLoader:
-        """Task ``index``'s test prompts; under several processes, this rank's shard (no padding)."""
+        """Task ``index``'s test prompts (``-1 - j``: general task ``j``); under several processes,
+        this rank's shard (no padding)."""
         index = self.current if index is None else index
         data = self.test_dataset(index)
         rank, size = world()

@@ -97,6 +97,30 @@ def substring_match(prediction: str, record: dict[str, Any], *, mode: str = "off
     return float(any(contains_words(prediction, a) or contains_words(a, prediction) for a in answers(record)))
 
 
+def token_f1(prediction: str, record: dict[str, Any], *, mode: str = "official") -> float:
+    """The best over answers of the F1 of shared word tokens (SQuAD's token F1: lower-cased, punctuation
+    dropped, split on whitespace, counted with multiplicity); the same in both modes.
+
+    Partial credit for free-form answers (the synthetic scene captions, the base's general task).
+    """
+    check_mode(mode)
+
+    def tokens(text: str) -> list[str]:
+        return "".join(c if c.isalnum() or c.isspace() else " " for c in text.lower()).split()
+
+    pred = tokens(prediction)
+    best = 0.0
+    for answer in answers(record):
+        gold = tokens(answer)
+        common = sum(min(pred.count(w), gold.count(w)) for w in set(gold))
+        if common:
+            p, r = common / len(pred), common / len(gold)
+            best = max(best, 2 * p * r / (p + r))
+        elif not pred and not gold:
+            best = 1.0
+    return best
+
+
 def grounding_iou(prediction: str, record: dict[str, Any], *, mode: str = "official") -> float:
     """1 if the first ``[x1, y1, x2, y2]`` of the prediction overlaps the answer box with IoU > 0.5.
 
@@ -150,6 +174,7 @@ RULES: dict[str, Callable[..., float]] = {
     "option_accuracy": option_accuracy,
     "substring_match": substring_match,
     "grounding_iou": grounding_iou,
+    "token_f1": token_f1,
     "vqa_soft_accuracy": textvqa_soft_accuracy,
     "textvqa_soft_accuracy": textvqa_soft_accuracy,
     "anls": docvqa_anls,
@@ -236,6 +261,7 @@ __all__ = [
     "relaxed_accuracy",
     "substring_match",
     "textvqa_soft_accuracy",
+    "token_f1",
     "ucit_arxivqa",
     "ucit_clevr_math",
     "ucit_exact_match",

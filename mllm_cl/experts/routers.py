@@ -325,7 +325,7 @@ class TaskRouter(Router):
     ``task_experts`` maps a task id to an expert name; an expert added without a
     mapping takes the next task id (task ``i`` -> the ``i``-th expert added),
     recorded explicitly so later removals never shift the mapping. Used by the ``individual`` baseline and for evaluation with the true
-    task id.
+    task id. Task id -1 (a general task's samples: no trained task) routes to no expert.
     """
 
     level = "sample"
@@ -350,6 +350,9 @@ class TaskRouter(Router):
         task_ids = context.require("task_ids", "TaskRouter").tolist()
         positions = []
         for t in task_ids:
+            if t < 0:  # a sample of no trained task (a general task): the base model alone
+                positions.append(-1)
+                continue
             name = self.task_experts.get(t)
             if name is None or name not in self.expert_names:
                 raise ValueError(f"TaskRouter has no expert for task id {t}; task -> expert: {self.task_experts}")

@@ -220,12 +220,13 @@ class LLaVACMoE(Method):
         if training or self.locator.num_tasks == 0:
             return None  # training: the phase's active router; before any task: no experts
         chosen = self.locator.choose(prompt_features(self._model, batch)).tolist()
+        true_ids = batch["task_ids"].tolist()
+        chosen_by_locator = chosen
         if self.route_by == "task_id":  # the oracle: what the experts can do with a perfect locator
-            chosen_by_locator, chosen = chosen, batch["task_ids"].tolist()
-        else:
-            chosen_by_locator = chosen
-        for true, pred in zip(batch["task_ids"].tolist(), chosen_by_locator):
-            self._hits[(true, pred)] = self._hits.get((true, pred), 0) + 1
+            chosen = [t if t >= 0 else c for t, c in zip(true_ids, chosen)]  # a general task: no true task
+        for true, pred in zip(true_ids, chosen_by_locator):
+            if true >= 0:
+                self._hits[(true, pred)] = self._hits.get((true, pred), 0) + 1
         return RoutingContext(router_choice=[f"task{c}" for c in chosen])
 
     def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:

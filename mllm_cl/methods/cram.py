@@ -304,6 +304,8 @@ class CRAM(Method):
                 for b, v in zip(rows, w.gather(1, cols[:, None])[:, 0].tolist()):
                     own[b] += v / len(layers)
         for t, r, o in zip(tasks, right, own):
+            if t < 0:  # a general task's sample: no true task to find
+                continue
             hits = self._hits.setdefault(t, [0.0, 0.0, 0.0])
             hits[0] += float(r)
             hits[1] += 1

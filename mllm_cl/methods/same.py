@@ -293,6 +293,8 @@ class SAME(Method):
         seen = self.seen_tasks()
         chosen = [seen[i] for i in prior.argmax(-1).tolist()]
         for true, c in zip(task_ids.tolist(), chosen):
+            if true < 0:  # a general task's sample: no true task to find
+                continue
             hits = self._hits.setdefault(true, [0, 0])
             hits[0] += int(true == c)
             hits[1] += 1

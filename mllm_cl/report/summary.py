@@ -56,9 +56,18 @@ def row(run_dir: str | Path, results: dict[str, Any]) -> dict[str, str]:
         "trainable/task": _count(sum(trainable) / len(trainable) if trainable else None),
         "stored": _count(stored[-1]["total"] if stored else None),
         "time": f"{run_seconds(results):.0f}s",
+        "retention": retention_text(results),
         "mode": ",".join(modes),
         "tasks": f"{done}/{len(results['tasks'])}",
     }
+
+
+def retention_text(results: dict[str, Any]) -> str:
+    """General tasks' retention (last score / zero-shot score) per task and scorer, e.g. ``caption token_f1 96%``."""
+    retention = (results.get("general") or {}).get("retention") or {}
+    parts = [f"{task} {scorer} {_fmt(None if r is None else 100 * r, 0)}%" for task, by in retention.items()
+             for scorer, r in by.items()]
+    return ", ".join(parts) or "–"
 
 
 def table(rows: list[dict[str, str]]) -> str:
@@ -102,6 +111,7 @@ def markdown(run_dir: Path, results: dict[str, Any]) -> str:
     if results.get("locator_accuracy"):
         lines += ["Task-locator accuracy: " + ", ".join(f"{n} {_fmt(a)}" for n, a in
                                                         zip(names, results["locator_accuracy"])), ""]
+    lines += general_markdown(results)
     lines += method_metrics_markdown(results)
     lines += ["## Parameters and time per task", "", "| task | trainable | stored | train s | eval s |",
               "|---|---|---|---|---|"]
@@ -139,3 +149,18 @@ def method_metrics_markdown(results: dict[str, Any]) -> list[str]:
         lines += [f"| {t} | " + " | ".join(str(matrix[t].get(n, 0)) for n in names) + " |" for t in names if t in matrix]
         lines.append("")
     return lines
+
+
+def general_markdown(results: dict[str, Any]) -> list[str]:
+    """The general tasks (never trained) at every stage, and their retention."""
+    general = results.get("general")
+    if not general:
+        return []
+    cols = [(t["name"], s) for t in general["tasks"] for s in t["scorers"]]
+    lines = ["## General tasks (never trained; not in MFN/BWT)", "",
+             "| stage | " + " | ".join(f"{t} {s}" for t, s in cols) + " |", "|---|" + "---|" * len(cols)]
+    for stage, scores in sorted(general["scores"].items()):
+        lines.append(f"| {stage.replace('_', ' ')} | " + " | ".join(_fmt(scores.get(t, {}).get(s)) for t, s in cols) + " |")
+    if general.get("retention"):
+        lines += ["", "Retention (last stage / zero-shot): " + retention_text(results) + "."]
+    return lines + [""]

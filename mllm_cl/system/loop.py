@@ -94,12 +94,15 @@ class ContinualLoop:
         if results["zero_shot"] is None:
             t0 = time.time()
             results["zero_shot"] = self._evaluate(stage=0, tasks=range(T))
+            self._evaluate_general(results, stage=0)
             self._method_metrics(results, stage=0)
             results["timings"]["zero_shot_eval_s"] = round(time.time() - t0, 3)
             self.run.save_results(results)
         for t in range(done, T):
             self._task(t, results)
         results["metrics"] = self._metrics(results)
+        if results.get("general"):
+            results["general"]["retention"] = general_retention(results["general"])
         self.run.save_results(results)
         self._log({f"final/{k}": v for k, v in results["metrics"].items() if v is not None}, step=T)
         self.print(f"mllm-cl: finished; results in {self.run.results_path}")
@@ -142,6 +145,7 @@ class ContinualLoop:
             upto = min(T - 1, t + 1) if self.eval_future_tasks else t
             row = self._evaluate(stage=t + 1, tasks=range(upto + 1))
             results["matrix"][t] = row + [None] * (T - len(row))
+            self._evaluate_general(results, stage=t + 1)
             self._method_metrics(results, stage=t + 1)
         results["params"]["trainable_per_task"].append(parameter_counts(sorted(trainable.items())))
         stored = sorted((k, v) for k, v in adapter_state(module.model).items())
@@ -209,7 +213,44 @@ class ContinualLoop:
         self.print(f"mllm-cl: stage {stage:02d}: {names}")
         return scores
 
+    def _evaluate_general(self, results: dict, *, stage: int) -> None:
+        """The general tasks (never trained) at this stage: ``results["general"]["scores"]["stage_NN"]``."""
+        general = self.dm.general_tasks
+        if not general:
+            return
+        module = self.module
+        block = results.setdefault("general", {"tasks": [{"name": g.name, "scorers": self.dm.scorers(g)}
+                                                         for g in general], "scores": {}})
+        scores = {}
+        module.model.eval()
+        try:
+            for j, spec in enumerate(general):
+                rows = predict(module.model, module.tokenizer, self.dm.test_dataloader(-1 - j),
+                               max_new_tokens=spec.max_new_tokens,
+                               context=lambda b: module.method.routing_context(b, training=False),
+                               desc=f"eval stage {stage} {spec.name} (general)")
+                if self.run.writer:
+                    write_predictions(rows, self.run.predictions_path(stage, spec.name))
+                scores[spec.name] = {s: round(score(rows, s, self.score_mode), 4) for s in self.dm.scorers(spec)}
+        finally:
+            module.model.train()
+        block["scores"][f"stage_{stage:02d}"] = scores
+        self._log({f"general/{n}/{s}": v for n, d in scores.items() for s, v in d.items()}, step=stage)
+        self.print(f"mllm-cl: stage {stage:02d} general: " + ", ".join(
+            f"{n} " + " ".join(f"{s}={v:.1f}" for s, v in d.items()) for n, d in scores.items()))
+
     def _metrics(self, results: dict) -> dict:
         if self.module.method.one_row:
             return final_row_metrics(results["matrix"][-1])
         return continual_metrics(results["matrix"], results["zero_shot"])
+
+
+def general_retention(general: dict) -> dict:
+    """Per general task and scorer: the last stage's score / the zero-shot score (``None`` where
+    the zero-shot score is 0), the share of what the base could do that the sequence kept."""
+    stages = general["scores"]
+    first, last = stages.get("stage_00"), stages[max(stages)]
+    if first is None:
+        return {}
+    return {task: {s: (round(last[task][s] / v, 4) if v else None) for s, v in by_scorer.items()}
+            for task, by_scorer in first.items()}
