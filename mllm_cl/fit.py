@@ -113,13 +113,13 @@ class ContinualCLI(LightningCLI):
             run()
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_cli(args: list[str], cli_class: type[ContinualCLI] = None) -> ContinualCLI:
+    """``fit`` with ``args`` through ``cli_class`` (a subclass may do something else with the built objects)."""
     import warnings
 
-    args = sys.argv[2:] if argv is None else argv
     # The dispatcher passes fit's own arguments explicitly; Lightning warns whenever sys.argv is also set.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    ContinualCLI(
+    return (cli_class or ContinualCLI)(
         ContinualMLLM,
         TaskSequence,
         args=["fit", *args],
@@ -129,4 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         seed_everything_default=0,
         auto_configure_optimizers=False,  # ContinualMLLM gives the optimizer only trainable parameters
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_cli(sys.argv[2:] if argv is None else argv)
     return 0

@@ -92,6 +92,9 @@ class ExpertLayer(nn.Module):
         self.last_routing: Routing | None = None  # for auxiliary losses of this step
         self.keep_input = False  # a method's statistics read the input of the last forward
         self.last_input: torch.Tensor | None = None
+        # When a list: every routing of a forward is appended as (rows or None, expert names, Routing),
+        # rows the samples a per-sample router choice gave that router (the routing diagnostic).
+        self.record: list | None = None
         self._grad_transforms: list[GradientTransform] = []
 
     # ------------------------------------------------------------------ pool
@@ -236,7 +239,7 @@ class ExpertLayer(nn.Module):
             rows = torch.tensor([b for b, c in enumerate(choice) if c == name], device=x.device)
             if name not in self.routers:
                 raise ValueError(f"router_choice names router {name!r}; this layer has {list(self.routers)}")
-            part = self._delta(x.index_select(0, rows), self.routers[name], context.subset(rows))
+            part = self._delta(x.index_select(0, rows), self.routers[name], context.subset(rows), rows=rows)
             delta = delta.index_copy(0, rows, part.to(delta.dtype))
         return delta
 
@@ -251,14 +254,19 @@ class ExpertLayer(nn.Module):
         ranks = [e.rank for e in experts]
         return sum(ranks) > self.dispatch_overhead * k * max(ranks)
 
-    def _delta(self, x: torch.Tensor, router: Router | None, context: RoutingContext | None) -> torch.Tensor:
+    def _delta(self, x: torch.Tensor, router: Router | None, context: RoutingContext | None,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
         if router is None:  # a lone expert, weight 1: exactly PEFT's LoRA
             (expert,) = self.experts.values()
             self.last_routing = None
+            if self.record is not None:
+                self.record.append((rows, self.expert_names, None))
             return expert(self.dropout(x))
         experts = [self.experts[n] for n in router.expert_names]
         routing = router(x, context)
         self.last_routing = routing
+        if self.record is not None:
+            self.record.append((rows, list(router.expert_names), routing))
         lead = x.shape[:-1]
         token_level = routing.weights.shape[:-1] == lead
         if routing.indices is not None and token_level and self._dispatch_pays(routing, experts):

@@ -129,6 +129,12 @@ class Method:
         """Numbers of the method's own gathered during the last evaluation (then reset)."""
         return None
 
+    def task_experts(self, task: int, names: list[str]) -> list[str]:
+        """The experts among ``names`` that task ``task`` trained (its own experts, for the routing
+        diagnostic): by default those named ``task{t}``, ``t{t}`` or ``t{t}e{j}``."""
+        own = {f"task{task}", f"t{task}"}
+        return [n for n in names if n in own or (n.startswith(f"t{task}e") and n[len(f"t{task}e"):].isdigit())]
+
     # ----------------------------------------------------------------- helpers
     @staticmethod
     def add_expert_everywhere(model: nn.Module, name: str, **kwargs) -> None:

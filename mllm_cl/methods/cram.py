@@ -143,6 +143,7 @@ class CRAM(Method):
         self._sums: dict[str, torch.Tensor] = {}  # the current task's feature sums (this process)
         self._phase = ""
         self._hits: dict[int, list[float]] = {}  # task -> [group right, samples, own-slot weight sum]
+        self._chosen: dict[tuple[int, int], int] = {}  # (true task, chosen group) -> samples
         self._model: nn.Module | None = None
 
     # --------------------------------------------------------------- structure
@@ -303,13 +304,14 @@ class CRAM(Method):
                 cols = torch.tensor([router.expert_names.index(f"t{tasks[b]}") for b in rows], device=w.device)
                 for b, v in zip(rows, w.gather(1, cols[:, None])[:, 0].tolist()):
                     own[b] += v / len(layers)
-        for t, r, o in zip(tasks, right, own):
+        for t, g, r, o in zip(tasks, groups, right, own):
             if t < 0:  # a general task's sample: no true task to find
                 continue
             hits = self._hits.setdefault(t, [0.0, 0.0, 0.0])
             hits[0] += float(r)
             hits[1] += 1
             hits[2] += o
+            self._chosen[(t, g)] = self._chosen.get((t, g), 0) + 1
 
     def extra_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | None:
         if self._phase != "stable" or not self.orth_weight:
@@ -347,7 +349,14 @@ class CRAM(Method):
             out["group_accuracy"] = {task_names[t]: round(100.0 * r / n, 2)
                                      for t, (r, n, _) in enumerate(hits.tolist()) if n}
             out["own_slot_weight"] = {task_names[t]: round(w / r, 4) for t, (r, n, w) in enumerate(hits.tolist()) if r}
-        self._hits = {}
+            G = max(len(self.prototypes), 1)
+            chosen = torch.zeros(len(task_names), G, dtype=torch.float64)
+            for (t, g), n in self._chosen.items():
+                chosen[t, g] += n
+            chosen = all_reduce_sum(chosen)
+            out["group_confusion"] = {task_names[t]: {f"group{g}": int(chosen[t, g]) for g in range(G) if chosen[t, g]}
+                                      for t in range(len(task_names)) if chosen[t].any()}
+        self._hits, self._chosen = {}, {}
         if self.slots:
             out["groups"] = {task_names[t]: s["group"] for t, s in sorted(self.slots.items())}
             out["slot_ranks"] = {task_names[t]: {"min": min(s["ranks"].values()), "max": max(s["ranks"].values()),

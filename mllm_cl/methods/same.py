@@ -164,7 +164,7 @@ class SAME(Method):
         # Per seen task: sums and counts of its training samples' features (anchor = sum / count).
         self.anchors: dict[int, dict[str, torch.Tensor]] = {}
         self._pending: dict[int, dict[str, torch.Tensor]] = {}  # this process, the task in training
-        self._hits: dict[int, list[int]] = {}
+        self._hits: dict[tuple[int, int], int] = {}  # (true task, the prior's top-1 task) -> samples
 
     # --------------------------------------------------------------- structure
     def build(self, model: nn.Module):
@@ -283,6 +283,9 @@ class SAME(Method):
         score = torch.where(feats.has_image[:, None], w * cos_img + (1 - w) * score, score)
         return torch.softmax(self.prior_scale * score, dim=-1)
 
+    def task_experts(self, task: int, names: list[str]) -> list[str]:
+        return [n for n in names if n == f"e{min(task, self.num_experts - 1)}"]
+
     def expert_prior(self, prior: torch.Tensor) -> torch.Tensor:
         """(B, E): a task's prior on its expert ``min(t, E - 1)`` (tasks past E share the last one)."""
         out = prior.new_zeros(prior.shape[0], self.num_experts)
@@ -293,22 +296,23 @@ class SAME(Method):
         seen = self.seen_tasks()
         chosen = [seen[i] for i in prior.argmax(-1).tolist()]
         for true, c in zip(task_ids.tolist(), chosen):
-            if true < 0:  # a general task's sample: no true task to find
-                continue
-            hits = self._hits.setdefault(true, [0, 0])
-            hits[0] += int(true == c)
-            hits[1] += 1
+            if true >= 0:  # a general task's sample has no true task to find
+                self._hits[(true, c)] = self._hits.get((true, c), 0) + 1
 
     def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:
         if self.prior == "none" or not self.anchors:
             return None
-        hits = torch.zeros(len(task_names), 2, dtype=torch.float64)
-        for t, (right, total) in self._hits.items():
-            hits[t] = torch.tensor([right, total], dtype=torch.float64)
-        hits = all_reduce_sum(hits)  # every process scored its share of the test sets
+        T = len(task_names)
+        confusion = torch.zeros(T, T, dtype=torch.float64)  # [true task, the prior's top-1 task]
+        for (true, chosen), n in self._hits.items():
+            confusion[true, chosen] += n
+        confusion = all_reduce_sum(confusion)  # every process scored its share of the test sets
         self._hits = {}
-        return {"prior_accuracy": {task_names[t]: round(100.0 * r / n, 2)
-                                   for t, (r, n) in enumerate(hits.tolist()) if n}}
+        total = confusion.sum(1)
+        seen = [t for t in range(T) if total[t]]
+        return {"prior_accuracy": {task_names[t]: round(100.0 * float(confusion[t, t] / total[t]), 2) for t in seen},
+                "prior_confusion": {task_names[t]: {task_names[c]: int(confusion[t, c]) for c in range(T)
+                                                    if confusion[t, c]} for t in seen}}
 
     # ------------------------------------------------------------------- state
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -12,6 +12,12 @@ HELP = "print one table over run directories; write report.md, accuracy_matrix.c
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each holds a results.json)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--routing", action="store_true",
+                   help="also rebuild each run's model and diagnose its routing: per task, layer and token kind, the "
+                        "share of tokens whose top-1 is the task's own expert, and the method's task-choice accuracy "
+                        "(writes RUN/routing/stage_NN.{json,md} and RUN/plots/routing_stage_NN.png)")
+    p.add_argument("--stage", type=int, default=None, help="with --routing: the stage to diagnose (default: the last)")
+    p.add_argument("--limit", type=int, default=50, help="with --routing: test prompts per task (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,5 +39,25 @@ def run(args: argparse.Namespace) -> int:
             heatmap(results, run_dir / "plots/accuracy_matrix.png")
             task_curves(results, run_dir / "plots/task_curves.png")
         (run_dir / "report.md").write_text(markdown(run_dir, results))
+        if args.routing:
+            routing(run_dir, args)
     print(table(rows))
     return 0
+
+
+def routing(run_dir: Path, args: argparse.Namespace) -> None:
+    import json
+
+    from mllm_cl.report import routing as diag
+    from mllm_cl.system.restore import restore
+
+    restored = restore(run_dir, args.stage)
+    result = diag.diagnose(restored, diag.load_predictions(run_dir, restored.stage), limit=args.limit)
+    folder = run_dir / "routing"
+    folder.mkdir(exist_ok=True)
+    (folder / f"stage_{restored.stage:02d}.json").write_text(json.dumps(result, indent=1) + "\n")
+    text = diag.markdown(result)
+    (folder / f"stage_{restored.stage:02d}.md").write_text(text)
+    if not args.no_plots:
+        diag.heatmap(result, run_dir / "plots" / f"routing_stage_{restored.stage:02d}.png")
+    print(text)

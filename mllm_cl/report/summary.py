@@ -144,9 +144,11 @@ def method_metrics_markdown(results: dict[str, Any]) -> list[str]:
                   for k, v in per_task.items()]
         lines.append("")
     for key, matrix in confusions.items():
+        chosen = {c for row in matrix.values() for c in row}
+        cols = names if chosen <= set(names) else sorted(chosen)  # tasks, or what else is chosen (groups)
         lines += [f"{key.replace('_', ' ')} (rows: true task, columns: chosen):", "",
-                  "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        lines += [f"| {t} | " + " | ".join(str(matrix[t].get(n, 0)) for n in names) + " |" for t in names if t in matrix]
+                  "| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        lines += [f"| {t} | " + " | ".join(str(matrix[t].get(n, 0)) for n in cols) + " |" for t in names if t in matrix]
         lines.append("")
     return lines
 

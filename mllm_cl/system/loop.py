@@ -84,13 +84,7 @@ class ContinualLoop:
                                   one_row=method.one_row)
         done = results["completed_tasks"]
         self.print(f"mllm-cl: run directory {self.run.path} ({'resuming after task ' + str(done) if done else 'new run'})")
-        if done:  # what the method decided from data (layers that grew, ...) before the replay
-            method.load_state(*self.run.method_state(done))
-        for t in range(done):  # rebuild the structure of finished tasks, then load their weights
-            method.on_task_start(module.model, t)
-            method.on_task_end(module.model, t)
-        if done:
-            self.run.load_checkpoint(done, module.model)
+        rebuild(module, self.run, done)
         if results["zero_shot"] is None:
             t0 = time.time()
             results["zero_shot"] = self._evaluate(stage=0, tasks=range(T))
@@ -243,6 +237,20 @@ class ContinualLoop:
         if self.module.method.one_row:
             return final_row_metrics(results["matrix"][-1])
         return continual_metrics(results["matrix"], results["zero_shot"])
+
+
+def rebuild(module, run: RunDir, done: int) -> None:
+    """The model as it was after ``done`` finished tasks: what the method decided from data (layers
+    that grew, groups, anchors) first, then a replay of the tasks' hooks to rebuild the expert
+    structure, then the saved weights of checkpoint ``done``."""
+    method = module.method
+    if done:
+        method.load_state(*run.method_state(done))
+    for t in range(done):
+        method.on_task_start(module.model, t)
+        method.on_task_end(module.model, t)
+    if done:
+        run.load_checkpoint(done, module.model)
 
 
 def general_retention(general: dict) -> dict:
