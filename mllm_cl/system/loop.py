@@ -120,6 +120,7 @@ class ContinualLoop:
             self._hook("on_phase_start", t, phase)
             dm.set_task(t, fraction=phase.fraction, tasks=phase.tasks)
             module.log_prefix = f"task{t + 1}_{dm.tasks[t].name}/{phase.name}"
+            module.progress_label = f"task {t + 1}/{T} {dm.tasks[t].name} · {phase.name}"  # system/progress.py
             for name, p in module.model.named_parameters():
                 if p.requires_grad:
                     trainable[name] = p
