@@ -1,5 +1,6 @@
-"""What `mllm-cl fit` prints when its output goes to a file (no terminal)."""
+"""What `mllm-cl fit` prints when its output goes to a file (no terminal), and what it records."""
 
+import json
 import os
 import re
 import subprocess
@@ -32,4 +33,13 @@ def test_progress_in_optimizer_steps_and_no_third_party_lines(piped_run):
     for noise in ("Epoch", "GPU available", "TPU available", "litlogger", "LeafSpec", "Loading weights",
                   "FutureWarning", "past_key_values", "Warning"):
         assert noise not in text, (noise, text)
+    assert re.search(r"^mllm-cl: cpu \(.+, \d+ threads?\) · torch ", text, re.M)
 
+
+def test_results_record_the_environment(piped_run):
+    run, _ = piped_run
+    env = json.loads((run / "results.json").read_text())["environment"]
+    assert set(env) >= {"python", "packages", "cpu", "cpu_capability", "threads", "device", "code"}
+    assert set(env["packages"]) >= {"torch", "transformers", "lightning", "peft"}
+    assert env["device"] == "cpu" and env["threads"] >= 1
+    assert env["code"].get("commit") or "not a git checkout" in env["code"]["note"]
