@@ -87,8 +87,8 @@ class ContinualCLI(LightningCLI):
                 from lightning.pytorch.strategies import DDPStrategy
 
                 options["strategy"] = DDPStrategy(find_unused_parameters=True)
-            trainer = L.Trainer(**options, max_steps=steps, max_epochs=-1,
-                             callbacks=with_phase_progress(callbacks, options, trainer_cfg.get("callbacks")), logger=loggers,
+            phase_callbacks = with_phase_progress(callbacks, options, trainer_cfg.get("callbacks"))  # our bar
+            trainer = L.Trainer(**options, max_steps=steps, max_epochs=-1, callbacks=phase_callbacks, logger=loggers,
                              enable_checkpointing=False, default_root_dir=run_dir, limit_val_batches=0,
                              num_sanity_val_steps=0)
             # One Trainer per phase: say the device line once, not once per phase.
