@@ -7,7 +7,10 @@ Prints, as medians of per-round ratios with their spread (issue #2 targets <= 1.
       scores, top-2; issue #10)
 and, for reference, CoIN-style dense MoELoRA (softmax over every expert) 64 / 2.
 
-    python benchmarks/expert_layer.py [--rounds 21] [--threads 2]
+    python benchmarks/expert_layer.py [--rounds 21] [--threads 2] [--device cpu|cuda]
+
+On a GPU (``--device cuda``) every timed call ends with a CUDA synchronize, so the time is
+the kernels' and not the launch's.
 """
 
 from __future__ import annotations
@@ -51,7 +54,11 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1024, help="in = out features of the frozen linear")
     ap.add_argument("--tokens", type=int, default=2048, help="tokens per step (batch 8 x tokens/8)")
     ap.add_argument("--rank", type=int, default=8, help="rank of every expert")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the layers run")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible to torch here")
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     d, r = args.dim, args.rank
@@ -73,18 +80,22 @@ def main() -> None:
         "dense_pool2": expert_layer(fresh_linear(), 2, SoftmaxRouter(d), r),
         "dense_pool64": expert_layer(fresh_linear(), 64, SoftmaxRouter(d), r),
     }
-    x = torch.randn(8, args.tokens // 8, d)
+    modules = {k: m.to(device) for k, m in modules.items()}
+    x = torch.randn(8, args.tokens // 8, d, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(module: nn.Module):
         def run() -> None:
             xi = x.detach().requires_grad_(True)  # the layer sits inside a network: input grads are needed
             module(xi).square().mean().backward()
             module.zero_grad(set_to_none=True)
+            sync()
 
         return run
 
     times = interleaved({k: step(m) for k, m in modules.items()}, rounds=args.rounds)
-    print(f"torch {torch.__version__}, threads {args.threads}, {args.rounds} rounds, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, threads {args.threads}"
+    print(f"torch {torch.__version__}, {where}, {args.rounds} rounds, "
           f"linear {d}x{d}, {args.tokens} tokens, rank {r}; forward+backward")
     print(ratio_line("(a) one expert / PEFT LoRA", times["one_expert"], times["peft_lora"]))
     print(ratio_line("(b) top-2: pool 64 / pool 2", times["top2_pool64"], times["top2_pool2"]))

@@ -63,6 +63,7 @@ class ContinualCLI(LightningCLI):
         import lightning as L
 
         from mllm_cl.system.loop import ContinualLoop
+        from mllm_cl.system.progress import with_phase_progress
 
         cfg = self.config["fit"]
         seed = int(cfg["seed_everything"])
@@ -88,7 +89,8 @@ class ContinualCLI(LightningCLI):
                 from lightning.pytorch.strategies import DDPStrategy
 
                 options["strategy"] = DDPStrategy(find_unused_parameters=True)
-            trainer = L.Trainer(**options, max_steps=steps, max_epochs=-1, callbacks=list(callbacks), logger=loggers,
+            phase_callbacks = with_phase_progress(callbacks, options, trainer_cfg.get("callbacks"))  # our bar
+            trainer = L.Trainer(**options, max_steps=steps, max_epochs=-1, callbacks=phase_callbacks, logger=loggers,
                              enable_checkpointing=False, default_root_dir=run_dir, limit_val_batches=0,
                              num_sanity_val_steps=0)
             # One Trainer per phase: say the device line once, not once per phase.
@@ -117,6 +119,9 @@ def run_cli(args: list[str], cli_class: type[ContinualCLI] = None) -> ContinualC
     """``fit`` with ``args`` through ``cli_class`` (a subclass may do something else with the built objects)."""
     import warnings
 
+    from mllm_cl.console import quiet_third_party
+
+    quiet_third_party()  # Lightning's and transformers' lines that are not the user's business
     # The dispatcher passes fit's own arguments explicitly; Lightning warns whenever sys.argv is also set.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     return (cli_class or ContinualCLI)(

@@ -46,3 +46,35 @@ def write_bench(root, colours: dict, tasks: dict | None = None, *, train: int, t
 def make_bench():
     """``write_bench``: a small benchmark in the manifest layout, for tests that need their own."""
     return write_bench
+
+
+class _Records(list):
+    def handle(self, record):  # the least a logging handler needs
+        self.append(record)
+
+    level = 0
+
+
+@pytest.fixture
+def no_future_warnings():
+    """Inside the test, a ``FutureWarning`` is an error, and transformers' own deprecation log lines
+    (``past_key_values`` ... ``Use cache instead``, logged once per process) are collected and
+    asserted absent at the end."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    clear = getattr(getattr(hf_logging, "warning_once", None), "cache_clear", None)
+    if clear is not None:  # logged once per process: forget earlier tests' lines
+        clear()
+    records, logger = _Records(), logging.getLogger("transformers")
+    logger.addHandler(records)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            yield
+    finally:
+        logger.removeHandler(records)
+    deprecations = [r.getMessage() for r in records if "deprecated" in r.getMessage()]
+    assert not deprecations, deprecations

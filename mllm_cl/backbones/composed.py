@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mllm_cl.backbones.kv_cache import cache_kwargs, take_cache
 from mllm_cl.backbones.vision import VisionTower, load_vision_tower, read_json
 
 FORMAT = "mllm-cl/composed-mllm"
@@ -128,12 +129,13 @@ class ComposedMLLM(nn.Module):
         labels: torch.Tensor | None = None,
         **kwargs,
     ):
-        cache = kwargs.get("past_key_values")
+        cache = take_cache(kwargs)  # `cache` or `past_key_values`: handed on under the name the LLM takes
         if cache is not None and cache.get_seq_length() > 0:  # decoding: new tokens are text, even an <image> id
             embeds = self.language_model.get_input_embeddings()(input_ids)
         else:
             embeds = self.embed(input_ids, pixel_values)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
+                                   **cache_kwargs(self.language_model, cache), **kwargs)
 
     @torch.no_grad()
     def generate(

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mllm_cl.backbones.kv_cache import cache_kwargs, take_cache
 from mllm_cl.data.model_inputs import Qwen2VLInputs
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,9 @@ class HFMLLM(nn.Module):
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, **kwargs):
         if pixel_values is not None:
             pixel_values = pixel_values.to(self._vision_dtype())
+        cache = take_cache(kwargs)  # `cache` or `past_key_values`: handed on under the name the model takes
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels,
-                       **kwargs)
+                       **cache_kwargs(self.hf, cache), **kwargs)
 
     def save_pretrained(self, directory: str | Path) -> None:
         from mllm_cl.experts import expert_layers
@@ -151,8 +153,9 @@ class Qwen2VLMLLM(HFMLLM):
         return self.hf.model.get_image_features(pixel_values, image_grid_thw)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, *, position_ids=None,
-                past_key_values=None, image_grid_thw=None, mm_token_type_ids=None, **kwargs):
-        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+                image_grid_thw=None, mm_token_type_ids=None, **kwargs):
+        cache = take_cache(kwargs)
+        past = 0 if cache is None else cache.get_seq_length()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if past == 0:
@@ -166,7 +169,7 @@ class Qwen2VLMLLM(HFMLLM):
                 raise ValueError("decoding with a KV cache needs 1-D position_ids and a prefill through this model")
             position_ids = (position_ids + self._rope_deltas.to(position_ids.device)).unsqueeze(0).expand(3, -1, -1)
         return super().forward(input_ids, attention_mask, pixel_values, labels, position_ids=position_ids,
-                               past_key_values=past_key_values, image_grid_thw=image_grid_thw,
+                               cache=cache, image_grid_thw=image_grid_thw,
                                mm_token_type_ids=mm_token_type_ids, **kwargs)
 
 

@@ -8,15 +8,15 @@ of the 0.5 threshold, so the official modes scale exactly as the scripts do.
 
 Parsers (each returns ``None`` for text it cannot read):
 
-- ``parse_box_coin`` -- zackschen/CoIN ``ETrain/Eval/LLaVA/CoIN/eval_grounding.py``
-  (and, without the first step, Ghy0501/MCITlib ``llava/eval/CoIN/eval_grounding.py``):
-  drop one leading space, delete every ``[`` and ``]``, then drop the first
-  and the last character of what is left, split on commas and read each
-  piece with Python's ``float``; four numbers or nothing. Because the brackets
-  are gone before the trimming, the trim eats real characters:
-  ``"[0.12, 0.34, 0.56, 0.78]"`` reads as ``[0.12, 0.34, 0.56, 0.7]`` and
-  ``"[0, 0, 1, 1]"`` does not parse at all; any words around the box make it
-  unparseable.
+- ``parse_box_coin`` -- zackschen/CoIN ``llava/eval/CoIN/eval_grounding.py``
+  (commit 2412675; Ghy0501/MCITlib's copy is the same): delete every ``[``
+  and ``]``, then drop the first and the last character of what is left,
+  split on commas and read each piece with Python's ``float``; four numbers
+  or nothing. Because the brackets are gone before the trimming, the trim
+  eats real characters: ``"[0.12, 0.34, 0.56, 0.78]"`` reads as
+  ``[0.12, 0.34, 0.56, 0.7]``, ``"[0, 0, 1, 1]"`` does not parse at all, a
+  leading space is what the trim removes, and any words around the box make
+  it unparseable.
 - ``parse_box_first_four`` -- Zhen-Hao-Xie/Prism
   ``backbone/shared/eval/eval_unified.py`` (default, non-legacy parse): the
   first four numbers anywhere in the text, whatever separates them
@@ -50,10 +50,8 @@ def _floats(pieces: Sequence[str]) -> list[float] | None:
         return None
 
 
-def parse_box_coin(text: str, *, drop_leading_space: bool = True) -> Box | None:
-    """A predicted box as CoIN's grounding script reads it (MCITlib's copy: ``drop_leading_space=False``)."""
-    if drop_leading_space and text[:1] == " ":
-        text = text[1:]
+def parse_box_coin(text: str) -> Box | None:
+    """A predicted box as CoIN's grounding script (and MCITlib's copy) reads it."""
     values = _floats(text.replace("[", "").replace("]", "")[1:-1].split(","))
     return tuple(values) if values is not None and len(values) == 4 else None  # type: ignore[return-value]
 

@@ -1,7 +1,9 @@
 """CoIN's per-task rules, with MCITlib's and Prism's variants of the same tasks.
 
 The official modes reproduce the scripts in zackschen/CoIN
-``ETrain/Eval/LLaVA/CoIN/`` (the benchmark's own repository), Ghy0501/MCITlib
+``llava/eval/CoIN/`` at commit 2412675 (the benchmark's own repository; every
+``coin_*`` rule follows that revision, ``docs/scorers.md`` names the file per
+rule and where the later ``ETrain/`` copies differ), Ghy0501/MCITlib
 ``llava/eval/CoIN/`` and Zhen-Hao-Xie/Prism ``backbone/shared/eval/``, one
 prediction at a time. Things the scripts do at file level that a per-sample
 rule cannot (CoIN's ImageNet script pairs predictions with test rows by
@@ -158,12 +160,14 @@ def coin_imagenet(prediction: str, record: dict[str, Any], *, mode: str = "offic
 
 
 def coin_gqa(prediction: str, record: dict[str, Any], *, mode: str = "official") -> float:
-    """GQA exact match (CoIN ``convert_gqa_for_eval.py`` then ``eval_gqa.py``'s accuracy).
+    """GQA exact match (CoIN's GQA conversion step, then ``eval_gqa.py``'s accuracy).
 
-    Official quirks: the prediction loses all trailing periods, is
-    lower-cased and loses one leading space, then must equal the answer
-    string exactly; trailing spaces, inner double spaces or a second leading
-    space make it wrong, and the answer itself is not lower-cased.
+    Official quirks: the prediction loses all trailing periods and is
+    lower-cased, nothing else, then must equal the answer string exactly:
+    any leading or trailing space makes it wrong (``" yes"`` scores 0 against
+    ``"yes"``), and the answer itself is not lower-cased. (CoIN's later
+    ``ETrain`` copy of the converter also drops one leading space; see
+    ``docs/scorers.md``, "Which revision".)
 
     Clean: ``clean_text`` on both sides.
     """
@@ -171,9 +175,7 @@ def coin_gqa(prediction: str, record: dict[str, Any], *, mode: str = "official")
     gold = single_answer(record, "GQA")
     if mode == "clean":
         return float(clean_text(prediction) == clean_text(gold))
-    text = prediction.rstrip(".").lower()
-    text = text[1:] if text[:1] == " " else text
-    return float(text == gold)
+    return float(prediction.rstrip(".").lower() == gold)
 
 
 def _upper_match(prediction: str, record: dict[str, Any], mode: str, benchmark: str) -> float:
@@ -253,7 +255,7 @@ def _grounding_clean(prediction: str, record: dict[str, Any]) -> float:
     return float(pred is not None and iou(pred, truth) > 0.5)
 
 
-def _grounding_coin(prediction: str, record: dict[str, Any], mode: str, drop_leading_space: bool) -> float:
+def _grounding_coin(prediction: str, record: dict[str, Any], mode: str) -> float:
     check_mode(mode)
     if mode == "clean":
         return _grounding_clean(prediction, record)
@@ -261,7 +263,7 @@ def _grounding_coin(prediction: str, record: dict[str, Any], mode: str, drop_lea
     if truth is None:
         raise ValueError(f"test row {qid(record)}: answer_bbox {_answer_box_text(record)!r} is not four numbers")
     factor = _size_factor(record)
-    pred = parse_box_coin(prediction, drop_leading_space=drop_leading_space)
+    pred = parse_box_coin(prediction)
     if pred is None:
         return 0.0
     return float(iou_as_scripts(scale(pred, factor), scale(truth, factor)) > 0.5)
@@ -273,28 +275,29 @@ def coin_grounding(prediction: str, record: dict[str, Any], *, mode: str = "offi
     Boxes are ``[x1, y1, x2, y2]`` normalized to the square-padded image; both
     are scaled by ``max(size)`` before the IoU, as the script does.
 
-    Official quirks (``boxes.parse_box_coin``): one leading space dropped,
-    all brackets deleted, then the first and last remaining characters
-    trimmed, so the last coordinate loses its last digit (``0.78`` -> ``0.7``)
-    and ``"[0, 0, 1, 1]"`` or any text around the box is unparseable (wrong);
-    inverted boxes go into the IoU formula unchecked.
+    Official quirks (``boxes.parse_box_coin``): all brackets deleted, then the
+    first and last remaining characters trimmed, so the last coordinate loses
+    its last digit (``0.78`` -> ``0.7``), a leading space is what the trim
+    eats (``" [.3, ...]"`` reads ``.3``) and ``"[0, 0, 1, 1]"`` or any text
+    around the box is unparseable (wrong); inverted boxes go into the IoU
+    formula unchecked. (CoIN's later ``ETrain`` copy first drops one leading
+    space; see ``docs/scorers.md``, "Which revision".)
 
     Clean: ``boxes.parse_box_clean`` (the first real box in the text, brackets
     optional, no trimming; an inverted or empty box is wrong) and a standard
     IoU.
     """
-    return _grounding_coin(prediction, record, mode, drop_leading_space=True)
+    return _grounding_coin(prediction, record, mode)
 
 
 def mcitlib_grounding(prediction: str, record: dict[str, Any], *, mode: str = "official") -> float:
     """Grounding as MCITlib's copy of CoIN's script scores it (``llava/eval/CoIN/eval_grounding.py``).
 
-    Official: the same quirks as ``coin_grounding`` except that no leading
-    space is dropped before the trim, so ``" [.3, ...]"`` loses its space
-    rather than its first character. Clean: as ``coin_grounding``'s clean
-    mode.
+    The copy is CoIN's script of the revision ``coin_grounding`` follows, so
+    the two rules agree on every input, in both modes; the name stays for
+    benchmark definitions that say whose script they mean.
     """
-    return _grounding_coin(prediction, record, mode, drop_leading_space=False)
+    return _grounding_coin(prediction, record, mode)
 
 
 def prism_grounding(prediction: str, record: dict[str, Any], *, mode: str = "official") -> float:

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm import tqdm
 
+from mllm_cl.console import ProgressLine, duration
 from mllm_cl.data.collate import batch_to
 from mllm_cl.eval.generation import greedy_generate
 from mllm_cl.eval.common import answers
@@ -32,7 +32,13 @@ def predict(model, tokenizer, loader, *, max_new_tokens: int,
     """Greedy answers for every prompt of ``loader``'s dataset, in dataset order (all ranks' shards)."""
     rows = []
     device = next(model.parameters()).device
-    for batch in tqdm(loader, desc=desc, leave=False, mininterval=0.5, disable=None if is_writer() else True):
+    line = ProgressLine(enabled=is_writer())  # in place on a terminal, a line every 30 s in a log
+    try:
+        total = f"/{len(loader)}"
+    except TypeError:  # an iterable loader without a length
+        total = ""
+    for k, batch in enumerate(loader, 1):
+        line.update(f"{desc or 'evaluating'} · batch {k}{total} · {duration(line.elapsed())}")
         if batch.get("empty"):
             continue
         # On the model's device once: the routing context (a task locator's own forward) reads it too.
@@ -52,6 +58,7 @@ def predict(model, tokenizer, loader, *, max_new_tokens: int,
         for record, text, index in zip(batch["records"], texts, batch["index"]):
             rows.append({"question_id": record["question_id"], "prompt": record["text"], "text": text.strip(),
                          "answer": record["answer"], "record": record, "index": index})
+    line.close(f"{desc or 'evaluating'} · {len(rows)} prompts · {duration(line.elapsed())}")
     return gather_rows(rows)  # under several processes: every rank's shard, in dataset order
 
 

@@ -35,7 +35,7 @@ def greedy_generate(
     """(B, L) left-padded prompts -> (B, <= max_new_tokens) new tokens (pad after EOS).
 
     ``model`` is any backbone of ``mllm_cl.backbones`` (its forward takes the prompt with
-    ``pixel_values``, the KV cache and 1-D position ids); ``model_inputs`` are the batch's
+    ``pixel_values``, the KV cache as ``cache`` (``backbones.kv_cache``) and 1-D position ids); ``model_inputs`` are the batch's
     backbone-specific inputs (``batch["model_inputs"]``), used at prefill only."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -47,7 +47,7 @@ def greedy_generate(
     cache = DynamicCache()
     with routing_context(model, context):
         out = model(input_ids, attention_mask=mask, pixel_values=pixel_values, position_ids=position,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1, **(model_inputs or {}))
+                    cache=cache, use_cache=True, logits_to_keep=1, **(model_inputs or {}))
         next_token = out.logits[:, -1].argmax(-1)  # (B,)
         done = torch.zeros_like(next_token, dtype=torch.bool)
         last = position[:, -1]
@@ -62,6 +62,6 @@ def greedy_generate(
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             last = last + 1
             out = model(next_token[:, None], attention_mask=mask, position_ids=last[:, None],
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        cache=cache, use_cache=True, logits_to_keep=1)
             next_token = out.logits[:, -1].argmax(-1)
     return torch.stack(tokens, dim=1)

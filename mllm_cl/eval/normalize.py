@@ -2,8 +2,9 @@
 
 ``official_vqa_normalize`` reproduces the ``EvalAIAnswerProcessor`` of the
 m4c evaluator that CoIN's TextVQA script imports
-(zackschen/CoIN ``ETrain/Eval/LLaVA/CoIN/eval_textvqa.py`` ->
-``m4c_evaluator.py``, itself taken from facebookresearch/mmf), step by step:
+(zackschen/CoIN ``llava/eval/CoIN/eval_textvqa.py`` at 2412675, and its
+``ETrain/`` copy -> ``m4c_evaluator.py``, itself taken from
+facebookresearch/mmf), step by step:
 
 1. lower-case; delete every ``,`` and ``?``; ``'s`` becomes ``" 's"``; strip;
    newlines and tabs become spaces; strip.

@@ -179,7 +179,7 @@ RULES: dict[str, Callable[..., float]] = {
     "textvqa_soft_accuracy": textvqa_soft_accuracy,
     "anls": docvqa_anls,
     "relaxed_accuracy": chartqa_relaxed,
-    # CoIN (zackschen/CoIN ETrain/Eval/LLaVA/CoIN)
+    # CoIN (zackschen/CoIN llava/eval/CoIN at 2412675)
     "coin_scienceqa": coin_scienceqa,
     "coin_textvqa": coin_textvqa,
     "coin_imagenet": coin_imagenet,

@@ -35,11 +35,20 @@ def heatmap(results: dict[str, Any], path: Path) -> None:
 
 
 def draw_task_curves(ax, results: dict[str, Any], markersize: float = 6) -> list[str]:
-    """Each task's score after each stage (x = 0 for zero-shot, k after task k) on ``ax``; the stage labels."""
+    """Each task's score after each stage (x = 0 for zero-shot, k after task k) on ``ax``; the stage labels.
+
+    Only evaluated stages get a point. Consecutive stages are joined by a solid line; where the
+    stages between two points were not evaluated (a task is scored zero-shot, then first after its
+    own training), the join is dashed, so no line claims a score nobody measured.
+    """
     rows = matrix_rows(results)
     for j, name in enumerate(results["order"]):
         points = [(x, scores[j]) for x, (_, scores) in enumerate(rows) if scores[j] is not None]
-        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=markersize, label=name)
+        (marks,) = ax.plot([x for x, _ in points], [y for _, y in points], linestyle="none", marker="o",
+                           markersize=markersize, label=name)
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            ax.plot([x0, x1], [y0, y1], color=marks.get_color(), linestyle="-" if x1 - x0 == 1 else "--",
+                    linewidth=1.5 if x1 - x0 == 1 else 1.0)
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     return [label for label, _ in rows]

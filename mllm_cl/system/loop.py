@@ -22,6 +22,7 @@ import lightning as L
 from mllm_cl.distributed import broadcast, is_writer
 from mllm_cl.eval.continual_metrics import continual_metrics, final_row_metrics
 from mllm_cl.eval.evaluate import predict, score, write_predictions
+from mllm_cl.system.environment import record_environment
 from mllm_cl.system.run_dir import RunDir, adapter_state, new_results, parameter_counts
 
 #: Test hook: raise right after the checkpoint of this task number (1-based) is saved.
@@ -84,6 +85,7 @@ class ContinualLoop:
                                   one_row=method.one_row)
         done = results["completed_tasks"]
         self.print(f"mllm-cl: run directory {self.run.path} ({'resuming after task ' + str(done) if done else 'new run'})")
+        self.print(f"mllm-cl: {record_environment(results, self.device)}")  # results.json's environment block
         rebuild(module, self.run, done)
         if results["zero_shot"] is None:
             t0 = time.time()
@@ -118,6 +120,7 @@ class ContinualLoop:
             dm.set_task(t, fraction=phase.fraction, tasks=phase.tasks)
             module.log_prefix = f"task{t + 1}_{dm.tasks[t].name}/{phase.name}"
             module.phase_optim = (phase.lr, None if phase.warmup is None else round(phase.warmup * steps))
+            module.progress_label = f"task {t + 1}/{T} {dm.tasks[t].name} · {phase.name}"  # system/progress.py
             for name, p in module.model.named_parameters():
                 if p.requires_grad:
                     trainable[name] = p

@@ -85,7 +85,9 @@ def new_results(*, method: str, experiment: str, seed: int, tasks: list[dict], o
     locator_accuracy (per task, for methods with a task locator, else null),
     params {trainable_per_task: [{total, by_kind}], stored_per_task: [{total, by_kind}]},
     timings {zero_shot_eval_s, tasks: [{phases: {name: seconds}, eval_s}]},
-    completed_tasks (how many tasks are finished: a resume starts after them).
+    completed_tasks (how many tasks are finished: a resume starts after them),
+    environment (versions, CPU, threads, device, git commit: ``system.environment``; the loop adds
+    it, and ``earlier_environments`` when a resumed run's differs).
     """
     T = len(tasks)
     return {

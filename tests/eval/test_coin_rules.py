@@ -115,9 +115,12 @@ def test_coin_imagenet(pred, gold, official, clean):
 
 
 @pytest.mark.parametrize("pred,gold,official,clean", [
-    ("Yes.", "yes", 1, 1), (" yes", "yes", 1, 1), ("yes...", "yes", 1, 1),
+    ("Yes.", "yes", 1, 1), ("yes...", "yes", 1, 1),
+    (" yes", "yes", 0, 1),     # only periods are stripped, and only at the end: a leading space stays
+    ("  yes", "yes", 0, 1),
+    (" Yes.", "yes", 0, 1),
     ("yes ", "yes", 0, 1),     # trailing space kept
-    ("  yes", "yes", 0, 1),    # only one leading space is dropped
+    ("yes. ", "yes", 0, 1),    # the space hides the period from rstrip('.')
     ("yes", "Yes", 0, 1),      # the answer is not lower-cased
     ("no", "yes", 0, 0),
 ])
@@ -195,13 +198,20 @@ def test_grounding_whole_image_box_and_non_square_images():
         assert coin_grounding("[0.12, 0.22, 0.52, 0.62]", box_row(size=size)) == 1.0
 
 
-def test_mcitlib_grounding_keeps_the_leading_space():
+@pytest.mark.parametrize("rule", [coin_grounding, mcitlib_grounding])
+@pytest.mark.parametrize("pred,official", [
+    (" [.30, .20, .50, .60]", 1),   # the trim eats the leading space, the box survives whole
+    ("[.30, .20, .50, .60]", 0),    # without the space the trim eats the "." of x1: it reads 30
+    (" [0.30, 0.20, 0.50, 0.60]", 1),
+    (" [0.3, 0.2, 0.5, 0.6]", 0),   # the trim takes the space and the last digit: y2 reads "0." = 0
+    ("  [0.30, 0.20, 0.50, 0.60]", 1),  # float() accepts the space the trim leaves
+])
+def test_grounding_leading_space(rule, pred, official):
+    # CoIN's revision and MCITlib's copy read the space the same way: no leading space is dropped first
+    # (CoIN's later ETrain copy drops one, which turns the first case into 0: x1 reads 30).
     gt = "[0.30, 0.20, 0.50, 0.60]"
-    pred = " [.30, .20, .50, .60]"
-    # CoIN drops the space, then the trim eats the ".": x1 reads as 30. MCITlib's trim eats the space instead.
-    assert coin_grounding(pred, box_row(gt)) == 0.0
-    assert mcitlib_grounding(pred, box_row(gt)) == 1.0
-    assert mcitlib_grounding("[0.1, 0.2, 0.5, 0.6]", box_row()) == 0.0  # same trim quirk otherwise
+    assert rule(pred, box_row(gt)) == official
+    assert rule(pred, box_row(gt), mode="clean") == 1.0
 
 
 @pytest.mark.parametrize("pred,official,clean", [

@@ -80,3 +80,14 @@ def test_whole_prompt_routing_is_computed_at_prefill_and_kept_while_decoding(rou
                     context=alone)
     key = ("sequence_routing", id(layers[0].routers["default"]))
     torch.testing.assert_close(context.cache[key].weights[:1], alone.cache[key].weights)
+
+
+def test_evaluation_passes_transformers_what_it_expects(routed_model, tmp_path, no_future_warnings):
+    """The KV cache goes to the language model under the name the installed transformers takes
+    (``cache``, or ``past_key_values`` before the rename): no deprecation on any evaluation batch."""
+    synth(tmp_path, tasks=["color"], train_size=2, test_size=4, progress=False)
+    model, tok = routed_model.model, routed_model.tokenizer
+    dm = TaskSequence(benchmark=str(tmp_path), template="short", eval_batch_size=2)
+    dm.connect(tok, ImageProcessor.for_model(model), model.num_image_tokens)
+    rows = predict(model, tok, dm.test_dataloader(0), max_new_tokens=4, context=lambda b: None)
+    assert len(rows) == 4

@@ -63,18 +63,19 @@ def test_clean_text_and_word_containment():
     assert contains_words("golden retriever", "Golden Retriever") and not contains_words("x", "")
 
 
-@pytest.mark.parametrize("text,coin,mcitlib", [
-    ("[0.10, 0.20, 0.50, 0.60]", (0.1, 0.2, 0.5, 0.6), (0.1, 0.2, 0.5, 0.6)),
-    ("[0.12, 0.34, 0.56, 0.78]", (0.12, 0.34, 0.56, 0.7), (0.12, 0.34, 0.56, 0.7)),
-    (" [.30, .20, .50, .60]", (30.0, 0.2, 0.5, 0.6), (0.3, 0.2, 0.5, 0.6)),
-    ("[0, 0, 1, 1]", None, None),
-    ("box [0.1, 0.2, 0.5, 0.6]", None, None),
-    ("[[0.10, 0.20, 0.50, 0.60]]", (0.1, 0.2, 0.5, 0.6), (0.1, 0.2, 0.5, 0.6)),
-    ("", None, None),
+@pytest.mark.parametrize("text,expected", [
+    ("[0.10, 0.20, 0.50, 0.60]", (0.1, 0.2, 0.5, 0.6)),
+    ("[0.12, 0.34, 0.56, 0.78]", (0.12, 0.34, 0.56, 0.7)),
+    (" [.30, .20, .50, .60]", (0.3, 0.2, 0.5, 0.6)),     # the trim eats the leading space
+    ("[.30, .20, .50, .60]", (30.0, 0.2, 0.5, 0.6)),     # ... or, without one, the "." of x1
+    ("  [0.1, 0.2, 0.5, 0.6]", (0.1, 0.2, 0.5, 0.0)),    # one space trimmed, float(" 0.1") allows the other
+    ("[0, 0, 1, 1]", None),
+    ("box [0.1, 0.2, 0.5, 0.6]", None),
+    ("[[0.10, 0.20, 0.50, 0.60]]", (0.1, 0.2, 0.5, 0.6)),
+    ("", None),
 ])
-def test_parse_box_coin(text, coin, mcitlib):
-    assert parse_box_coin(text) == coin
-    assert parse_box_coin(text, drop_leading_space=False) == mcitlib
+def test_parse_box_coin(text, expected):
+    assert parse_box_coin(text) == expected
 
 
 def test_other_box_parsers():

@@ -67,3 +67,24 @@ def test_report_shows_the_last_stages_routing_and_confusion(tmp_path):
     assert "## Routing at stage 03" in text
     assert "| locator_accuracy | 100.00 | 75.00 | 90.00 |" in text
     assert "| colour | 1 | 3 | 0 |" in text and "| count | 0 | 1 | 9 |" in text
+
+
+def test_task_curves_draw_measured_points_only_dashed_across_skipped_stages(tmp_path):
+    """A task is scored zero-shot and then first after its own training: the join across the
+    stages in between is dashed, joins between consecutive stages are solid, no point is invented."""
+    from mllm_cl.report.plots import draw_task_curves, plt
+
+    r = json.loads((_run(tmp_path, "lora", "lora_ft", [[90.0, None, None], [20.0, 80.0, None],
+                                                          [0.0, 10.0, 70.0]]) / "results.json").read_text())
+    fig, ax = plt.subplots()
+    labels = draw_task_curves(ax, r)
+    plt.close(fig)
+    assert labels == ["zero-shot", "after 1: shape", "after 2: colour", "after 3: count"]
+    marks = [l for l in ax.get_lines() if l.get_linestyle() == "None"]
+    assert [list(m.get_xdata()) for m in marks] == [[0, 1, 2, 3], [0, 2, 3], [0, 3]]
+    assert [list(m.get_ydata()) for m in marks] == [[10.0, 90.0, 20.0, 0.0], [5.0, 80.0, 10.0], [0.0, 70.0]]
+    joins = {(tuple(l.get_xdata()), l.get_linestyle()) for l in ax.get_lines() if l.get_linestyle() != "None"}
+    assert joins == {((0, 1), "-"), ((1, 2), "-"), ((2, 3), "-"), ((0, 2), "--"), ((2, 3), "-"), ((0, 3), "--")}
+    colour_of = {tuple(l.get_xdata()): l.get_color() for l in ax.get_lines() if l.get_linestyle() == "--"}
+    assert colour_of == {(0, 2): marks[1].get_color(), (0, 3): marks[2].get_color()}  # each join in its task's colour
+    assert len({m.get_color() for m in marks}) == 3
