@@ -28,11 +28,17 @@ from mllm_cl.experts import RoutingContext
 
 @torch.no_grad()
 def predict(model, tokenizer, loader, *, max_new_tokens: int,
-            context: Callable[[dict[str, Any]], RoutingContext | None], desc: str = "") -> list[dict[str, Any]]:
-    """Greedy answers for every prompt of ``loader``'s dataset, in dataset order (all ranks' shards)."""
+            context: Callable[[dict[str, Any]], RoutingContext | None], desc: str = "",
+            on_skipped: Callable[[list[str]], Any] | None = None) -> list[dict[str, Any]]:
+    """Greedy answers for every prompt of ``loader``'s dataset, in dataset order (all ranks' shards).
+
+    Rows a batch left out as bad input (``on_bad_sample: skip``) have no answer; their messages
+    go to ``on_skipped`` (this rank's only), so that the caller can count and report them."""
     rows = []
     device = next(model.parameters()).device
     for batch in tqdm(loader, desc=desc, leave=False, mininterval=0.5, disable=None if is_writer() else True):
+        if on_skipped is not None and batch.get("skipped"):
+            on_skipped(batch["skipped"])
         if batch.get("empty"):
             continue
         # On the model's device once: the routing context (a task locator's own forward) reads it too.

@@ -9,6 +9,12 @@ Resume: ``results.json`` says how many tasks are finished; the loop replays
 the method's ``on_task_start`` for them to rebuild the expert structure,
 loads the last task's adapters, and goes on. Each task's seed derives from
 the run seed, so an interrupted and an uninterrupted run give the same matrix.
+
+Every task's files are checked before the zero-shot row (``TaskSequence.check_files``).
+Ctrl-C raises ``Interrupted`` naming the task and phase it stopped in (``interrupt.py``).
+Bad input skipped under ``on_bad_sample: skip`` is counted per task (training) and per
+task and stage (evaluation: each score is over the rows that could be read) in the log
+and in ``results.json``'s ``bad_samples``.
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ from typing import Callable
 
 import lightning as L
 
+from mllm_cl.data.errors import BadSampleError
 from mllm_cl.distributed import broadcast, is_writer
 from mllm_cl.eval.continual_metrics import continual_metrics, final_row_metrics
 from mllm_cl.eval.evaluate import predict, score, write_predictions
+from mllm_cl.eval.sharding import gather_messages
+from mllm_cl.system.interrupt import Interrupted, fit_phase, interrupted_message
 from mllm_cl.system.run_dir import RunDir, adapter_state, new_results, parameter_counts
 
 #: Test hook: raise right after the checkpoint of this task number (1-based) is saved.
@@ -69,10 +78,18 @@ class ContinualLoop:
 
     # -------------------------------------------------------------------- run
     def __call__(self) -> dict:
+        self._at, self._done = (None, "setup"), 0  # where a Ctrl-C stops the run, and the tasks finished
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted_message(*self._at, self._done))
+
+    def _run(self) -> dict:
         module, dm, method = self.module, self.dm, self.module.method
         T = dm.num_tasks
         spec = module.model.data_spec()
         dm.connect(module.tokenizer, module.image_processor(), spec.pop("num_image_tokens"), **spec)
+        dm.check_files()  # every task's files before the zero-shot row (done already, and kept, under mllm-cl fit)
         module.sequence = dm  # callbacks that need a task's data at task end (a task locator) read it here
         self._to_device()
         resuming, results = broadcast(self._claim())  # rank 0 reads and writes; every rank gets its answer
@@ -82,7 +99,8 @@ class ContinualLoop:
             tasks = [{"name": t.name, "scorer": t.scorer, "mode": self.score_mode} for t in dm.tasks]
             results = new_results(method=method.name, experiment=self.experiment, seed=self.seed, tasks=tasks,
                                   one_row=method.one_row)
-        done = results["completed_tasks"]
+        done = self._done = results["completed_tasks"]
+        self.bad_samples = results.setdefault("bad_samples", {"train": {}, "eval": {}})  # results.json's counts
         self.print(f"mllm-cl: run directory {self.run.path} ({'resuming after task ' + str(done) if done else 'new run'})")
         if done:  # what the method decided from data (layers that grew, ...) before the replay
             method.load_state(*self.run.method_state(done))
@@ -92,6 +110,7 @@ class ContinualLoop:
         if done:
             self.run.load_checkpoint(done, module.model)
         if results["zero_shot"] is None:
+            self._at = (None, "the zero-shot evaluation")
             t0 = time.time()
             results["zero_shot"] = self._evaluate(stage=0, tasks=range(T))
             self._method_metrics(results, stage=0)
@@ -125,7 +144,8 @@ class ContinualLoop:
                     trainable[name] = p
             t0 = time.time()
             self.print(f"mllm-cl: task {t + 1}/{T} {dm.tasks[t].name}: phase {phase.name}, {steps} steps")
-            self.make_trainer(steps).fit(module, datamodule=dm)
+            self._at = (t + 1, f"phase {phase.name}")
+            fit_phase(self.make_trainer(steps), module, dm)
             self._to_device()
             timings[phase.name] = round(time.time() - t0, 3)
             # What the method creates after a fit (cmoe's grown routers) must not depend on how many random
@@ -134,8 +154,11 @@ class ContinualLoop:
             method.on_phase_end(module.model, t, phase)
             self._hook("on_phase_end", t, phase)
             self.print(dm.skip_report(t))
+        skips = dm.skips[dm.tasks[t].name]
+        self.bad_samples["train"][dm.tasks[t].name] = {"skipped": skips.total, "reasons": dict(skips.counts)}
         method.on_task_end(module.model, t)
         self._hook("on_task_end", t)
+        self._at = (t + 1, "evaluation")
         t0 = time.time()
         if not method.one_row or t == T - 1:
             upto = min(T - 1, t + 1) if self.eval_future_tasks else t
@@ -150,7 +173,7 @@ class ContinualLoop:
         facts, tensors = method.state()
         self.run.save_checkpoint(t + 1, module.model, {"method": method.name, "backbone": module.backbone_info,
                                                        "method_state": facts}, tensors)
-        results["completed_tasks"] = t + 1
+        results["completed_tasks"] = self._done = t + 1
         self.run.save_results(results)
         if os.environ.get(FAULT_ENV) == str(t + 1):
             raise InjectedFault(f"{FAULT_ENV}={t + 1}: stopping after task {t + 1} as asked")
@@ -190,24 +213,44 @@ class ContinualLoop:
     def _evaluate(self, *, stage: int, tasks) -> list[float]:
         module, dm = self.module, self.dm
         module.model.eval()
-        scores = []
+        scores, dropped = [], []
         try:
             for i in tasks:
                 spec = dm.tasks[i]
+                skipped: list[str] = []
                 rows = predict(module.model, module.tokenizer, dm.test_dataloader(i), max_new_tokens=spec.max_new_tokens,
                                context=lambda b: module.method.routing_context(b, training=False),
-                               desc=f"eval stage {stage} {spec.name}")
+                               desc=f"eval stage {stage} {spec.name}", on_skipped=skipped.extend)
+                dropped.append((len(rows), self._note_eval_skips(stage, i, len(rows), gather_messages(skipped))))
                 if self.run.writer:
                     write_predictions(rows, self.run.predictions_path(stage, spec.name))
+                if not rows:
+                    raise BadSampleError(spec.test, f"task {spec.name}: every test row was skipped as bad at stage "
+                                                    f"{stage}: nothing to score\n{dropped[-1][1].summary(spec.name)}")
                 scores.append(round(score(rows, spec.scorer, self.score_mode), 4))
         finally:
             module.model.train()
         self._log({f"eval/{dm.tasks[i].name}": s for i, s in zip(tasks, scores)}, step=stage)
-        names = ", ".join(f"{dm.tasks[i].name}={s:.1f}" for i, s in zip(tasks, scores))
+        names = ", ".join(f"{dm.tasks[i].name}={s:.1f}" + _dropped_note(*d) for i, s, d in zip(tasks, scores, dropped))
         self.print(f"mllm-cl: stage {stage:02d}: {names}")
+        for i, (_, d) in zip(tasks, dropped):
+            if d.total:
+                self.print(d.summary(f"{dm.tasks[i].name} (stage {stage:02d} evaluation)"))
         return scores
+
+    def _note_eval_skips(self, stage: int, index: int, scored: int, skipped: list[str]):
+        """Count what the evaluation of task ``index`` at ``stage`` left out (for results.json)."""
+        log = self.dm.eval_skips(index, skipped)
+        self.bad_samples["eval"].setdefault(f"stage_{stage:02d}", {})[self.dm.tasks[index].name] = {
+            "scored": scored, "skipped": log.total, "reasons": dict(log.counts)}
+        return log
 
     def _metrics(self, results: dict) -> dict:
         if self.module.method.one_row:
             return final_row_metrics(results["matrix"][-1])
         return continual_metrics(results["matrix"], results["zero_shot"])
+
+
+def _dropped_note(scored: int, log) -> str:
+    """What a stage line says after a score that left test rows out."""
+    return f" (over {scored} of {scored + log.total} rows; {log.total} skipped as bad)" if log.total else ""
