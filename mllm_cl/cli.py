@@ -18,7 +18,7 @@ PLANNED: dict[str, tuple[str, int]] = {}
 
 
 def plain(doc: str | None) -> str | None:
-    """A module docstring as help text: without the reST literal markup (````x````) meant for the source."""
+    """A module docstring as help text: without the reST literal markup (double backquotes) meant for the source."""
     return None if doc is None else doc.replace("``", "")
 
 

@@ -89,9 +89,9 @@ class ContinualCLI(LightningCLI):
             raise UserError(str(e)) from e
         fit_options.refuse_loop_owned(cfg["trainer"], self._parser(self.subcommand).get_defaults()["trainer"])
         if self.subcommand == "fit":
-            self._claim_check(cfg, method.name)
+            self._check_run_dir(cfg, method.name)
 
-    def _claim_check(self, cfg, method_name: str) -> None:
+    def _check_run_dir(self, cfg, method_name: str) -> None:
         """The run directory, checked before the backbone is built: another config there is refused
         (``ConfigMismatch``), a finished run of this one is left as it is (``RunFinished``)."""
         from mllm_cl.system.run_dir import RunDir
@@ -188,9 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             args=["fit", *args],
             save_config_callback=None,  # the loop writes RUN/config.yaml itself, and checks it on resume
             trainer_defaults={"enable_checkpointing": False, "logger": False},
-            # Parse errors are raised (and explained in one message by parse_arguments), not printed after
-            # the usage of every option.
-            # (jsonargparse gives a subcommand its parent's formatter.)
+            # Parse errors are raised (and explained in one message by parse_arguments), not printed after the
+            # usage of every option; jsonargparse gives a subcommand its parent's formatter.
             parser_kwargs={"prog": "mllm-cl", "exit_on_error": False, "formatter_class": fit_options.HelpFormatter,
                            "fit": {"default_config_files": [], "exit_on_error": False, "usage": fit_options.USAGE,
                                    "description": fit_options.DESCRIPTION}},
@@ -200,4 +199,3 @@ def main(argv: list[str] | None = None) -> int:
     except RunFinished as done:
         print(done)
     return 0
-

@@ -17,6 +17,7 @@ import argparse
 import difflib
 import inspect
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from jsonargparse import DefaultHelpFormatter
 
 from mllm_cl.errors import UserError
 
+QUOTE = "'"
 USAGE = "%(prog)s --config EXPERIMENT.yaml [--config METHOD.yaml] [--KEY VALUE ...]"
 
 DESCRIPTION = """\
@@ -64,10 +66,8 @@ TITLES = {
     "data.": "Data (data.*): the task sequence, its files and batches",
     "trainer.": "Lightning Trainer (trainer.*), given to every phase's Trainer",
 }
-TRAINER_NOTE = """\
-The loop sets max_steps, max_epochs, enable_checkpointing, limit_val_batches
-and num_sanity_val_steps itself (setting them is refused); without
---trainer.logger a run logs to CSV in RUN/logs."""
+TRAINER_NOTE = textwrap.fill(f"The loop sets {', '.join(LOOP_OWNED)} itself (setting them is refused); without "
+                             "--trainer.logger a run logs to CSV in RUN/logs.", width=78)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -191,9 +191,9 @@ def explain(message: str, parser: argparse.ArgumentParser, args: list[str]) -> U
                 return UserError(f"{path}{_yaml_problem(e)}")
             except OSError:
                 continue
-    missing = re.search(r'Parser key "config": File does not exist: (.+)', message)
+    missing = re.search(r'Parser key "config": File does not exist: (.+)', message)  # the path in quotes
     if missing:
-        return UserError(f"--config {missing.group(1).strip(chr(39))}: no such file")
+        return UserError(f"--config {missing.group(1).strip(QUOTE)}: no such file")
     m = re.match(r'Parser key "([^"]+)":\s*Expected a (.+?)\. Got value: (.*)', message, re.S)
     if m:
         key, kind, value = m.groups()

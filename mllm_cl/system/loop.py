@@ -127,6 +127,7 @@ class ContinualLoop:
     def _task(self, t: int, results: dict) -> None:
         module, dm, method = self.module, self.dm, self.module.method
         T = dm.num_tasks
+        self._at = (t + 1, "task start")
         L.seed_everything(dm.task_seed(t), workers=True, verbose=False)
         method.on_task_start(module.model, t)
         self._hook("on_task_start", t)
