@@ -5,6 +5,13 @@ current task's training data (all of it, or a seeded fraction for probe
 phases) and every task's test data, and derives a seed per task from the run
 seed so an interrupted run and an uninterrupted one see the same batches.
 
+``check_files()`` reads and checks every task's files at once (records parse,
+images exist; decoding stays lazy), so a malformed file of the last task stops
+a run before the first task trains. Bad input skipped under ``on_bad_sample:
+skip`` is counted apart for training (``skips``, per task) and for evaluation
+(``test_skips`` when a test file is read, plus what each evaluation's batches
+leave out: ``eval_skips``).
+
 The tasks come from a list of ``TaskSpec``, a ``benchmark.json`` manifest, or a
 built-in benchmark definition (``benchmark: coin|ucit|mllm_dcl`` with ``root``,
 see ``mllm_cl.data.benchmarks``). A task trains from its JSON file or, given
@@ -18,6 +25,7 @@ nothing of experts or routers.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +37,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 from mllm_cl.data import benchmarks
 from mllm_cl.data.collate import Collator
 from mllm_cl.data.datasets import ConversationDataset, PromptDataset
-from mllm_cl.data.errors import OnBadSample, SkipLog
+from mllm_cl.data.errors import BadSampleError, OnBadSample, SkipLog
 from mllm_cl.data.formats import load_conversations, load_test_records, read_annotation
 from mllm_cl.data.images import ImageProcessor
 from mllm_cl.data.shards import EpochDataLoader, ShardDataset, shard_list
@@ -152,14 +160,16 @@ class TaskSequence(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.seed, self.template, self.max_length, self.on_bad_sample = seed, template, max_length, on_bad_sample
         self.shuffle_buffer, self.resample_steps = shuffle_buffer, resample_steps
-        self.skips = {t.name: SkipLog() for t in self.tasks}
+        self.skips = {t.name: SkipLog() for t in self.tasks}  # training samples skipped, per task
+        self.test_skips = {t.name: SkipLog() for t in self.tasks}  # test rows dropped when the test file was read
+        self.test_skips.update({t.name: SkipLog() for t in self.general_tasks})
         self.current = 0
         self.fraction = 1.0
         self.union: list[int] | None = None
         self._encoder: ConversationEncoder | None = None
         self._train_cache: dict[int, ConversationDataset] = {}
         self._test_cache: dict[int, PromptDataset] = {}
-        self.skips.update({t.name: SkipLog() for t in self.general_tasks})
+        self._records: dict[tuple[str, int], list] = {}  # parsed records; they outlive connect()
 
     # ------------------------------------------------------------------ setup
     @property
@@ -209,17 +219,51 @@ class TaskSequence(L.LightningDataModule):
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         self.current, self.fraction, self.union = index, fraction, list(tasks) if tasks else None
 
+    # ------------------------------------------------------------------ files
+    def check_files(self) -> dict[str, int]:
+        """Read and check every task's training and test files now: every record parses and every
+        image it names exists (decoding waits for the batches). The records are kept for the
+        datasets, so nothing is read twice. Tasks that train from shards have their shards checked
+        at construction; their training JSON is not read. Returns the counts
+        ``{tasks, train, test, skipped}``."""
+        train = sum(len(self._train_records(i)) for i in range(self.num_tasks) if self.tasks[i].train_shards is None)
+        test = sum(len(self._test_records(i)) for i in range(-len(self.general_tasks), self.num_tasks))
+        skipped = sum(log.total for log in [*self.skips.values(), *self.test_skips.values()])
+        return {"tasks": self.num_tasks, "train": train, "test": test, "skipped": skipped}
+
+    def _train_records(self, index: int) -> list:
+        t = self.tasks[index]
+        if ("train", index) not in self._records:
+            convs = load_conversations(t.train, t.image_root, on_bad_sample=self.on_bad_sample,
+                                       skips=self.skips[t.name], limit=self.train_limit)
+            if not convs:
+                raise BadSampleError(t.train, f"task {t.name}: no usable training samples "
+                                              f"({self.skips[t.name].total} skipped as bad)")
+            self._records["train", index] = convs
+        return self._records["train", index]
+
+    def task_spec(self, index: int) -> TaskSpec:
+        """Task ``index`` of the sequence; ``-1 - j``: general task ``j``."""
+        return self.tasks[index] if index >= 0 else self.general_tasks[-1 - index]
+
+    def _test_records(self, index: int) -> list:
+        t = self.task_spec(index)
+        if ("test", index) not in self._records:
+            answers = None if t.annotation is None else read_annotation(t.annotation, t.annotation_format or "")
+            records = load_test_records(t.test, t.image_root, on_bad_sample=self.on_bad_sample,
+                                        skips=self.test_skips[t.name], limit=self.test_limit, answers_from=answers)
+            if not records:
+                raise BadSampleError(t.test, f"task {t.name}: no usable test rows "
+                                             f"({self.test_skips[t.name].total} skipped as bad)")
+            self._records["test", index] = records
+        return self._records["test", index]
+
     # ---------------------------------------------------------------- datasets
     def train_dataset(self, index: int) -> ConversationDataset:
         encoder = self._need_model()
         if index not in self._train_cache:
-            t = self.tasks[index]
-            convs = load_conversations(t.train, t.image_root, on_bad_sample=self.on_bad_sample,
-                                       skips=self.skips[t.name], limit=self.train_limit)
-            if not convs:
-                raise ValueError(f"task {t.name}: no usable training samples in {t.train}")
-            self._train_cache[index] = ConversationDataset(convs, encoder, self.images, task_id=index,
-                                                           on_bad_sample=self.on_bad_sample)
+            self._train_cache[index] = ConversationDataset(self._train_records(index), encoder, self.images,
+                                                           task_id=index, on_bad_sample=self.on_bad_sample)
         return self._train_cache[index]
 
     def scorers(self, task: TaskSpec) -> list[str]:
@@ -230,11 +274,8 @@ class TaskSequence(L.LightningDataModule):
         """Task ``index``'s test set; ``-1 - j``: general task ``j`` (its samples carry task id -1)."""
         encoder = self._need_model()
         if index not in self._test_cache:
-            t = self.tasks[index] if index >= 0 else self.general_tasks[-1 - index]
-            answers = None if t.annotation is None else read_annotation(t.annotation, t.annotation_format or "")
-            records = load_test_records(t.test, t.image_root, on_bad_sample=self.on_bad_sample,
-                                        skips=self.skips[t.name], limit=self.test_limit, answers_from=answers)
-            self._test_cache[index] = PromptDataset(records, encoder, self.images, task_id=max(index, -1),
+            self._test_cache[index] = PromptDataset(self._test_records(index), encoder, self.images,
+                                                    task_id=max(index, -1),
                                                     on_bad_sample=self.on_bad_sample)
         return self._test_cache[index]
 
@@ -296,6 +337,14 @@ class TaskSequence(L.LightningDataModule):
     def skip_report(self, index: int | None = None) -> str:
         name = self.tasks[self.current if index is None else index].name
         return self.skips[name].summary(name)
+
+    def eval_skips(self, index: int, skipped: list[str]) -> SkipLog:
+        """What one evaluation of task ``index`` left out: the rows dropped when its test file was
+        read and ``skipped``, the messages of rows its batches dropped (a corrupt image)."""
+        read = self.test_skips[self.task_spec(index).name]
+        log = SkipLog(counts=Counter(read.counts), examples=list(read.examples))
+        log.extend(skipped)
+        return log
 
 
 def _with_shards(tasks: list[TaskSpec], shards: str | dict[str, str] | None) -> list[TaskSpec]:

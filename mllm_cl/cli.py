@@ -2,7 +2,10 @@
 
 ``fit`` goes to the LightningCLI subclass (issue #4); ``data``, ``report`` and
 ``pretrain`` are plain subcommands. A subcommand that is not built yet says
-so and exits with status 2 rather than pretending.
+so and exits with status 2 rather than pretending. A user error (a bad sample,
+a refused resume, a missing file, a config that does not parse) is one message
+and status 2, Ctrl-C status 130; ``--debug`` adds the traceback
+(``mllm_cl.errors``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,11 @@ import sys
 PLANNED: dict[str, tuple[str, int]] = {}
 
 
+def plain(doc: str | None) -> str | None:
+    """A module docstring as help text: without the reST literal markup (double backquotes) meant for the source."""
+    return None if doc is None else doc.replace("``", "")
+
+
 def _parser() -> argparse.ArgumentParser:
     from mllm_cl import __version__
 
@@ -22,18 +30,20 @@ def _parser() -> argparse.ArgumentParser:
         description="Multimodal continual instruction tuning with mixtures of LoRA experts.",
     )
     ap.add_argument("--version", action="version", version=f"mllm-cl {__version__}")
+    ap.add_argument("--debug", action="store_true",
+                    help="print the traceback of an error too (anywhere on the command line; or MLLM_CL_DEBUG=1)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     from mllm_cl import demo
     from mllm_cl.data import cli as data_cli
     from mllm_cl import quickstart
     from mllm_cl.report import cli as report_cli
 
-    quickstart.add_arguments(sub.add_parser("quickstart", help=quickstart.HELP, description=quickstart.__doc__,
+    quickstart.add_arguments(sub.add_parser("quickstart", help=quickstart.HELP, description=plain(quickstart.__doc__),
                                             formatter_class=argparse.RawDescriptionHelpFormatter))
-    demo.add_arguments(sub.add_parser("demo", help=demo.HELP, description=demo.__doc__,
+    demo.add_arguments(sub.add_parser("demo", help=demo.HELP, description=plain(demo.__doc__),
                                       formatter_class=argparse.RawDescriptionHelpFormatter))
-    report_cli.add_arguments(sub.add_parser("report", help=report_cli.HELP, description=report_cli.__doc__))
-    data_cli.add_arguments(sub.add_parser("data", help=data_cli.HELP, description=data_cli.__doc__,
+    report_cli.add_arguments(sub.add_parser("report", help=report_cli.HELP, description=plain(report_cli.__doc__)))
+    data_cli.add_arguments(sub.add_parser("data", help=data_cli.HELP, description=plain(data_cli.__doc__),
                                           formatter_class=argparse.RawDescriptionHelpFormatter))
     sub.add_parser("fit", help="run a continual task sequence from YAML configs (see `mllm-cl fit --help`)",
                    add_help=False)
@@ -47,7 +57,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from mllm_cl.errors import run_command, split_debug
+
+    argv, debug = split_debug(sys.argv[1:] if argv is None else list(argv))
+    return run_command(lambda: _dispatch(argv), debug=debug)
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "fit":  # LightningCLI owns fit's options and its --help
         from mllm_cl.fit import main as fit_main
 

@@ -1,4 +1,4 @@
-"""A one-minute demo of the expert stack on a tiny random MLLM (CPU).
+"""A ten-second demo of the expert stack on a tiny random MLLM (CPU).
 
 It builds a tiny vision + language model from configuration, injects a pool
 of LoRA experts with a top-k token router into the language model's
@@ -7,7 +7,8 @@ the model a toy visual task (name the colour of a plain image) with only the
 experts and routers trainable. It prints the loss and the exact-match accuracy
 of greedy answers before and after.
 
-Until the quickstart lands (issue #7) this is what the README's main command runs.
+For the continual loop itself (a task sequence, an accuracy matrix, a report)
+run `mllm-cl quickstart` (the pretrained tiny base, minutes on a CPU).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import torch
 from torch import nn
 
-HELP = "train a pool of LoRA experts on a toy colour task (tiny model, CPU, ~1 minute)"
+HELP = "train a pool of LoRA experts on a toy colour task (tiny model, CPU, ~10 s)"
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 210, 40)}
 
 

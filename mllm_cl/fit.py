@@ -13,7 +13,10 @@ launcher (it re-runs this command with ``LOCAL_RANK`` set), and the process
 group is set up once; every later Trainer finds it. ``ddp`` here finds unused
 parameters (a top-k router leaves some experts without gradient in a step).
 The strategy is checked against the method before anything is built
-(``mllm_cl.system.strategies``).
+(``mllm_cl.system.strategies``), and so is the run directory: another config
+there is refused, a finished run is left as it is. Every task's files are
+read and checked before any Trainer is built (``TaskSequence.check_files``).
+Help, refused options and parse errors: ``mllm_cl.fit_options``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks import ContinualCallback
 from data_modules import TaskSequence
+from mllm_cl import fit_options
+from mllm_cl.errors import UserError
 from mllm_cl.system.module import ContinualMLLM
 
 # Trainer options the loop sets itself for every phase.
@@ -32,7 +37,29 @@ _LOOP_OWNED = ("max_steps", "max_epochs", "callbacks", "logger", "enable_checkpo
                "limit_val_batches", "num_sanity_val_steps")
 
 
+class RunFinished(Exception):
+    """The run directory holds a finished run of this config: there is nothing to do."""
+
+
 class ContinualCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # fit only; Trainer.fit's ckpt_path and weights_only are no options here (fit_options.REFUSED)
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule", "ckpt_path", "weights_only"}}
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        fit_options.order_help(self._subcommand_parsers["fit"] if add_subcommands else self.parser)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        from argparse import ArgumentError
+
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:  # one message, no usage dump (parsers are built with exit_on_error=False)
+            fit_parser = getattr(self, "_subcommand_parsers", {}).get("fit", parser)
+            raise fit_options.explain(e.message, fit_parser, list(args or [])) from e
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--experiment", type=str, default="experiment",
                             help="experiment name: the run directory defaults to runs/<experiment>-<method>-s<seed>")
@@ -52,10 +79,47 @@ class ContinualCLI(LightningCLI):
 
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         module, _, name = str(cfg["model"]["method"]["class_path"]).rpartition(".")
+        method = getattr(importlib.import_module(module), name)
         strategy = cfg["trainer"]["strategy"]
         if isinstance(strategy, Namespace):
             strategy = strategy.as_dict()
-        check_strategy(strategy, getattr(importlib.import_module(module), name))
+        try:
+            check_strategy(strategy, method)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+        fit_options.refuse_loop_owned(cfg["trainer"], self._parser(self.subcommand).get_defaults()["trainer"])
+        if self.subcommand == "fit":
+            self._check_run_dir(cfg, method.name)
+
+    def _check_run_dir(self, cfg, method_name: str) -> None:
+        """The run directory, checked before the backbone is built: another config there is refused
+        (``ConfigMismatch``), a finished run of this one is left as it is (``RunFinished``)."""
+        from mllm_cl.system.run_dir import RunDir
+
+        seed = int(cfg["seed_everything"])
+        self.run_dir = cfg["trainer"].get("default_root_dir") or f"runs/{cfg['experiment']}-{method_name}-s{seed}"
+        self.config_text = self._parser("fit").dump(cfg, skip_link_targets=False)
+        run = RunDir(self.run_dir)
+        if run.check_config(self.config_text) and (results := run.finished()) is not None:
+            raise RunFinished(f"mllm-cl: {self.run_dir} holds a finished run of this config "
+                              f"({results['completed_tasks']} of {len(results['order'])} tasks); nothing to do. "
+                              f"Results: {run.results_path} (`mllm-cl report {self.run_dir}` for the tables); "
+                              "another --trainer.default_root_dir starts a new run.")
+
+    def instantiate_trainer(self, **kwargs):
+        """Every task's files are read and checked first: a malformed file of the last task stops
+        the run here, in seconds, before any Trainer exists and before the first task trains."""
+        import time
+
+        from lightning.pytorch.utilities import rank_zero_only
+
+        t0 = time.time()
+        n = self.datamodule.check_files()
+        if rank_zero_only.rank == 0 and self.subcommand == "fit":
+            skipped = f", {n['skipped']} skipped as bad" if n["skipped"] else ""
+            print(f"mllm-cl: data: files of {n['tasks']} tasks checked ({n['train']} training and {n['test']} test "
+                  f"records{skipped}) in {time.time() - t0:.1f} s", flush=True)
+        return super().instantiate_trainer(**kwargs)
 
     def fit(self, model: ContinualMLLM, datamodule: TaskSequence, **_) -> None:
         import logging
@@ -67,7 +131,7 @@ class ContinualCLI(LightningCLI):
 
         cfg = self.config["fit"]
         seed = int(cfg["seed_everything"])
-        run_dir = cfg["trainer"].get("default_root_dir") or f"runs/{cfg['experiment']}-{model.method.name}-s{seed}"
+        run_dir = self.run_dir  # checked in before_instantiate_classes
         trainer_cfg = self.config_init["fit"]["trainer"]
         base = {k: v for k, v in trainer_cfg.items() if k not in _LOOP_OWNED}
         callbacks = list(self.trainer.callbacks) + model.method.callbacks()  # a method's own statistics
@@ -97,7 +161,7 @@ class ContinualCLI(LightningCLI):
             logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
             return trainer
 
-        config_text = self._parser("fit").dump(cfg, skip_link_targets=False)
+        config_text = self.config_text
         first = make_trainer(1)  # starts the other processes (ddp) and says which device is ours
 
         def run() -> None:
@@ -130,12 +194,19 @@ def run_cli(args: list[str], cli_class: type[ContinualCLI] = None) -> ContinualC
         args=["fit", *args],
         save_config_callback=None,  # the loop writes RUN/config.yaml itself, and checks it on resume
         trainer_defaults={"enable_checkpointing": False, "logger": False},
-        parser_kwargs={"prog": "mllm-cl", "fit": {"default_config_files": []}},
+        # Parse errors are raised (and explained in one message by parse_arguments), not printed after the
+        # usage of every option; jsonargparse gives a subcommand its parent's formatter.
+        parser_kwargs={"prog": "mllm-cl", "exit_on_error": False, "formatter_class": fit_options.HelpFormatter,
+                       "fit": {"default_config_files": [], "exit_on_error": False, "usage": fit_options.USAGE,
+                               "description": fit_options.DESCRIPTION}},
         seed_everything_default=0,
         auto_configure_optimizers=False,  # ContinualMLLM gives the optimizer only trainable parameters
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    run_cli(sys.argv[2:] if argv is None else argv)
+    try:
+        run_cli(sys.argv[2:] if argv is None else argv)
+    except RunFinished as done:
+        print(done)
     return 0

@@ -35,7 +35,7 @@ HELP = "pretrain the tiny base model on the synthetic caption set (configs/pretr
 
 
 def _parser() -> ArgumentParser:
-    p = ArgumentParser(prog="mllm-cl pretrain", description=__doc__)
+    p = ArgumentParser(prog="mllm-cl pretrain", description=__doc__.replace("``", ""))  # no reST markup in --help
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with the options below")
     p.add_argument("--out", type=str, default="mllm_cl/assets/tiny-base", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data and order")

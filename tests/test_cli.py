@@ -21,6 +21,14 @@ def test_help_lists_every_subcommand():
         assert cmd in out.stdout
 
 
+def test_help_texts_show_no_source_markup():
+    for command in (["report"], ["data"], ["demo"], ["quickstart"], ["pretrain"]):
+        out = _run(*command, "--help")
+        assert out.returncode == 0 and "usage:" in out.stdout, out.stderr
+        assert "``" not in out.stdout, command
+    assert "quickstart lands" not in _run("demo", "--help").stdout
+
+
 def test_data_shard_writes_shards_with_a_progress_bar(tmp_path):
     import json
 

@@ -28,8 +28,12 @@ from mllm_cl.experts import RoutingContext
 
 @torch.no_grad()
 def predict(model, tokenizer, loader, *, max_new_tokens: int,
-            context: Callable[[dict[str, Any]], RoutingContext | None], desc: str = "") -> list[dict[str, Any]]:
-    """Greedy answers for every prompt of ``loader``'s dataset, in dataset order (all ranks' shards)."""
+            context: Callable[[dict[str, Any]], RoutingContext | None], desc: str = "",
+            on_skipped: Callable[[list[str]], Any] | None = None) -> list[dict[str, Any]]:
+    """Greedy answers for every prompt of ``loader``'s dataset, in dataset order (all ranks' shards).
+
+    Rows a batch left out as bad input (``on_bad_sample: skip``) have no answer; their messages
+    go to ``on_skipped`` (this rank's only), so that the caller can count and report them."""
     rows = []
     device = next(model.parameters()).device
     line = ProgressLine(enabled=is_writer())  # in place on a terminal, a line every 30 s in a log
@@ -39,6 +43,8 @@ def predict(model, tokenizer, loader, *, max_new_tokens: int,
         total = ""
     for k, batch in enumerate(loader, 1):
         line.update(f"{desc or 'evaluating'} · batch {k}{total} · {duration(line.elapsed())}")
+        if on_skipped is not None and batch.get("skipped"):
+            on_skipped(batch["skipped"])
         if batch.get("empty"):
             continue
         # On the model's device once: the routing context (a task locator's own forward) reads it too.

@@ -41,3 +41,13 @@ def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     merged = [r for part in parts for r in part]
     merged.sort(key=lambda r: r["index"])
     return merged
+
+
+def gather_messages(messages: list[str]) -> list[str]:
+    """Every rank's messages (skipped test rows, ...), on every rank, rank 0's first."""
+    _, size = world()
+    if size == 1:
+        return list(messages)
+    parts: list[list[str] | None] = [None] * size
+    dist.all_gather_object(parts, list(messages))
+    return [m for part in parts for m in part]

@@ -1,4 +1,8 @@
-"""``mllm-cl report RUN_DIR [RUN_DIR ...]``: one table over runs, and per run report.md, CSV and plots."""
+"""Print one table over run directories and write, per run, report.md, accuracy_matrix.csv and plots/.
+
+The table gains a column of training samples and one of test rows skipped as
+bad input (--data.on_bad_sample skip) when some run skipped any; report.md
+lists them per task and stage."""
 
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ from typing import Any
 from mllm_cl.system.run_dir import SCHEMA_VERSION
 
 METRICS = ("MFT", "MFN", "MAA", "BWT", "forgetting", "FWT")
+#: Columns a table shows only where some run has something in them (bad input skipped).
+OPTIONAL = ("train skipped", "test skipped")
 
 
 def load_results(run_dir: str | Path) -> dict[str, Any]:
@@ -42,6 +44,16 @@ def run_seconds(results: dict[str, Any]) -> float:
                                                          for t in timings["tasks"])
 
 
+def skipped_counts(results: dict[str, Any]) -> tuple[int, int, int]:
+    """(training samples skipped over all tasks, test rows skipped and scored at the last evaluated
+    stage, summed over its tasks); zeros for runs without ``bad_samples`` (older results.json)."""
+    bad = results.get("bad_samples") or {}
+    train = sum(t["skipped"] for t in bad.get("train", {}).values())
+    stages = bad.get("eval", {})
+    last = stages[max(stages)] if stages else {}
+    return train, sum(t["skipped"] for t in last.values()), sum(t["scored"] for t in last.values())
+
+
 def row(run_dir: str | Path, results: dict[str, Any]) -> dict[str, str]:
     """One table row of a run."""
     metrics = results.get("metrics") or {}
@@ -49,6 +61,7 @@ def row(run_dir: str | Path, results: dict[str, Any]) -> dict[str, str]:
     stored = results["params"]["stored_per_task"]
     modes = sorted({t["mode"] for t in results["tasks"]})
     done = results["completed_tasks"]
+    train_skipped, test_skipped, scored = skipped_counts(results)
     return {
         "run": Path(run_dir).name,
         "method": results["method"],
@@ -59,6 +72,8 @@ def row(run_dir: str | Path, results: dict[str, Any]) -> dict[str, str]:
         "retention": retention_text(results),
         "mode": ",".join(modes),
         "tasks": f"{done}/{len(results['tasks'])}",
+        "train skipped": str(train_skipped) if train_skipped else "",
+        "test skipped": f"{test_skipped} of {test_skipped + scored}" if test_skipped else "",
     }
 
 
@@ -74,7 +89,7 @@ def table(rows: list[dict[str, str]]) -> str:
     """A plain-text table with aligned columns."""
     if not rows:
         return ""
-    cols = list(rows[0])
+    cols = [c for c in rows[0] if c not in OPTIONAL or any(r[c] for r in rows)]
     width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
     lines = ["  ".join(c.ljust(width[c]) for c in cols), "  ".join("-" * width[c] for c in cols)]
     lines += ["  ".join(r[c].ljust(width[c]) for c in cols) for r in rows]
@@ -113,6 +128,7 @@ def markdown(run_dir: Path, results: dict[str, Any]) -> str:
                                                         zip(names, results["locator_accuracy"])), ""]
     lines += general_markdown(results)
     lines += method_metrics_markdown(results)
+    lines += _bad_samples_section(results)
     lines += ["## Parameters and time per task", "", "| task | trainable | stored | train s | eval s |",
               "|---|---|---|---|---|"]
     for i, name in enumerate(names[: results["completed_tasks"]]):
@@ -165,4 +181,21 @@ def general_markdown(results: dict[str, Any]) -> list[str]:
         lines.append(f"| {stage.replace('_', ' ')} | " + " | ".join(_fmt(scores.get(t, {}).get(s)) for t, s in cols) + " |")
     if general.get("retention"):
         lines += ["", "Retention (last stage / zero-shot): " + retention_text(results) + "."]
+    return lines + [""]
+
+
+def _bad_samples_section(results: dict[str, Any]) -> list[str]:
+    """What ``on_bad_sample: skip`` left out, when it left anything: per task (training) and per
+    task and stage (test rows; each of those scores is over the rows scored)."""
+    bad = results.get("bad_samples") or {}
+    train = {n: t for n, t in bad.get("train", {}).items() if t["skipped"]}
+    stages = {s: {n: t for n, t in tasks.items() if t["skipped"]} for s, tasks in sorted(bad.get("eval", {}).items())}
+    stages = {s: tasks for s, tasks in stages.items() if tasks}
+    if not train and not stages:
+        return []
+    why = lambda t: ", ".join(f"{n} x {r}" for r, n in t["reasons"].items())  # noqa: E731
+    lines = ["## Bad input skipped", "", "| where | task | skipped | scored | why |", "|---|---|---|---|---|"]
+    lines += [f"| training | {n} | {t['skipped']} | – | {why(t)} |" for n, t in train.items()]
+    lines += [f"| {s} | {n} | {t['skipped']} | {t['scored']} | {why(t)} |" for s, tasks in stages.items()
+              for n, t in tasks.items()]
     return lines + [""]

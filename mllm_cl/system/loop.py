@@ -9,6 +9,12 @@ Resume: ``results.json`` says how many tasks are finished; the loop replays
 the method's ``on_task_start`` for them to rebuild the expert structure,
 loads the last task's adapters, and goes on. Each task's seed derives from
 the run seed, so an interrupted and an uninterrupted run give the same matrix.
+
+Every task's files are checked before the zero-shot row (``TaskSequence.check_files``).
+Ctrl-C raises ``Interrupted`` naming the task and phase it stopped in (``interrupt.py``).
+Bad input skipped under ``on_bad_sample: skip`` is counted per task (training) and per
+task and stage (evaluation: each score is over the rows that could be read) in the log
+and in ``results.json``'s ``bad_samples``.
 """
 
 from __future__ import annotations
@@ -19,10 +25,13 @@ from typing import Callable
 
 import lightning as L
 
+from mllm_cl.data.errors import BadSampleError
 from mllm_cl.distributed import broadcast, is_writer
 from mllm_cl.eval.continual_metrics import continual_metrics, final_row_metrics
 from mllm_cl.eval.evaluate import predict, score, write_predictions
+from mllm_cl.eval.sharding import gather_messages
 from mllm_cl.system.environment import record_environment
+from mllm_cl.system.interrupt import Interrupted, fit_phase, interrupted_message
 from mllm_cl.system.run_dir import RunDir, adapter_state, new_results, parameter_counts
 
 #: Test hook: raise right after the checkpoint of this task number (1-based) is saved.
@@ -70,10 +79,18 @@ class ContinualLoop:
 
     # -------------------------------------------------------------------- run
     def __call__(self) -> dict:
+        self._at, self._done = (None, "setup"), 0  # where a Ctrl-C stops the run, and the tasks finished
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted_message(*self._at, self._done))
+
+    def _run(self) -> dict:
         module, dm, method = self.module, self.dm, self.module.method
         T = dm.num_tasks
         spec = module.model.data_spec()
         dm.connect(module.tokenizer, module.image_processor(), spec.pop("num_image_tokens"), **spec)
+        dm.check_files()  # every task's files before the zero-shot row (done already, and kept, under mllm-cl fit)
         module.sequence = dm  # callbacks that need a task's data at task end (a task locator) read it here
         self._to_device()
         resuming, results = broadcast(self._claim())  # rank 0 reads and writes; every rank gets its answer
@@ -83,11 +100,13 @@ class ContinualLoop:
             tasks = [{"name": t.name, "scorer": t.scorer, "mode": self.score_mode} for t in dm.tasks]
             results = new_results(method=method.name, experiment=self.experiment, seed=self.seed, tasks=tasks,
                                   one_row=method.one_row)
-        done = results["completed_tasks"]
+        done = self._done = results["completed_tasks"]
+        self.bad_samples = results.setdefault("bad_samples", {"train": {}, "eval": {}})  # results.json's counts
         self.print(f"mllm-cl: run directory {self.run.path} ({'resuming after task ' + str(done) if done else 'new run'})")
         self.print(f"mllm-cl: {record_environment(results, self.device)}")  # results.json's environment block
         rebuild(module, self.run, done)
         if results["zero_shot"] is None:
+            self._at = (None, "the zero-shot evaluation")
             t0 = time.time()
             results["zero_shot"] = self._evaluate(stage=0, tasks=range(T))
             self._evaluate_general(results, stage=0)
@@ -107,6 +126,7 @@ class ContinualLoop:
     def _task(self, t: int, results: dict) -> None:
         module, dm, method = self.module, self.dm, self.module.method
         T = dm.num_tasks
+        self._at = (t + 1, "task start")
         L.seed_everything(dm.task_seed(t), workers=True, verbose=False)
         method.on_task_start(module.model, t)
         self._hook("on_task_start", t)
@@ -126,7 +146,8 @@ class ContinualLoop:
                     trainable[name] = p
             t0 = time.time()
             self.print(f"mllm-cl: task {t + 1}/{T} {dm.tasks[t].name}: phase {phase.name}, {steps} steps")
-            self.make_trainer(steps, phase.accumulation).fit(module, datamodule=dm)
+            self._at = (t + 1, f"phase {phase.name}")
+            fit_phase(self.make_trainer(steps, phase.accumulation), module, dm)
             self._to_device()
             timings[phase.name] = round(time.time() - t0, 3)
             # What the method creates after a fit (cmoe's grown routers) must not depend on how many random
@@ -135,8 +156,11 @@ class ContinualLoop:
             method.on_phase_end(module.model, t, phase)
             self._hook("on_phase_end", t, phase)
             self.print(dm.skip_report(t))
+        skips = dm.skips[dm.tasks[t].name]
+        self.bad_samples["train"][dm.tasks[t].name] = {"skipped": skips.total, "reasons": dict(skips.counts)}
         method.on_task_end(module.model, t)
         self._hook("on_task_end", t)
+        self._at = (t + 1, "evaluation")
         t0 = time.time()
         if not method.one_row or t == T - 1:
             upto = min(T - 1, t + 1) if self.eval_future_tasks else t
@@ -153,7 +177,7 @@ class ContinualLoop:
         results["timings"]["tasks"].append({"phases": timings, "eval_s": round(time.time() - t0, 3)})
         self.run.save_checkpoint(t + 1, module.model, {"method": method.name, "backbone": module.backbone_info,
                                                        "method_state": facts}, tensors)
-        results["completed_tasks"] = t + 1
+        results["completed_tasks"] = self._done = t + 1
         self.run.save_results(results)
         if os.environ.get(FAULT_ENV) == str(t + 1):
             raise InjectedFault(f"{FAULT_ENV}={t + 1}: stopping after task {t + 1} as asked")
@@ -193,22 +217,38 @@ class ContinualLoop:
     def _evaluate(self, *, stage: int, tasks) -> list[float]:
         module, dm = self.module, self.dm
         module.model.eval()
-        scores = []
+        scores, dropped = [], []
         try:
             for i in tasks:
-                spec = dm.tasks[i]
-                rows = predict(module.model, module.tokenizer, dm.test_dataloader(i), max_new_tokens=spec.max_new_tokens,
-                               context=lambda b: module.method.routing_context(b, training=False),
-                               desc=f"eval stage {stage} {spec.name}")
-                if self.run.writer:
-                    write_predictions(rows, self.run.predictions_path(stage, spec.name))
-                scores.append(round(score(rows, spec.scorer, self.score_mode), 4))
+                rows, log = self._predict(stage, i)
+                dropped.append((len(rows), log))
+                scores.append(round(score(rows, dm.tasks[i].scorer, self.score_mode), 4))
         finally:
             module.model.train()
         self._log({f"eval/{dm.tasks[i].name}": s for i, s in zip(tasks, scores)}, step=stage)
-        names = ", ".join(f"{dm.tasks[i].name}={s:.1f}" for i, s in zip(tasks, scores))
+        names = ", ".join(f"{dm.tasks[i].name}={s:.1f}" + _dropped_note(*d) for i, s, d in zip(tasks, scores, dropped))
         self.print(f"mllm-cl: stage {stage:02d}: {names}")
+        for i, (_, d) in zip(tasks, dropped):
+            if d.total:
+                self.print(d.summary(f"{dm.tasks[i].name} (stage {stage:02d} evaluation)"))
         return scores
+
+    def _predict(self, stage: int, index: int) -> tuple[list[dict], object]:
+        """Task ``index``'s predictions at ``stage`` (``-1 - j``: general task ``j``), written to the run
+        directory, and the log of the test rows left out as bad input."""
+        module, spec = self.module, self.dm.task_spec(index)
+        skipped: list[str] = []
+        rows = predict(module.model, module.tokenizer, self.dm.test_dataloader(index),
+                       max_new_tokens=spec.max_new_tokens,
+                       context=lambda b: module.method.routing_context(b, training=False),
+                       desc=f"eval stage {stage} {spec.name}", on_skipped=skipped.extend)
+        log = self._note_eval_skips(stage, index, len(rows), gather_messages(skipped))
+        if self.run.writer:
+            write_predictions(rows, self.run.predictions_path(stage, spec.name))
+        if not rows:
+            raise BadSampleError(spec.test, f"task {spec.name}: every test row was skipped as bad at stage "
+                                            f"{stage}: nothing to score\n{log.summary(spec.name)}")
+        return rows, log
 
     def _evaluate_general(self, results: dict, *, stage: int) -> None:
         """The general tasks (never trained) at this stage: ``results["general"]["scores"]["stage_NN"]``."""
@@ -222,12 +262,7 @@ class ContinualLoop:
         module.model.eval()
         try:
             for j, spec in enumerate(general):
-                rows = predict(module.model, module.tokenizer, self.dm.test_dataloader(-1 - j),
-                               max_new_tokens=spec.max_new_tokens,
-                               context=lambda b: module.method.routing_context(b, training=False),
-                               desc=f"eval stage {stage} {spec.name} (general)")
-                if self.run.writer:
-                    write_predictions(rows, self.run.predictions_path(stage, spec.name))
+                rows, _ = self._predict(stage, -1 - j)
                 scores[spec.name] = {s: round(score(rows, s, self.score_mode), 4) for s in self.dm.scorers(spec)}
         finally:
             module.model.train()
@@ -235,6 +270,13 @@ class ContinualLoop:
         self._log({f"general/{n}/{s}": v for n, d in scores.items() for s, v in d.items()}, step=stage)
         self.print(f"mllm-cl: stage {stage:02d} general: " + ", ".join(
             f"{n} " + " ".join(f"{s}={v:.1f}" for s, v in d.items()) for n, d in scores.items()))
+
+    def _note_eval_skips(self, stage: int, index: int, scored: int, skipped: list[str]):
+        """Count what the evaluation of task ``index`` at ``stage`` left out (for results.json)."""
+        log = self.dm.eval_skips(index, skipped)
+        self.bad_samples["eval"].setdefault(f"stage_{stage:02d}", {})[self.dm.task_spec(index).name] = {
+            "scored": scored, "skipped": log.total, "reasons": dict(log.counts)}
+        return log
 
     def _metrics(self, results: dict) -> dict:
         if self.module.method.one_row:
@@ -265,3 +307,8 @@ def general_retention(general: dict) -> dict:
         return {}
     return {task: {s: (round(last[task][s] / v, 4) if v else None) for s, v in by_scorer.items()}
             for task, by_scorer in first.items()}
+
+
+def _dropped_note(scored: int, log) -> str:
+    """What a stage line says after a score that left test rows out."""
+    return f" (over {scored} of {scored + log.total} rows; {log.total} skipped as bad)" if log.total else ""

@@ -11,13 +11,13 @@ half-written results.json or checkpoint behind.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,7 +27,33 @@ SCHEMA_VERSION = 1
 
 
 class ConfigMismatch(RuntimeError):
-    pass
+    """A run directory holds another config than the one given; the message lists the keys that differ."""
+
+
+_ABSENT = object()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys (``model.lr``, ``data.tasks[1].train``) -> values; lists of scalars stay whole."""
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
+def config_differences(saved: str, now: str) -> list[str]:
+    """``KEY: SAVED -> NOW`` for every full key whose value differs between two YAML configs."""
+    a, b = _flatten(yaml.safe_load(saved) or {}), _flatten(yaml.safe_load(now) or {})
+    show = lambda v: "(absent)" if v is _ABSENT else json.dumps(v, default=str)  # noqa: E731
+    return [f"{k}: {show(a.get(k, _ABSENT))} -> {show(b.get(k, _ABSENT))}"
+            for k in [*a, *(k for k in b if k not in a)] if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -85,6 +111,11 @@ def new_results(*, method: str, experiment: str, seed: int, tasks: list[dict], o
     locator_accuracy (per task, for methods with a task locator, else null),
     params {trainable_per_task: [{total, by_kind}], stored_per_task: [{total, by_kind}]},
     timings {zero_shot_eval_s, tasks: [{phases: {name: seconds}, eval_s}]},
+    bad_samples {train: {task: {skipped, reasons}}, eval: {stage_NN: {task: {scored, skipped, reasons}}}}
+    (input left out under ``on_bad_sample: skip``: training samples per task, counted each time
+    a batch met one; test rows per task and stage, each score being over the ``scored`` rows),
+    general {tasks: [{name, scorers}], scores: {stage_NN: {task: {scorer: score}}}, retention}
+    (general tasks, never trained: ``data.general``),
     completed_tasks (how many tasks are finished: a resume starts after them),
     environment (versions, CPU, threads, device, git commit: ``system.environment``; the loop adds
     it, and ``earlier_environments`` when a resumed run's differs).
@@ -104,6 +135,7 @@ def new_results(*, method: str, experiment: str, seed: int, tasks: list[dict], o
         "locator_accuracy": None,
         "params": {"trainable_per_task": [], "stored_per_task": []},
         "timings": {"zero_shot_eval_s": None, "tasks": []},
+        "bad_samples": {"train": {}, "eval": {}},
         "completed_tasks": 0,
     }
 
@@ -129,23 +161,39 @@ class RunDir:
     def predictions_path(self, stage: int, task: str) -> Path:
         return self.path / "predictions" / f"stage_{stage:02d}" / f"{task}.jsonl"
 
-    def claim(self, config_text: str) -> bool:
-        """Write config.yaml, or check it against an existing one. True when resuming."""
+    def check_config(self, config_text: str) -> bool:
+        """True when the directory holds a run of this config, False when it holds none; raises
+        ``ConfigMismatch`` listing the keys that differ when it holds a run of another config.
+        Configs are compared by value (comments and layout do not count)."""
         path = self.path / "config.yaml"
-        if not self.writer:
-            raise RuntimeError("only the writing process claims the run directory")
-        if path.exists():
-            old = path.read_text()
-            if old != config_text:
-                diff = [l for l in difflib.unified_diff(old.splitlines(), config_text.splitlines(), "saved", "now",
-                                                        lineterm="", n=0) if not l.startswith("@@")]
+        if not path.exists():
+            return False
+        old = path.read_text()
+        if old != config_text:
+            diff = config_differences(old, config_text)
+            if diff:
+                more = [f"... and {len(diff) - 40} more"] if len(diff) > 40 else []
                 raise ConfigMismatch(
                     f"{path} holds a different config; refusing to resume a run with another config. "
-                    f"Choose another --trainer.default_root_dir or delete the run. Differences:\n" + "\n".join(diff[:40])
-                )
+                    "Choose another --trainer.default_root_dir or delete the run. Differences (saved -> now):\n"
+                    + "\n".join(f"  {d}" for d in diff[:40] + more))
+        return True
+
+    def claim(self, config_text: str) -> bool:
+        """Write config.yaml, or check it against an existing one. True when resuming."""
+        if not self.writer:
+            raise RuntimeError("only the writing process claims the run directory")
+        if self.check_config(config_text):
             return True
-        _atomic_write(path, config_text.encode())
+        _atomic_write(self.path / "config.yaml", config_text.encode())
         return False
+
+    def finished(self) -> dict[str, Any] | None:
+        """The results of a run that finished every task (its final metrics written), else None."""
+        results = self.load_results()
+        if results and results["metrics"] is not None and results["completed_tasks"] == len(results["order"]):
+            return results
+        return None
 
     def load_results(self) -> dict[str, Any] | None:
         if not self.results_path.exists():

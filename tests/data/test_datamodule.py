@@ -1,5 +1,7 @@
 """TaskSequence: the continual DataModule over hand-written files, batched for a real tiny model."""
 
+import json
+
 import pytest
 import torch
 
@@ -111,3 +113,34 @@ def test_exactly_one_source_of_tasks(llava_dir):
         TaskSequence()
     with pytest.raises(FileNotFoundError, match="mllm-cl data synth"):
         TaskSequence(benchmark=str(llava_dir / "nothing"))
+
+
+def test_check_files_reads_every_task_at_once_and_stops_at_the_last_tasks_bad_record(llava_dir):
+    dm = TaskSequence(_tasks(llava_dir), template="short")
+    assert dm.check_files() == {"tasks": 2, "train": 6, "test": 4, "skipped": 0}  # no model connected yet
+    (llava_dir / "ground_test.jsonl").write_text('{"question_id": "g1", "text": "Where?", "answer": "x"}\n{"oops"\n')
+    with pytest.raises(BadSampleError, match=r"ground_test.jsonl: malformed JSON on line 2"):
+        TaskSequence(_tasks(llava_dir), template="short").check_files()
+    (llava_dir / "ground_test.jsonl").write_text('{"question_id": "g1", "image": "images/gone.png", "text": "Where?", '
+                                                 '"answer": "x"}\n')
+    with pytest.raises(BadSampleError, match=r"ground_test.jsonl, record 0: missing image: .*gone.png"):
+        TaskSequence(_tasks(llava_dir), template="short").check_files()
+    dm = TaskSequence(_tasks(llava_dir), template="short", on_bad_sample="skip")
+    with pytest.raises(BadSampleError, match=r"ground_test.jsonl: task ground: no usable test rows \(1 skipped as bad\)"):
+        dm.check_files()
+
+
+def test_test_rows_skipped_are_counted_apart_from_training_and_per_evaluation(llava_dir, backbone):
+    rows = json.loads((llava_dir / "colour_test.json").read_text())
+    rows.append({"question_id": "q4", "image": "images/gone.png", "text": "What colour is it?", "answer": "red"})
+    (llava_dir / "colour_test.json").write_text(json.dumps(rows))
+    (llava_dir / "images" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)  # q2 (and training s2)
+    dm = _dm(llava_dir, backbone, on_bad_sample="skip")
+    dm.check_files()
+    assert dm.skips["colour"].total == 0 and dm.test_skips["colour"].counts == {"missing image": 1}
+    for _ in range(2):  # every evaluation: the row dropped on reading plus the one its batch dropped
+        skipped = [m for b in dm.test_dataloader(0) for m in b["skipped"]]
+        log = dm.eval_skips(0, skipped)
+        assert log.counts == {"missing image": 1, "corrupt image": 1} and log.total == 2
+        assert "colour_test.json, record 1: corrupt image" in log.summary("colour")
+    assert dm.test_skips["colour"].total == 1  # per-evaluation counts are not added up in the task's log

@@ -88,3 +88,25 @@ def test_task_curves_draw_measured_points_only_dashed_across_skipped_stages(tmp_
     colour_of = {tuple(l.get_xdata()): l.get_color() for l in ax.get_lines() if l.get_linestyle() == "--"}
     assert colour_of == {(0, 2): marks[1].get_color(), (0, 3): marks[2].get_color()}  # each join in its task's colour
     assert len({m.get_color() for m in marks}) == 3
+
+
+def test_skipped_bad_input_gets_columns_only_where_a_run_skipped_any(tmp_path):
+    matrix = [[90.0, None, None], [20.0, 80.0, None], [0.0, 10.0, 70.0]]
+    a = _run(tmp_path, "skipped", "lora_ft", matrix)
+    b = _run(tmp_path, "clean", "lora_ft", matrix)
+    r = json.loads((a / "results.json").read_text())
+    row = {"scored": 9, "skipped": 1, "reasons": {"corrupt image": 1}}
+    r["bad_samples"] = {"train": {"shape": {"skipped": 2, "reasons": {"missing image": 2}}},
+                        "eval": {"stage_02": {"shape": row}, "stage_03": {"shape": row, "count": {**row, "skipped": 0}}}}
+    (a / "results.json").write_text(json.dumps(r))
+    run = lambda *dirs: subprocess.run([sys.executable, "-m", "mllm_cl.cli", "report", "--no-plots", *map(str, dirs)],
+                                       capture_output=True, text=True, timeout=120,
+                                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = run(b)
+    assert out.returncode == 0 and "skipped" not in out.stdout.splitlines()[0]
+    lines = run(a, b).stdout.splitlines()
+    assert lines[0].split()[-4:] == ["train", "skipped", "test", "skipped"]
+    assert lines[2].split()[-4:] == ["2", "1", "of", "19"]  # the last stage: 1 skipped, 9 + 9 scored
+    report = (a / "report.md").read_text()
+    assert "| training | shape | 2 | – | 2 x missing image |" in report
+    assert "| stage_03 | shape | 1 | 9 | 1 x corrupt image |" in report and "| stage_03 | count |" not in report

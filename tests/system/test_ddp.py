@@ -78,6 +78,23 @@ def test_two_processes_train_what_one_does(equal_bench, tmp_path, method):
         assert results[1]["method_metrics"] == results[0]["method_metrics"]
 
 
+def test_test_rows_skipped_on_either_process_are_counted_once(tmp_path, make_bench):
+    tasks = {"colour": ("What colour is it?", lambda c: c), "mood": ("How does it feel?", lambda c: c[::-1])}
+    bench = make_bench(tmp_path, COLOURS, tasks, train=8, test=5)
+    (bench / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    rows = json.loads((bench / "colour_test.json").read_text())
+    rows[1]["image"] = "images/broken.png"  # index 1: the second process's share (indices 1, 3)
+    (bench / "colour_test.json").write_text(json.dumps(rows))
+    run = tmp_path / "ddp"
+    out = _run(bench, run, "lora_ft", "--data.batch_size", "4", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+               "--data.on_bad_sample", "skip")
+    assert out.stdout.count("colour=") == 3 and out.stdout.count("(over 4 of 5 rows; 1 skipped as bad)") == 3
+    bad = json.loads((run / "results.json").read_text())["bad_samples"]["eval"]
+    assert {stage: tasks["colour"]["skipped"] for stage, tasks in bad.items()} == {"stage_00": 1, "stage_01": 1,
+                                                                                   "stage_02": 1}
+    assert all(tasks["colour"]["scored"] == 4 for tasks in bad.values())
+
+
 @pytest.mark.parametrize("strategy, why", [("fsdp", "sharded strategy"), ("deepspeed_stage_2", "sharded strategy"),
                                            ("ddp_spawn", "copied back non-strictly")])
 def test_unsupported_strategies_fail_at_start_naming_both(tmp_path, strategy, why):

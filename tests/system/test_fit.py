@@ -119,7 +119,7 @@ def test_a_different_config_on_an_existing_run_is_refused(bench, tmp_path):
     _fit(bench, tmp_path / "run", "lora_ft")
     with pytest.raises(ConfigMismatch) as err:
         _fit(bench, tmp_path / "run", "lora_ft", "--model.lr", "0.01")
-    assert "refusing to resume" in str(err.value) and "lr: 0.01" in str(err.value)
+    assert "refusing to resume" in str(err.value) and "\n  model.lr: 0.003 -> 0.01" in str(err.value)
 
 
 def test_eval_future_tasks_fills_the_entry_above_the_diagonal(bench, tmp_path):

@@ -1,0 +1,58 @@
+"""Ctrl-C during a real micro run (SIGINT to the `mllm-cl fit` subprocess): the message, status 130,
+and a resume that gives the matrix of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mllm_cl.fit import main as fit_main
+from mllm_cl.system.interrupt import interrupted_message
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+# 50 steps per task: a task trains for a couple of seconds, long enough to be interrupted in.
+ARGS = ["--config", str(ROOT / "configs/micro.yaml"), "--config", str(ROOT / "configs/methods/lora_ft.yaml"),
+        "--model.steps_per_task", "50"]
+
+
+def test_ctrl_c_names_task_and_phase_exits_130_and_the_rerun_resumes_to_the_same_matrix(bench, tmp_path):
+    whole = tmp_path / "whole"
+    fit_main([*ARGS, "--data.benchmark", str(bench), "--trainer.default_root_dir", str(whole)])
+    expected = json.loads((whole / "results.json").read_text())
+
+    run = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "mllm_cl.cli", "fit", *ARGS, "--data.benchmark", str(bench),
+           "--trainer.default_root_dir", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "task 2/2 mood: phase train" in line:
+            time.sleep(0.3)  # into task 2's fit (50 steps take seconds)
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(seen) + out + err[-3000:]
+    assert "mllm-cl: interrupted during task 2 (phase train); rerun the same command to resume after task 1" in err
+    assert "Traceback" not in err
+    partial = json.loads((run / "results.json").read_text())
+    assert partial["completed_tasks"] == 1 and partial["matrix"][1] == [None, None]
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(resuming after task 1)" in again.stdout and "task 1/2" not in again.stdout
+    resumed = json.loads((run / "results.json").read_text())
+    assert resumed["zero_shot"] == expected["zero_shot"] and resumed["matrix"] == expected["matrix"]
+    assert resumed["metrics"] == expected["metrics"]
+
+
+def test_the_message_says_how_far_the_run_got():
+    assert interrupted_message(2, "phase expert", 1) == \
+        "interrupted during task 2 (phase expert); rerun the same command to resume after task 1"
+    assert interrupted_message(None, "the zero-shot evaluation", 0) == ("interrupted during the zero-shot evaluation; "
+                                                                        "rerun the same command to resume (no task was "
+                                                                        "finished: it starts with task 1)")
