@@ -39,6 +39,13 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "individual_attn_r9": ("individual", ["--model.method.init_args.experts.target_modules",
                                           "[q_proj, k_proj, v_proj, o_proj]",
                                           "--model.method.init_args.experts.rank", "9"]),
+    # Routing-based CL: the cheaper gate budget (the sequence's lr, 32 samples a step), PHATGOOSE's
+    # expert scale (1/16 of ours), the null expert.
+    "routing_gate_fast": ("routing", ["--model.method.init_args.gate_accumulation", "1",
+                                      "--model.method.init_args.gate_lr", "null",
+                                      "--model.method.init_args.gate_warmup", "null"]),
+    "routing_scale16": ("routing", ["--model.method.init_args.expert_scale", "0.0625"]),
+    "routing_null": ("routing", ["--model.method.init_args.null_expert", "true"]),
     # LLaVA-CMoE: the true task's router instead of the locator; individual on cmoe's modules and rank.
     "cmoe_oracle_router": ("cmoe", ["--model.method.init_args.route_by", "task_id"]),
     "cmoe_gaussian": ("cmoe", ["--model.method.init_args.locator", "gaussian"]),
