@@ -187,29 +187,22 @@ def _cram(**kwargs):
     method.tokenizer = backbone.tokenizer
     method.build(backbone.model)
     model = backbone.model
-    method.on_task_start(model, 0)
     g = torch.Generator().manual_seed(0)
     size = model.image_size
     batch = {"input_ids": torch.zeros(9, 3, dtype=torch.long), "has_image": torch.ones(9, dtype=torch.bool),
              "instruction": ["What colour is it?"] * 9, "task_ids": torch.zeros(9, dtype=torch.long),
              "pixel_values": torch.randn(9, 3, size, size, generator=g)}
-    method.on_phase_start(model, 0, method.phases(0, 1)[0])
-    method.routing_context(batch, training=True)
-    with torch.no_grad():
-        for layer in expert_layers(model).values():
-            layer.experts["buffer"].B.normal_(generator=g)
-    method.on_phase_end(model, 0, method.phases(0, 1)[0])
-    method.on_task_end(model, 0)
-    method.on_task_start(model, 1)  # a second slot in the same group: the weights matter
-    method.on_phase_start(model, 1, method.phases(1, 2)[0])
-    batch2 = {**batch, "task_ids": torch.ones(9, dtype=torch.long),
-              "pixel_values": torch.randn(9, 3, size, size, generator=g) + 1.0}
-    method.routing_context(batch2, training=True)
-    with torch.no_grad():
-        for layer in expert_layers(model).values():
-            layer.experts["buffer"].B.normal_(generator=g)
-    method.on_phase_end(model, 1, method.phases(1, 2)[0])
-    method.on_task_end(model, 1)
+    for task in (0, 1):  # two slots in one group (one instruction): the weights matter
+        method.on_task_start(model, task)
+        warmup = method.phases(task, 2)[0]
+        method.on_phase_start(model, task, warmup)
+        method.routing_context({**batch, "task_ids": torch.full((9,), task),
+                                "pixel_values": torch.randn(9, 3, size, size, generator=g) + task}, training=True)
+        with torch.no_grad():
+            for layer in expert_layers(model).values():
+                layer.experts["buffer"].B.normal_(generator=g)
+        method.on_phase_end(model, task, warmup)
+        method.on_task_end(model, task)
     assert method.slots[1]["group"] == 0
     return method, model, batch
 
