@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             heatmap(results, run_dir / "plots/accuracy_matrix.png")
             task_curves(results, run_dir / "plots/task_curves.png")
         (run_dir / "report.md").write_text(markdown(run_dir, results))
-        if args.routing:
+        if getattr(args, "routing", False):
             routing(run_dir, args)
     print(table(rows))
     return 0
@@ -55,8 +55,8 @@ def routing(run_dir: Path, args: argparse.Namespace) -> None:
     from mllm_cl.report import routing as diag
     from mllm_cl.system.restore import restore
 
-    restored = restore(run_dir, args.stage)
-    result = diag.diagnose(restored, diag.load_predictions(run_dir, restored.stage), limit=args.limit)
+    restored = restore(run_dir, getattr(args, "stage", None))
+    result = diag.diagnose(restored, diag.load_predictions(run_dir, restored.stage), limit=getattr(args, "limit", 50))
     folder = run_dir / "routing"
     folder.mkdir(exist_ok=True)
     (folder / f"stage_{restored.stage:02d}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -39,6 +39,9 @@ def restore(run_dir: str | Path, stage: int | None = None, *, device: str | None
                          f"(checkpoints task_01..task_{done:02d})")
 
     class _Build(ContinualCLI):
+        def _check_run_dir(self, cfg, method_name: str) -> None:  # reading a run: finished or not
+            pass
+
         def fit(self, model, datamodule, **_):  # build only: no loop
             self.built = (model, datamodule)
 
