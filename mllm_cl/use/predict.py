@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scorer", default=None, help="score the predictions with this rule (see docs/scorers.md)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generation budget (default: the task's, else %d)" % 16)
+    p.add_argument("--show-routing", type=int, default=0, metavar="N",
+                   help="with --input: also print the answer and routing decision of the first N rows")
     p.add_argument("--device", default=None, help="run on this device (cpu, cuda, ...; default: where it loads)")
 
 
@@ -139,11 +141,12 @@ def run(args: argparse.Namespace) -> int:
     loader = DataLoader(data, batch_size=dm.eval_batch_size, collate_fn=dm.eval_collate)
     found: list[dict] = []
     single = args.prompt is not None
+    show = 1 if single else max(0, args.show_routing)
 
     def context(batch):
         ctx = method.routing_context(batch, training=False)
-        if single:  # the decision of exactly this context, recorded before the generation uses it
-            found.extend(decisions(module, batch, ctx, dm.task_names))
+        if len(found) < show:  # the decision of exactly this context, recorded before the generation uses it
+            found.extend(decisions(module, batch, ctx, dm.task_names)[:show - len(found)])
         return ctx
 
     method.stage_metrics(dm.task_names)  # the method's choice counters start empty
@@ -156,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
         print("routing:")
         print(describe(found[0]))
         return 0
+    for row, decision in zip(rows, found):
+        print(f"{row['question_id']}: {row['prompt']!r} -> {row['text']!r} (answer {row['answer']!r})")
+        print(describe(decision))
     write_predictions(rows, Path(args.out))
     print(f"mllm-cl predict: {len(rows)} predictions in {args.out}")
     for key, value in own.items():
