@@ -2,10 +2,10 @@
 
 ``fit`` goes to the LightningCLI subclass (issue #4); ``data``, ``report``,
 ``predict``, ``export`` and ``pretrain`` are plain subcommands. A subcommand
-that is not built yet says so and exits with status 2 rather than pretending. A user error (a bad sample,
-a refused resume, a missing file, a config that does not parse) is one message
-and status 2, Ctrl-C status 130; ``--debug`` adds the traceback
-(``mllm_cl.errors``).
+that is not built yet says so and exits with status 2 rather than pretending.
+A user error (a bad sample, a refused resume, a missing file, a config that
+does not parse) is one message and status 2, Ctrl-C status 130; ``--debug``
+adds the traceback (``mllm_cl.errors``).
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from mllm_cl.methods.base import Method, Phase
 
 class ZeroShot(Method):
     name = "zero_shot"
-    fixed_routing = True
     one_row = True
+    fixed_routing = True
 
     def __init__(self) -> None:
         super().__init__(None)

@@ -62,6 +62,12 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError("mllm-cl predict: --out and --scorer go with --input (one prompt has no answer to score)")
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"--image {args.image} does not exist")
+    if args.scorer is not None:  # before the model is built
+        from mllm_cl.eval.rules import CORPUS_RULES, RULES
+
+        if args.scorer not in RULES and args.scorer not in CORPUS_RULES:
+            raise UserError(f"mllm-cl predict: unknown --scorer {args.scorer!r}; scorers: "
+                            f"{', '.join(sorted({*RULES, *CORPUS_RULES}))}")
 
 
 def needs_task_id(module) -> bool:
@@ -164,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
         print(describe(decision))
     write_predictions(rows, Path(args.out))
     print(f"mllm-cl predict: {len(rows)} predictions in {args.out}")
+    if not rows:
+        raise UserError(f"{args.input}: every row was skipped as bad input; nothing to score")
     for key, value in own.items():
         if isinstance(value, dict) and key.endswith("accuracy"):
             print(f"  {key.replace('_', ' ')} (%): " + ", ".join(f"{t} {v}" for t, v in value.items()))

@@ -112,3 +112,5 @@ def test_broken_runs_are_one_message_naming_the_file(micro_run, tmp_path, capsys
     assert "checkpoint task_02 is incomplete" in capsys.readouterr().err
     assert main(["predict", str(run), "--input", "nosuchtask", "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "'nosuchtask' is not a task of this run; tasks: colour, mood" in capsys.readouterr().err
+    assert main(["predict", str(run), "--input", "colour", "--out", str(tmp_path / "x.jsonl"), "--scorer", "nope"]) == 2
+    assert "unknown --scorer 'nope'; scorers: " in capsys.readouterr().err
