@@ -114,3 +114,15 @@ def test_broken_runs_are_one_message_naming_the_file(micro_run, tmp_path, capsys
     assert "'nosuchtask' is not a task of this run; tasks: colour, mood" in capsys.readouterr().err
     assert main(["predict", str(run), "--input", "colour", "--out", str(tmp_path / "x.jsonl"), "--scorer", "nope"]) == 2
     assert "unknown --scorer 'nope'; scorers: " in capsys.readouterr().err
+
+
+def test_a_method_routed_by_the_true_task_needs_the_task(micro_run, use_bench, capsys):
+    run = micro_run("individual")
+    image = str(use_bench / "images/blue.png")
+    assert main(["predict", str(run), "--image", image, "--prompt", "How does it feel?"]) == 2
+    assert "individual routes each sample by its true task; give --task NAME (one of colour, mood)" in capsys.readouterr().err
+    assert main(["predict", str(run), "--image", image, "--prompt", "How does it feel?", "--task", "mood"]) == 0
+    printed = capsys.readouterr().out
+    expected = _predictions(run / "predictions/stage_02/mood.jsonl")[1]["text"]  # row 1: blue, this question
+    assert f"answer: {expected}\n" in printed and "choice: the true task, as given: mood" in printed
+    assert all(line.split()[1:] == ["task1", "1.00"] for line in printed.splitlines() if line.startswith("    layers."))
