@@ -1,4 +1,4 @@
-"""Whole transformers MLLMs loaded from a local directory: LLaVA-1.5 (``Llava``), Qwen2-VL, Qwen2.5-VL, InternVL.
+"""Whole transformers MLLMs from a local directory: LLaVA-1.5 (``Llava``), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL.
 
 The directory is what ``save_pretrained`` writes for the model, its tokenizer
 and its image processor (a hub snapshot such as ``llava-hf/llava-1.5-7b-hf`` or
@@ -45,6 +45,7 @@ FAMILIES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
 
 #: Qwen2-VL's default image side when the processor allows larger ones (256 image tokens).
@@ -155,7 +156,10 @@ def _first(value) -> int:
 
 
 class Qwen2VLMLLM(HFMLLM):
-    """``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``.
+    """``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration`` /
+    ``Qwen3VLForConditionalGeneration`` (16 px patches; its deepstack features reach the first
+    decoder layers inside transformers' own forward, its interleaved M-RoPE from the same
+    ``get_rope_index``).
 
     Position ids are Qwen2-VL's 3-D M-RoPE ones: at the prefill (and in training)
     they come from the model's ``get_rope_index`` over the image grids; while

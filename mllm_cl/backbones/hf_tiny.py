@@ -1,6 +1,6 @@
 """Tiny random transformers MLLMs saved like a hub checkpoint: model, tokenizer, image processor.
 
-They exercise the exact loading path a user's LLaVA-1.5 or Qwen2-VL directory
+They exercise the exact loading path a user's LLaVA-1.5, Qwen2-VL, Qwen3-VL or InternVL directory
 takes (``load_hf_mllm``), offline, in a second: tests use them, and
 ``mllm-cl`` users can try a config against one before pointing it at 7B weights::
 
@@ -83,6 +83,33 @@ def tiny_qwen2_vl(directory: str | Path, *, seed: int = 0, width: int = 64, laye
     return _save(directory, model, tok, processor)
 
 
+def tiny_qwen3_vl(directory: str | Path, *, seed: int = 0, width: int = 64, layers: int = 2, image_size: int = 64):
+    """A Qwen3-VL model: 16 px patches merged 2 x 2, deepstack features from vision layer 0, interleaved M-RoPE
+    Qwen3 text model; one 64 px image is 4 image tokens."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [VISION_START, VISION_END]})
+    text = _text_config(tok, width, layers)
+    head = width // text["num_attention_heads"]
+    text.update(head_dim=head, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "mrope_section": [head // 2 - 2 * (head // 8), head // 8, head // 8],
+                                                "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=width, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0])
+    ids = tok.convert_tokens_to_ids([VISION_START, VISION_END])
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=tok.image_token_id,
+                           vision_start_token_id=ids[0], vision_end_token_id=ids[1], tie_word_embeddings=True)
+    pixels = image_size * image_size
+    processor = Qwen2VLImageProcessor(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=16,
+                                      merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(config)
+    return _save(directory, model, tok, processor)
+
+
 def tiny_internvl(directory: str | Path, *, seed: int = 0, width: int = 64, layers: int = 2, image_size: int = 32):
     """An InternVL-shaped model (InternViT with a CLS token, 8 px patches, pixel shuffle 0.5, MLP projector, Qwen2),
     its images wrapped in ``<img>`` / ``</img>``; one 32 px tile is 4 image tokens."""
@@ -137,7 +164,8 @@ def _save(directory, model, tokenizer, processor) -> Path:
 
 
 BUILDERS = {"llava": tiny_llava, "clip": tiny_clip, "qwen2_vl": tiny_qwen2_vl,
-            "qwen2_5_vl": lambda d, **kw: tiny_qwen2_vl(d, v2_5=True, **kw), "internvl": tiny_internvl}
+            "qwen2_5_vl": lambda d, **kw: tiny_qwen2_vl(d, v2_5=True, **kw), "internvl": tiny_internvl,
+            "qwen3_vl": tiny_qwen3_vl}
 
 
 def main(argv: list[str] | None = None) -> int:
