@@ -21,18 +21,21 @@ def use_bench(tmp_path_factory, make_bench):
 
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory, use_bench):
-    """``micro_run(method)``: the run directory of a finished micro run of that method config."""
-    runs: dict[str, Path] = {}
+    """``micro_run(method, backbone_path=None)``: the run directory of a finished micro run of that method config
+    (on the tiny preset, or on the transformers checkpoint at ``backbone_path``)."""
+    runs: dict[tuple, Path] = {}
     root = tmp_path_factory.mktemp("runs")
 
-    def get(method: str) -> Path:
-        if method not in runs:
-            run = root / method
+    def get(method: str, backbone_path: Path | None = None) -> Path:
+        key = (method, backbone_path)
+        if key not in runs:
+            run = root / f"{method}-{len(runs)}"
+            backbone = [] if backbone_path is None else ["--model.backbone_path", str(backbone_path)]
             fit_main(["--config", str(ROOT / "configs/micro.yaml"), "--config", str(ROOT / f"configs/methods/{method}.yaml"),
                       "--data.benchmark", str(use_bench), "--trainer.default_root_dir", str(run),
-                      *EXTRA.get(method, [])])
+                      *EXTRA.get(method, []), *backbone])
             assert json.loads((run / "results.json").read_text())["completed_tasks"] == 2
-            runs[method] = run
-        return runs[method]
+            runs[key] = run
+        return runs[key]
 
     return get

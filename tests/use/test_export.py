@@ -11,6 +11,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from mllm_cl.backbones.hf_tiny import tiny_qwen3_vl
 from mllm_cl.cli import main
 from mllm_cl.experts import expert_layers, routing_context
 from mllm_cl.system.restore import restore
@@ -95,3 +96,31 @@ def test_a_routed_method_exports_its_experts_and_no_per_task_approximation(micro
             assert float(layer.experts[expert](x).abs().max()) > 0  # a trained expert: B is not zero
         print(f"routing expert {expert}: max |delta difference| ours vs PEFT over {len(layers)} modules {worst:.3g}")
         assert worst < 1e-5, (expert, worst)
+
+
+def test_a_transformers_backbone_exports_onto_the_transformers_model(micro_run, tmp_path, tmp_path_factory):
+    checkpoint = tiny_qwen3_vl(tmp_path_factory.mktemp("qwen3_vl"))
+    run, out = micro_run("individual", checkpoint), tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    routing = json.loads((out / "routing.json").read_text())
+    assert routing["base"]["path"] == str(checkpoint) and "HFMLLM.hf" in routing["base"]["peft_base"]
+    restored = restore(run)
+    module, dm = restored.module, restored.datamodule
+    for t, task in enumerate(dm.task_names):
+        data = dm.test_dataset(t)
+        batch = dm.eval_collate([data[i] for i in range(len(data))])
+        ids, mask, inputs = batch["input_ids"], batch["attention_mask"], batch["model_inputs"]
+        with torch.no_grad():
+            with routing_context(module.model, module.method.routing_context(batch, training=False)):
+                ours = module.model(ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **inputs).logits
+            base = load_base(routing["base"])
+            plain = base(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], **inputs).logits
+            peft = PeftModel.from_pretrained(base, str(out / f"task_{task}")).eval()
+            assert type(peft.base_model.model).__name__ == "Qwen3VLForConditionalGeneration"
+            theirs = peft(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], **inputs).logits
+        real = mask.bool()
+        diff = float((ours - theirs)[real].abs().max())
+        print(f"qwen3_vl individual task {task}: max |logit difference| ours vs PEFT {diff:.3g}, "
+              f"vs the plain base {float((ours - plain)[real].abs().max()):.3g}")
+        assert diff < 1e-4 and float((ours - plain)[real].abs().max()) > 1e-4
