@@ -147,7 +147,8 @@ class InternVLMLLM(HFMLLM):
 
     def _image_features(self, pixel_values, **model_inputs):
         cfg = self.hf.config  # the inner model's get_image_features takes no defaults from its config
-        return self.hf.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+        return self.hf.model.get_image_features(pixel_values=pixel_values,
+                                                vision_feature_layer=cfg.vision_feature_layer,
                                                 vision_feature_select_strategy=cfg.vision_feature_select_strategy)
 
 

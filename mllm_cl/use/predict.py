@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", default=None, help="an image file for --prompt")
     p.add_argument("--prompt", default=None, help="one instruction to answer (with --image, about that image)")
     p.add_argument("--input", default=None, metavar="TEST",
-                   help="a test file (JSON list or JSONL of question_id, image, text, answer) or a task name of the run")
+                   help="a test file (JSON list or JSONL of question_id, image, text, answer), or a task name of "
+                        "the run")
     p.add_argument("--out", default=None, help="with --input: where to write the predictions JSONL")
     p.add_argument("--image-root", default=None,
                    help="with a --input file: the folder its image paths are relative to (default: the file's folder)")
@@ -76,7 +77,8 @@ def needs_task_id(module) -> bool:
 
     if getattr(module.method, "route_by", None) == "task_id":
         return True
-    return any(isinstance(r, TaskRouter) for layer in expert_layers(module.model).values() for r in layer.routers.values())
+    layers = expert_layers(module.model).values()
+    return any(isinstance(r, TaskRouter) for layer in layers for r in layer.routers.values())
 
 
 def _task_index(dm, name: str | None, what: str) -> int | None:

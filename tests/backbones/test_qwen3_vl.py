@@ -37,7 +37,8 @@ def test_collated_patches_equal_the_qwen3_vl_processor_and_the_forward_its_own(c
         ours = model(ids, attention_mask=mask, pixel_values=batch["pixel_values"],
                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **inputs).logits
         theirs = model.hf(input_ids=ids, attention_mask=mask, pixel_values=ref["pixel_values"],
-                          image_grid_thw=ref["image_grid_thw"], mm_token_type_ids=(ids == model.image_token_id).int()).logits
+                          image_grid_thw=ref["image_grid_thw"],
+                          mm_token_type_ids=(ids == model.image_token_id).int()).logits
     real = mask.bool()[0]
     torch.testing.assert_close(ours[0, real], theirs[0, real], atol=1e-5, rtol=1e-5)
     # the image matters (deepstack and the merged features reach the text)

@@ -31,7 +31,8 @@ def micro_run(tmp_path_factory, use_bench):
         if key not in runs:
             run = root / f"{method}-{len(runs)}"
             backbone = [] if backbone_path is None else ["--model.backbone_path", str(backbone_path)]
-            fit_main(["--config", str(ROOT / "configs/micro.yaml"), "--config", str(ROOT / f"configs/methods/{method}.yaml"),
+            fit_main(["--config", str(ROOT / "configs/micro.yaml"),
+                      "--config", str(ROOT / f"configs/methods/{method}.yaml"),
                       "--data.benchmark", str(use_bench), "--trainer.default_root_dir", str(run),
                       *EXTRA.get(method, []), *backbone])
             assert json.loads((run / "results.json").read_text())["completed_tasks"] == 2

@@ -71,7 +71,8 @@ def test_each_task_adapter_gives_our_logits_on_the_plain_base(micro_run, method,
 def test_a_routed_method_exports_its_experts_and_no_per_task_approximation(micro_run, tmp_path):
     run, out = micro_run("routing"), tmp_path / "export"
     cmd = subprocess.run([sys.executable, "-m", "mllm_cl.cli", "export", str(run), "--out", str(out)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                         capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert cmd.returncode == 0, cmd.stderr[-3000:]
     assert "no per-task adapter: this method's routing depends on the sample or the token" in cmd.stdout
     routing = json.loads((out / "routing.json").read_text())

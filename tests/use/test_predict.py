@@ -51,7 +51,8 @@ def test_one_prompt_prints_the_answer_and_the_routing_decision(micro_run, use_be
     run = micro_run(method)
     out = subprocess.run([sys.executable, "-m", "mllm_cl.cli", "predict", str(run), "--image",
                           str(use_bench / "images/red.png"), "--prompt", "What colour is it?", "--task", "colour"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                         capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     print(out.stdout)
     # the test set's first row is this image and question: the same answer as the run's evaluation
@@ -120,7 +121,8 @@ def test_a_method_routed_by_the_true_task_needs_the_task(micro_run, use_bench, c
     run = micro_run("individual")
     image = str(use_bench / "images/blue.png")
     assert main(["predict", str(run), "--image", image, "--prompt", "How does it feel?"]) == 2
-    assert "individual routes each sample by its true task; give --task NAME (one of colour, mood)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "individual routes each sample by its true task; give --task NAME (one of colour, mood)" in err
     assert main(["predict", str(run), "--image", image, "--prompt", "How does it feel?", "--task", "mood"]) == 0
     printed = capsys.readouterr().out
     expected = _predictions(run / "predictions/stage_02/mood.jsonl")[1]["text"]  # row 1: blue, this question
