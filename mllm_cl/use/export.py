@@ -20,8 +20,8 @@ writes, for the model of stage N (default: the last, rebuilt by ``mllm_cl.system
   prior, instruction groups and centroids, gates, top-k), no per-task adapter is written:
   any fixed one would be an approximation; routing.json and the command say so.
 
-The base is the plain transformers model: for the transformers MLLMs (Llava, Qwen2-VL) the
-``LlavaForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration`` itself, for a
+The base is the plain transformers model: for the transformers MLLMs (Llava, Qwen2-VL, Qwen3-VL,
+InternVL) the ``...ForConditionalGeneration`` itself, for a
 composed backbone its language model (``ComposedMLLM.language_model``; the vision tower and
 projector carry no experts). ``load_base(routing["base"])`` builds it from what the run
 recorded (a tiny preset and seed, or the checkpoint path).
@@ -122,10 +122,10 @@ def write_adapter(folder: Path, modules: dict[str, tuple[torch.Tensor, torch.Ten
     alphas = {n: alpha for n, (_, _, alpha) in modules.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    exact = lambda n: re.escape(n)  # noqa: E731 - PEFT matches pattern keys as regexes on the module name
+    # PEFT matches pattern keys as regexes against the end of a module name: escaped full names match one module
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(modules), lora_dropout=0.0, bias="none",
-                        rank_pattern={exact(n): k for n, k in ranks.items() if k != r},
-                        alpha_pattern={exact(n): a for n, a in alphas.items() if a != alpha},
+                        rank_pattern={re.escape(n): k for n, k in ranks.items() if k != r},
+                        alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != alpha},
                         base_model_name_or_path=base_name)
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
