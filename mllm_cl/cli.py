@@ -1,11 +1,11 @@
 """The ``mllm-cl`` command: one entry point, one subcommand per job.
 
-``fit`` goes to the LightningCLI subclass (issue #4); ``data``, ``report`` and
-``pretrain`` are plain subcommands. A subcommand that is not built yet says
-so and exits with status 2 rather than pretending. A user error (a bad sample,
-a refused resume, a missing file, a config that does not parse) is one message
-and status 2, Ctrl-C status 130; ``--debug`` adds the traceback
-(``mllm_cl.errors``).
+``fit`` goes to the LightningCLI subclass (issue #4); ``data``, ``report``,
+``predict``, ``export`` and ``pretrain`` are plain subcommands. A subcommand
+that is not built yet says so and exits with status 2 rather than pretending.
+A user error (a bad sample, a refused resume, a missing file, a config that
+does not parse) is one message and status 2, Ctrl-C status 130; ``--debug``
+adds the traceback (``mllm_cl.errors``).
 """
 
 from __future__ import annotations
@@ -37,12 +37,18 @@ def _parser() -> argparse.ArgumentParser:
     from mllm_cl.data import cli as data_cli
     from mllm_cl import quickstart
     from mllm_cl.report import cli as report_cli
+    from mllm_cl.use import export as export_cli
+    from mllm_cl.use import predict as predict_cli
 
     quickstart.add_arguments(sub.add_parser("quickstart", help=quickstart.HELP, description=plain(quickstart.__doc__),
                                             formatter_class=argparse.RawDescriptionHelpFormatter))
     demo.add_arguments(sub.add_parser("demo", help=demo.HELP, description=plain(demo.__doc__),
                                       formatter_class=argparse.RawDescriptionHelpFormatter))
     report_cli.add_arguments(sub.add_parser("report", help=report_cli.HELP, description=plain(report_cli.__doc__)))
+    predict_cli.add_arguments(sub.add_parser("predict", help=predict_cli.HELP, description=plain(predict_cli.__doc__),
+                                             formatter_class=argparse.RawDescriptionHelpFormatter))
+    export_cli.add_arguments(sub.add_parser("export", help=export_cli.HELP, description=plain(export_cli.__doc__),
+                                            formatter_class=argparse.RawDescriptionHelpFormatter))
     data_cli.add_arguments(sub.add_parser("data", help=data_cli.HELP, description=plain(data_cli.__doc__),
                                           formatter_class=argparse.RawDescriptionHelpFormatter))
     sub.add_parser("fit", help="run a continual task sequence from YAML configs (see `mllm-cl fit --help`)",
@@ -91,6 +97,14 @@ def _dispatch(argv: list[str]) -> int:
         from mllm_cl.report import cli as report_cli
 
         return report_cli.run(args)
+    if args.command == "predict":
+        from mllm_cl.use import predict as predict_cli
+
+        return predict_cli.run(args)
+    if args.command == "export":
+        from mllm_cl.use import export as export_cli
+
+        return export_cli.run(args)
     if args.command == "data":
         from mllm_cl.data import cli as data_cli
 

@@ -1,4 +1,4 @@
-"""Whole transformers MLLMs loaded from a local directory: LLaVA-1.5 (``Llava``), Qwen2-VL, Qwen2.5-VL.
+"""Whole transformers MLLMs from a local directory: LLaVA-1.5 (``Llava``), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL.
 
 The directory is what ``save_pretrained`` writes for the model, its tokenizer
 and its image processor (a hub snapshot such as ``llava-hf/llava-1.5-7b-hf`` or
@@ -15,6 +15,10 @@ same interface as ``ComposedMLLM``:
 
 Experts go into the language model only (``hf.model.language_model``); the
 vision tower and projector stay frozen.
+
+InternVL (``InternVLForConditionalGeneration``, InternVL3 in transformers' format) reads one
+448 px tile per image (the tower's size), not its dynamic tiling [choice]; the pixel
+shuffle's tokens are wrapped in the tokenizer's ``<img>`` / ``</img>``, as its processor does.
 
 Qwen2-VL reads images at one fixed square size here (``image_size``, a multiple
 of 28), not at its native dynamic resolution: every image of a batch then has
@@ -40,6 +44,8 @@ FAMILIES = {
     "llava": "LlavaForConditionalGeneration",
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
 
 #: Qwen2-VL's default image side when the processor allows larger ones (256 image tokens).
@@ -118,8 +124,43 @@ class LlavaMLLM(HFMLLM):
         return n + int(full and v.model_type == "clip_vision_model")  # "default" drops CLIP's CLS token
 
 
+class InternVLMLLM(HFMLLM):
+    """``InternVLForConditionalGeneration``: InternViT, pixel shuffle (``downsample_ratio``), MLP projector, Qwen2.
+
+    Args:
+        image_wrap: the token ids before and after each image's placeholders (``<img>``, ``</img>``).
+    """
+
+    def __init__(self, model: nn.Module, *, image_size: int, image_mean, image_std,
+                 image_wrap: tuple[list[int], list[int]]) -> None:
+        super().__init__(model, image_size=image_size, image_mean=image_mean, image_std=image_std)
+        self.image_wrap = image_wrap
+
+    @property
+    def num_image_tokens(self) -> int:
+        v, ratio = self.hf.config.vision_config, self.hf.config.downsample_ratio
+        side, patch = _first(v.image_size), _first(v.patch_size)
+        return int((side // patch) ** 2 * ratio ** 2)  # CLS dropped, then pixel-shuffled
+
+    def data_spec(self) -> dict:
+        return {**super().data_spec(), "image_wrap": self.image_wrap}
+
+    def _image_features(self, pixel_values, **model_inputs):
+        cfg = self.hf.config  # the inner model's get_image_features takes no defaults from its config
+        return self.hf.model.get_image_features(pixel_values=pixel_values,
+                                                vision_feature_layer=cfg.vision_feature_layer,
+                                                vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+
+
+def _first(value) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
 class Qwen2VLMLLM(HFMLLM):
-    """``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``.
+    """``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration`` /
+    ``Qwen3VLForConditionalGeneration`` (16 px patches; its deepstack features reach the first
+    decoder layers inside transformers' own forward, its interleaved M-RoPE from the same
+    ``get_rope_index``).
 
     Position ids are Qwen2-VL's 3-D M-RoPE ones: at the prefill (and in training)
     they come from the model's ``get_rope_index`` over the image grids; while
@@ -182,10 +223,11 @@ def _processor_geometry(path: Path, family: str, model: nn.Module, image_size: i
                                 "normalization is needed (save it with processor.save_pretrained(path))")
     proc = AutoImageProcessor.from_pretrained(path)
     mean, std = proc.image_mean, proc.image_std
-    if family == "llava":
-        side = model.config.vision_config.image_size  # the tower's position embeddings fix it
+    if family in ("llava", "internvl"):
+        side = _first(model.config.vision_config.image_size)  # the tower's position embeddings fix it
         if image_size not in (None, side):
-            raise ValueError(f"{path}: llava's vision tower takes {side} px images; image_size {image_size} cannot apply")
+            raise ValueError(f"{path}: {family}'s vision tower takes {side} px images; image_size {image_size} "
+                             "cannot apply")
         return side, mean, std
     v = model.config.vision_config
     step = v.patch_size * v.spatial_merge_size
@@ -212,5 +254,13 @@ def load_hf_mllm(path: str | Path, *, dtype: torch.dtype | None = None, image_si
         log.info("%s: the tokenizer has no pad token; padding with its EOS token", path)
         tokenizer.pad_token = tokenizer.eos_token
     side, mean, std = _processor_geometry(path, family, model, image_size)
+    if family == "internvl":
+        wrap = [getattr(tokenizer, "start_image_token", None) or "<img>", getattr(tokenizer, "end_image_token", None)
+                or "</img>"]
+        ids = tokenizer.convert_tokens_to_ids(wrap)
+        if tokenizer.unk_token_id in ids or None in ids:
+            raise ValueError(f"{path}: the tokenizer has no {wrap[0]} / {wrap[1]} tokens that InternVL wraps images in")
+        return InternVLMLLM(model, image_size=side, image_mean=mean, image_std=std,
+                            image_wrap=([ids[0]], [ids[1]])), tokenizer
     wrapper = LlavaMLLM if family == "llava" else Qwen2VLMLLM
     return wrapper(model, image_size=side, image_mean=mean, image_std=std), tokenizer

@@ -80,6 +80,9 @@ class Method:
     tokenizer: Any = None
     #: the kind under which ``state()``'s tensors count in the stored parameters (``results.json``)
     state_kind: str = "method_state"
+    #: evaluation routes each task's samples by its true task alone, to one expert or a fixed mixture
+    #: in every layer (no locator, gate or top-k): ``mllm-cl export`` writes one exact adapter per task
+    fixed_routing: bool = False
 
     def __init__(self, experts: ExpertSetup | None = None) -> None:
         self.experts = experts

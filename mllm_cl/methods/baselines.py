@@ -23,6 +23,7 @@ from mllm_cl.methods.base import Method, Phase
 class ZeroShot(Method):
     name = "zero_shot"
     one_row = True
+    fixed_routing = True
 
     def __init__(self) -> None:
         super().__init__(None)
@@ -35,6 +36,7 @@ class LoRAFineTune(Method):
     """One expert named ``shared`` in every adapted layer, trained on every task in turn."""
 
     name = "lora_ft"
+    fixed_routing = True
 
     def __init__(self, experts: ExpertSetup) -> None:
         super().__init__(experts)
@@ -71,6 +73,7 @@ class MultiTask(Method):
     """Joint training on the union of tasks with the sequence's total step budget."""
 
     name = "multitask"
+    fixed_routing = True
 
     def __init__(self, experts: ExpertSetup, *, cumulative: bool = False) -> None:
         super().__init__(experts)
@@ -98,6 +101,7 @@ class Individual(Method):
     """A new expert per task (older ones frozen), routed by the sample's true task id."""
 
     name = "individual"
+    fixed_routing = True
 
     def __init__(self, experts: ExpertSetup) -> None:
         if experts.router is not None:

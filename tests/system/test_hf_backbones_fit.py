@@ -1,5 +1,5 @@
-"""Tiny Llava and Qwen2-VL checkpoints on disk go through `mllm-cl fit` (micro config) and `mllm-cl report`,
-through the real CLI in subprocesses, exactly as a user's local checkpoint directory would."""
+"""Tiny Llava, Qwen2-VL, InternVL and Qwen3-VL checkpoints on disk go through `mllm-cl fit` (micro config) and
+`mllm-cl report`, through the real CLI in subprocesses, exactly as a user's local checkpoint directory would."""
 
 import json
 import os
@@ -22,7 +22,7 @@ def _cli(*args):
     return out
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl", "qwen3_vl"])
 def test_local_checkpoint_fits_and_reports(bench, tmp_path, family):
     checkpoint = BUILDERS[family](tmp_path / family)
     run = tmp_path / "run"
