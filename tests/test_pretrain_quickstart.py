@@ -38,7 +38,7 @@ def test_quickstart_runs_two_methods_and_compares_them(tmp_path):
     experiment = tmp_path / "micro.yaml"
     experiment.write_text((ROOT / "configs/experiments/synth.yaml").read_text()
                           .replace("benchmark: data/synth", f"benchmark: {tmp_path / 'synth'}")
-                          .replace("tasks: [color, classify, count, ocr]", "tasks: [color, count]")
+                          .replace("tasks: [color, classify, count, ocr, caption]", "tasks: [color, count, caption]")
                           .replace("order: [color, classify, count, ocr]", "order: [color, count]")
                           .replace("train_size: 1000", "train_size: 16").replace("test_size: 100", "test_size: 4"))
     out = subprocess.run([sys.executable, "-m", "mllm_cl.cli", "quickstart", "--experiment", str(experiment),
