@@ -49,6 +49,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     # LLaVA-CMoE: the true task's router instead of the locator; individual on cmoe's modules and rank.
     "cmoe_oracle_router": ("cmoe", ["--model.method.init_args.route_by", "task_id"]),
     "cmoe_gaussian": ("cmoe", ["--model.method.init_args.locator", "gaussian"]),
+    "cmoe_vae": ("cmoe", ["--model.method.init_args.locator", "vae"]),  # the paper's PTL
     # What PGKE's growth threshold buys: alpha 0 / 0.5 / 1 (= cmoe) / 2.
     **{f"cmoe_alpha{a}": ("cmoe", ["--model.method.init_args.alpha", a]) for a in ("0", "0.5", "2")},
     "individual_up_down_r8": ("individual", ["--model.method.init_args.experts.target_modules",

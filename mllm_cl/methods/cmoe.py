@@ -23,6 +23,11 @@ that task. Per task:
   ``locator: gaussian``). At evaluation each sample runs with the router of the task the
   locator picks (hard selection); the locator's accuracy per task and its confusion
   matrix are reported under ``method_metrics`` in ``results.json``.
+  [choice] ``locator: gaussian`` is the default: on the canonical synthetic sequence
+  (seed 0) it finds 99 / 100 / 100 / 99% of the test prompts' tasks and scores the
+  oracle's MFN (56.0, BWT 0.0) with 66k stored numbers, where the VAE on its proper ELBO
+  finds 87 / 98 / 100 / 97% (MFN 54.2, BWT -2.0) with 158k; ``locator: vae`` is the
+  paper's PTL.
 
 Options **[choice]** as methods.md gives them: top_k 2, one probe expert, 10%
 probe data, alpha 1, one new expert per grown layer, balance weight 0.01, VAE
@@ -80,7 +85,7 @@ class LLaVACMoE(Method):
 
     def __init__(self, experts: ExpertSetup, *, top_k: int = 2, probe_experts: int = 1, probe_fraction: float = 0.1,
                  probe_steps: int = 30, alpha: float = 1.0, new_experts: int = 1, balance_weight: float = 0.01,
-                 locator: str = "vae", vae_hidden: int | None = None, vae_latent: int | None = None,
+                 locator: str = "gaussian", vae_hidden: int | None = None, vae_latent: int | None = None,
                  vae_steps: int = 300, vae_lr: float = 1e-3, vae_beta: float = 1.0, shrinkage: float = 0.01,
                  route_by: str = "locator") -> None:
         if experts.router is not None or experts.initial_experts:
