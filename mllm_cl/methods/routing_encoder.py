@@ -152,7 +152,7 @@ class RoutingEncoder:
     def _backbone_text(self, instructions: list[str], device) -> torch.Tensor:
         if self.tokenizer is None:
             raise RuntimeError("routing_encoder kind backbone needs the backbone's tokenizer: bind(model, tokenizer)")
-        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in instructions]
+        rows = self.tokenizer(list(instructions), add_special_tokens=False)["input_ids"]  # one call per batch
         width = max(1, max(len(r) for r in rows))
         ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
         mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
