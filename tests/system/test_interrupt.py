@@ -14,9 +14,10 @@ from mllm_cl.system.interrupt import interrupted_message
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-# 50 steps per task: a task trains for a couple of seconds, long enough to be interrupted in.
+# 400 steps per task: a task trains for several seconds on an idle machine (50 finished before the signal
+# arrived there), long enough to be interrupted in.
 ARGS = ["--config", str(ROOT / "configs/micro.yaml"), "--config", str(ROOT / "configs/methods/lora_ft.yaml"),
-        "--model.steps_per_task", "50"]
+        "--model.steps_per_task", "400"]
 
 
 def test_ctrl_c_names_task_and_phase_exits_130_and_the_rerun_resumes_to_the_same_matrix(bench, tmp_path):
@@ -32,7 +33,7 @@ def test_ctrl_c_names_task_and_phase_exits_130_and_the_rerun_resumes_to_the_same
     for line in proc.stdout:
         seen.append(line)
         if "task 2/2 mood: phase train" in line:
-            time.sleep(0.3)  # into task 2's fit (50 steps take seconds)
+            time.sleep(0.3)  # into task 2's fit (400 steps take seconds)
             proc.send_signal(signal.SIGINT)
             break
     out, err = proc.communicate(timeout=120)
