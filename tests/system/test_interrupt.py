@@ -28,7 +28,10 @@ def test_ctrl_c_names_task_and_phase_exits_130_and_the_rerun_resumes_to_the_same
     run = tmp_path / "cut"
     cmd = [sys.executable, "-m", "mllm_cl.cli", "fit", *ARGS, "--data.benchmark", str(bench),
            "--trainer.default_root_dir", str(run)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    # A job started in the background by a non-interactive shell inherits SIGINT ignored (and Python then keeps
+    # it ignored): give the child the default disposition, as a terminal's Ctrl-C would find it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stdout:
         seen.append(line)
