@@ -8,8 +8,8 @@ from mllm_cl.fit import main as fit_main
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted((ROOT / "configs/methods").glob("*.yaml"))
-PRETRAIN = ROOT / "configs/pretrain_tiny.yaml"  # `mllm-cl pretrain`'s config, not a fit experiment
-EXPERIMENTS = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if p != PRETRAIN]
+PRETRAIN = ROOT / "configs/pretrain_tiny.yaml"  # `mllm-cl pretrain`'s configs, not fit experiments
+EXPERIMENTS = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if not p.name.startswith("pretrain_")]
 EXPERIMENTS += sorted((ROOT / "configs/experiments").glob("*.yaml"))
 
 
@@ -42,4 +42,6 @@ def test_pretrain_config_parses():
     from mllm_cl.pretrain import _parser
 
     cfg = _parser().parse_args(["--config", str(PRETRAIN)])
-    assert cfg.steps == 3000 and cfg.geometry["image_size"] == 48
+    assert cfg.steps == 3000 and cfg.geometry["image_size"] == 48 and cfg.suite == "shapes"
+    coin = _parser().parse_args(["--config", str(ROOT / "configs/pretrain_coin.yaml")])
+    assert coin.suite == "coin" and coin.out == "mllm_cl/assets/tiny-base-coin"

@@ -143,13 +143,16 @@ def load_backbone(path: str | Path, *, torch_dtype: torch.dtype | None = None, i
 
 
 #: Pretrained backbones shipped inside the package, by name.
-PACKAGED = {"tiny-base": Path(__file__).resolve().parents[1] / "assets" / "tiny-base"}
+_ASSETS = Path(__file__).resolve().parents[1] / "assets"
+PACKAGED = {"tiny-base": _ASSETS / "tiny-base", "tiny-base-coin": _ASSETS / "tiny-base-coin"}
+_PRETRAIN_CONFIG = {"tiny-base": "configs/pretrain_tiny.yaml", "tiny-base-coin": "configs/pretrain_coin.yaml"}
 
 
 def build_backbone(preset: str | None = "tiny-clip-llama", *, path: str | None = None, seed: int = 0,
                    dtype: torch.dtype | None = None, image_size: int | None = None) -> Backbone:
-    """``path`` (a saved backbone directory) wins over ``preset``; ``tiny-base`` is the
-    pretrained tiny model shipped with the package (``seed`` does not apply to it).
+    """``path`` (a saved backbone directory) wins over ``preset``; ``tiny-base`` and
+    ``tiny-base-coin`` are the pretrained tiny models shipped with the package (of the
+    shape-scene and the CoIN-shaped suite; ``seed`` does not apply to them).
     ``dtype``: the frozen base weights' dtype (default: as saved, or float32 for presets)."""
     if path is not None:
         return load_backbone(path, torch_dtype=dtype, image_size=image_size)
@@ -160,7 +163,7 @@ def build_backbone(preset: str | None = "tiny-clip-llama", *, path: str | None =
     if preset in PACKAGED:
         if not (PACKAGED[preset] / "mllm_cl.json").exists():
             raise FileNotFoundError(f"{PACKAGED[preset]} is missing; rebuild it with "
-                                    "`mllm-cl pretrain --config configs/pretrain_tiny.yaml`")
+                                    f"`mllm-cl pretrain --config {_PRETRAIN_CONFIG[preset]}`")
         return load_backbone(PACKAGED[preset], torch_dtype=dtype)
     built = build_preset(preset, seed=seed)
     if dtype is not None:

@@ -27,12 +27,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--out", help="output folder (created; existing task folders are overwritten); required unless --list")
     s.add_argument("--tasks", nargs="+", default=None,
-                   help="tasks to write, in this order (default: all; see --list)")
+                   help="tasks to write, in this order (default: the --suite's tasks; see --list)")
+    s.add_argument("--suite", choices=("shapes", "coin"), default=None,
+                   help="shapes: the shape-scene tasks (the default); coin: the CoIN-shaped suite, eight tasks over "
+                        "five visual domains and their caption task (needs: pip install 'mllm-cl[coin]')")
     s.add_argument("--train-size", type=int, default=300, help="training samples per task (default: %(default)s)")
     s.add_argument("--test-size", type=int, default=100, help="test samples per task (default: %(default)s)")
     s.add_argument("--image-size", type=int, default=48, help="image side in pixels, >= 32 (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="seed; the same seed gives identical files (default: %(default)s)")
-    s.add_argument("--list", action="store_true", help="list the tasks with their scorers and exit")
+    s.add_argument("--list", action="store_true", help="list the tasks with their suite, domain and scorer, and exit")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
     h = sub.add_parser(
@@ -86,17 +89,20 @@ def _synth(args: argparse.Namespace) -> int:
     from mllm_cl.data import synth
 
     if args.list:
-        for name, spec in synth.TASKS.items():
-            print(f"{name:<10} scorer={spec.scorer}")
+        for suite, names in synth.SUITES.items():
+            for name in names:
+                spec = synth.TASKS[name]
+                print(f"{name:<10} suite={suite:<7} domain={spec.domain:<7} scorer={spec.scorer}")
         return 0
     if not args.out:
         print("mllm-cl data synth: --out DIR is required", file=sys.stderr)
         return 2
     t0 = time.time()
     try:
-        manifest = synth.generate(args.out, tasks=args.tasks, train_size=args.train_size, test_size=args.test_size,
-                                  image_size=args.image_size, seed=args.seed, progress=not args.quiet)
-    except ValueError as e:
+        manifest = synth.generate(args.out, tasks=args.tasks, suite=args.suite, train_size=args.train_size,
+                                  test_size=args.test_size, image_size=args.image_size, seed=args.seed,
+                                  progress=not args.quiet)
+    except (ValueError, ImportError) as e:
         print(f"mllm-cl data synth: {e}", file=sys.stderr)
         return 2
     names = ", ".join(t["name"] for t in manifest["tasks"])

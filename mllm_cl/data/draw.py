@@ -23,6 +23,8 @@ COLOURS = {
     "orange": (245, 130, 30),
 }
 BACKGROUND = (245, 245, 245)
+GRID_ROWS = ("top", "middle", "bottom")
+GRID_COLS = ("left", "center", "right")
 
 
 @dataclass(frozen=True)
@@ -116,3 +118,10 @@ def place(rng: np.random.Generator, size: int, specs: list[tuple[str, str, float
             return placed
     raise ValueError(f"could not place {len(specs)} objects of radius up to {max(s[2] for s in specs)} "
                      f"without overlap on a {size}px image; use a larger --image-size")
+
+
+def where(o: Obj, size: int) -> str:
+    """The object's cell of a 3x3 grid, as captions say it ("the top left", "the center")."""
+    row = GRID_ROWS[min(2, int(o.cy * 3 // size))]
+    col = GRID_COLS[min(2, int(o.cx * 3 // size))]
+    return "the center" if (row, col) == ("middle", "center") else f"the {row} {col}"

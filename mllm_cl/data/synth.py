@@ -9,7 +9,13 @@ byte-identical files and train and test never share an image.
     generate("data/synth", train_size=300, test_size=100, image_size=48, seed=0)
 
 writes ``NAME/train.json`` (LLaVA conversations), ``NAME/test.json`` (test rows),
-``NAME/images/*.png`` per task and a ``benchmark.json`` manifest.
+``NAME/images/*.png`` per task and a ``benchmark.json`` manifest (each task's scorer,
+answer format and visual domain; the source and licence of data no one here drew).
+
+Two suites (``SUITES``): ``shapes``, the tasks below, all on one background (the
+first canonical sequence, ``configs/experiments/synth.yaml``); ``coin``, eight tasks
+in CoIN's order over five visual domains, one of real handwritten digits
+(``synth_coin``; ``configs/experiments/coin_like.yaml``).
 """
 
 from __future__ import annotations
@@ -17,81 +23,52 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from mllm_cl.data.draw import COLOURS, SHAPES, Obj, place, render, render_word
+from mllm_cl.data.draw import COLOURS, SHAPES, Obj, place, render, render_word, where
+from mllm_cl.data.synth_coin import COIN_ORDER, COIN_TASKS
+from mllm_cl.data.synth_spec import Sample, TaskSpec, pick, radius
 
 log = logging.getLogger(__name__)
 
 FORMAT = "mllm-cl/synthetic"
-VERSION = 2  # 2: OCR words scaled by the largest whole factor that fits, in one of four inks
+# 2: OCR words scaled by the largest whole factor that fits, in one of four inks;
+# 3: the CoIN-shaped suite (``synth_coin``); the shape-scene tasks' files are byte-identical to version 2's.
+VERSION = 3
 WORDS = ("cat", "dog", "sun", "box", "map", "pen", "cup", "key", "bus", "hat", "owl", "fox", "jam", "kit", "web", "zip")
-GRID_ROWS = ("top", "middle", "bottom")
-GRID_COLS = ("left", "center", "right")
-
-
-@dataclass
-class Sample:
-    """One generated sample. ``extra`` goes into the test row (grounding's box and size);
-    ``objects`` is the scene as drawn, never written, so that tests and analyses can
-    re-derive every answer from the scene instead of trusting the generator."""
-
-    image: Image.Image
-    instruction: str
-    answer: str
-    extra: dict
-    objects: tuple[Obj, ...] = ()
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    make: Callable[[np.random.Generator, int], Sample]
-    scorer: str
-    max_new_tokens: int
-    answer_format: str
-
-
-def _pick(rng: np.random.Generator, items, n: int = 1) -> list:
-    return [items[i] for i in rng.choice(len(items), size=n, replace=False)]
-
-
-def _radius(size: int, lo: float, hi: float, rng: np.random.Generator) -> float:
-    return round(float(rng.uniform(lo, hi)) * size, 1)
 
 
 def _classify(rng, size):
-    shape, colour = _pick(rng, SHAPES)[0], _pick(rng, list(COLOURS))[0]
-    objs = place(rng, size, [(shape, colour, _radius(size, 0.22, 0.32, rng))])
+    shape, colour = pick(rng, SHAPES)[0], pick(rng, list(COLOURS))[0]
+    objs = place(rng, size, [(shape, colour, radius(size, 0.22, 0.32, rng))])
     return Sample(render(objs, size), "What shape is shown in the image?", shape, {}, tuple(objs))
 
 
 def _color(rng, size):
     n = int(rng.integers(1, 4))
-    shapes, colours = _pick(rng, SHAPES, n), _pick(rng, list(COLOURS), n)
-    objs = place(rng, size, [(s, c, _radius(size, 0.12, 0.18, rng)) for s, c in zip(shapes, colours)])
+    shapes, colours = pick(rng, SHAPES, n), pick(rng, list(COLOURS), n)
+    objs = place(rng, size, [(s, c, radius(size, 0.12, 0.18, rng)) for s, c in zip(shapes, colours)])
     target = objs[int(rng.integers(n))]
     return Sample(render(objs, size), f"What color is the {target.shape}?", target.colour, {}, tuple(objs))
 
 
 def _count(rng, size):
     n = int(rng.integers(1, 6))
-    shape, other = _pick(rng, SHAPES, 2)
-    colour, other_colour = _pick(rng, list(COLOURS), 2)
+    shape, other = pick(rng, SHAPES, 2)
+    colour, other_colour = pick(rng, list(COLOURS), 2)
     distract = int(rng.integers(0, 2))  # at most one distractor, of another shape and colour
-    specs = [(shape, colour, _radius(size, 0.08, 0.1, rng)) for _ in range(n)]
-    specs += [(other, other_colour, _radius(size, 0.08, 0.1, rng)) for _ in range(distract)]
+    specs = [(shape, colour, radius(size, 0.08, 0.1, rng)) for _ in range(n)]
+    specs += [(other, other_colour, radius(size, 0.08, 0.1, rng)) for _ in range(distract)]
     objs = place(rng, size, specs)
     return Sample(render(objs, size), f"How many {shape}s are there?", str(n), {}, tuple(objs))
 
 
 def _ocr(rng, size):
-    word = _pick(rng, WORDS)[0]
+    word = pick(rng, WORDS)[0]
     return Sample(render_word(word, size, rng), "What word is written in the image?", word, {})
 
 
@@ -101,8 +78,8 @@ def _box_text(o: Obj, size: int) -> str:
 
 def _ground(rng, size):
     n = int(rng.integers(1, 4))
-    shapes, colours = _pick(rng, SHAPES, n), _pick(rng, list(COLOURS), n)
-    objs = place(rng, size, [(s, c, _radius(size, 0.12, 0.2, rng)) for s, c in zip(shapes, colours)])
+    shapes, colours = pick(rng, SHAPES, n), pick(rng, list(COLOURS), n)
+    objs = place(rng, size, [(s, c, radius(size, 0.12, 0.2, rng)) for s, c in zip(shapes, colours)])
     target = objs[int(rng.integers(n))]
     box = _box_text(target, size)
     return Sample(render(objs, size), f"Where is the {target.colour} {target.shape}? Answer with a bounding box.",
@@ -111,8 +88,8 @@ def _ground(rng, size):
 
 def _choice(rng, size):
     n = int(rng.integers(2, 5))
-    shapes = _pick(rng, SHAPES, n)
-    colours = _pick(rng, list(COLOURS), n)
+    shapes = pick(rng, SHAPES, n)
+    colours = pick(rng, list(COLOURS), n)
     # Distinct sizes: the largest is 45% larger than the next. Two draws that round alike
     # would merge in the set and drop an object, so redraw then (a scene without a
     # collision keeps the draws, and so the data, it always had).
@@ -126,7 +103,7 @@ def _choice(rng, size):
     rng.shuffle(radii)
     objs = place(rng, size, [(s, c, r) for s, c, r in zip(shapes, colours, radii)])
     largest = max(objs, key=lambda o: o.r).shape
-    options = list(shapes) + _pick(rng, [s for s in SHAPES if s not in shapes], 4 - n)
+    options = list(shapes) + pick(rng, [s for s in SHAPES if s not in shapes], 4 - n)
     options = [options[i] for i in rng.permutation(4)]
     letters = "ABCD"
     listing = "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(options))
@@ -135,9 +112,9 @@ def _choice(rng, size):
 
 
 def _spatial(rng, size):
-    shapes, colours = _pick(rng, SHAPES, 2), _pick(rng, list(COLOURS), 2)
+    shapes, colours = pick(rng, SHAPES, 2), pick(rng, list(COLOURS), 2)
     for _ in range(100):
-        objs = place(rng, size, [(s, c, _radius(size, 0.1, 0.15, rng)) for s, c in zip(shapes, colours)])
+        objs = place(rng, size, [(s, c, radius(size, 0.1, 0.15, rng)) for s, c in zip(shapes, colours)])
         if abs(objs[0].cx - objs[1].cx) > size * 0.15:  # clearly left or right
             break
     else:
@@ -148,50 +125,75 @@ def _spatial(rng, size):
     return Sample(render(objs, size), question, "yes" if a.cx < b.cx else "no", {}, tuple(objs))
 
 
-def _where(o: Obj, size: int) -> str:
-    row = GRID_ROWS[min(2, int(o.cy * 3 // size))]
-    col = GRID_COLS[min(2, int(o.cx * 3 // size))]
-    return "the center" if (row, col) == ("middle", "center") else f"the {row} {col}"
-
-
 def _caption(rng, size):
     n = int(rng.integers(1, 4))
-    shapes, colours = _pick(rng, SHAPES, n), _pick(rng, list(COLOURS), n)
-    objs = place(rng, size, [(s, c, _radius(size, 0.1, 0.16, rng)) for s, c in zip(shapes, colours)])
-    parts = [f"a {o.colour} {o.shape} at {_where(o, size)}" for o in sorted(objs, key=lambda o: (o.cy, o.cx))]
+    shapes, colours = pick(rng, SHAPES, n), pick(rng, list(COLOURS), n)
+    objs = place(rng, size, [(s, c, radius(size, 0.1, 0.16, rng)) for s, c in zip(shapes, colours)])
+    parts = [f"a {o.colour} {o.shape} at {where(o, size)}" for o in sorted(objs, key=lambda o: (o.cy, o.cx))]
     text = parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return Sample(render(objs, size), "Describe the scene.", text + ".", {}, tuple(objs))
 
 
 # max_new_tokens leaves room for a byte-level tokenizer: one token per character, a space, EOS.
-TASKS: dict[str, TaskSpec] = {
+SHAPE_TASKS: dict[str, TaskSpec] = {
     "classify": TaskSpec(_classify, "exact_match", 12, "a shape name"),
     "color": TaskSpec(_color, "exact_match", 10, "a colour word"),
     "count": TaskSpec(_count, "exact_match", 4, "a digit"),
-    "ocr": TaskSpec(_ocr, "exact_match", 8, "the written word"),
+    "ocr": TaskSpec(_ocr, "exact_match", 8, "the written word", "words"),
     "ground": TaskSpec(_ground, "grounding_iou", 30, "a box [x1, y1, x2, y2] normalized to the image"),
     "choice": TaskSpec(_choice, "option_accuracy", 4, "an option letter"),
     "spatial": TaskSpec(_spatial, "exact_match", 6, "yes or no"),
     "caption": TaskSpec(_caption, "caption", 128, "a sentence listing every object and where it is"),
 }
+#: Every synthetic task, by name.
+TASKS: dict[str, TaskSpec] = {**SHAPE_TASKS, **COIN_TASKS}
+#: The two suites: ``shapes`` (one domain, the first canonical sequence's; the default) and
+#: ``coin`` (CoIN's structure: eight tasks over five domains, and their caption task).
+SUITES: dict[str, tuple[str, ...]] = {"shapes": tuple(SHAPE_TASKS), "coin": COIN_ORDER + ("describe",)}
 _SPLITS = {"train": 0, "test": 1}
 
 
 def sample(task: str, split: str, index: int, *, seed: int = 0, image_size: int = 48) -> Sample:
     """One sample, a pure function of its coordinates."""
     rng = np.random.default_rng([seed, zlib.crc32(task.encode()), _SPLITS[split], index])
-    return TASKS[task].make(rng, image_size)
+    spec = TASKS[task]
+    return spec.make(rng, image_size, split) if spec.takes_split else spec.make(rng, image_size)
+
+
+def _task_list(tasks, suite: str | None) -> list[str]:
+    if suite is not None and suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; suites: {', '.join(SUITES)}")
+    if tasks is None:
+        return list(SUITES[suite or "shapes"])
+    if suite is not None:
+        raise ValueError("give tasks or a suite, not both")
+    return [tasks] if isinstance(tasks, str) else list(tasks)  # a lone name is not split into letters
+
+
+def _sources(tasks: list[str]) -> list[dict]:
+    """What the manifest says about data no one here drew (real images, fonts)."""
+    from mllm_cl.data.domains import FONT_SOURCE
+    from mllm_cl.data.real_images import DIGITS_SOURCE
+
+    domains = {TASKS[t].domain for t in tasks}
+    mixed = "mixed" in domains
+    out = []
+    if mixed or "digits" in domains:
+        out.append(DIGITS_SOURCE)
+    if mixed or domains & {"signs", "covers"}:
+        out.append(FONT_SOURCE)
+    return out
 
 
 def _dump(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def generate(out_dir, *, tasks=None, train_size: int = 300, test_size: int = 100, image_size: int = 48,
-             seed: int = 0, progress: bool = True) -> dict:
-    """Write the benchmark under ``out_dir``; returns the manifest (also written as benchmark.json)."""
-    # A lone name would otherwise be split into letters and refused letter by letter.
-    tasks = list(TASKS) if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
+def generate(out_dir, *, tasks=None, suite: str | None = None, train_size: int = 300, test_size: int = 100,
+             image_size: int = 48, seed: int = 0, progress: bool = True) -> dict:
+    """Write the benchmark under ``out_dir``; returns the manifest (also written as benchmark.json).
+    ``tasks`` or ``suite`` (see ``SUITES``) name what to write; neither: the ``shapes`` suite."""
+    tasks = _task_list(tasks, suite)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown synthetic task(s) {unknown}; tasks: {', '.join(TASKS)}")
@@ -240,22 +242,26 @@ def generate(out_dir, *, tasks=None, train_size: int = 300, test_size: int = 100
         _dump(folder / "test.json", test)
         spec = TASKS[task]
         entries.append({"name": task, "scorer": spec.scorer, "train": f"{task}/train.json", "test": f"{task}/test.json",
-                        "image_root": task, "max_new_tokens": spec.max_new_tokens, "answer_format": spec.answer_format})
+                        "image_root": task, "max_new_tokens": spec.max_new_tokens, "answer_format": spec.answer_format,
+                        "domain": spec.domain})
     bar.close()
     manifest = {"format": FORMAT, "version": VERSION, "seed": seed, "image_size": image_size,
                 "train_size": train_size, "test_size": test_size, "tasks": entries}
+    sources = _sources(tasks)
+    if sources:
+        manifest["sources"] = sources
     _dump(out / "benchmark.json", manifest)
     return manifest
 
 
-def ensure(out_dir, *, tasks=None, train_size: int = 300, test_size: int = 100, image_size: int = 48,
-           seed: int = 0, progress: bool = True) -> bool:
+def ensure(out_dir, *, tasks=None, suite: str | None = None, train_size: int = 300, test_size: int = 100,
+           image_size: int = 48, seed: int = 0, progress: bool = True) -> bool:
     """Generate the benchmark under ``out_dir`` unless its manifest already records this
     generator version and these arguments; returns whether it (re)generated. A folder
     written by another version or with other sizes is regenerated, with a log line
     saying why, rather than trained on as if it were the asked-for data."""
     path = Path(out_dir, "benchmark.json")
-    tasks = list(TASKS) if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
+    tasks = _task_list(tasks, suite)
     want = {"format": FORMAT, "version": VERSION, "seed": seed, "image_size": image_size,
             "train_size": train_size, "test_size": test_size, "tasks": tasks}
     if path.exists():

@@ -16,7 +16,8 @@ from PIL import Image
 
 from mllm_cl.data.draw import BACKGROUND, COLOURS, SHAPES
 from mllm_cl.data.formats import load_conversations, load_test_records
-from mllm_cl.data.synth import TASKS, WORDS, ensure, generate, sample
+from mllm_cl.data.synth import SHAPE_TASKS as TASKS
+from mllm_cl.data.synth import WORDS, ensure, generate, sample
 from mllm_cl.data.tasks import load_manifest
 
 TRAIN, TEST = 200, 100
@@ -101,7 +102,7 @@ def test_manifest(bench):
     out, _ = bench
     manifest = json.loads((out / "benchmark.json").read_text())
     assert {k: manifest[k] for k in ("format", "version", "seed", "image_size", "train_size", "test_size")} == {
-        "format": "mllm-cl/synthetic", "version": 2, "seed": 3, "image_size": 48, "train_size": TRAIN,
+        "format": "mllm-cl/synthetic", "version": 3, "seed": 3, "image_size": 48, "train_size": TRAIN,
         "test_size": TEST}
     assert [t["name"] for t in manifest["tasks"]] == list(TASKS) == [
         "classify", "color", "count", "ocr", "ground", "choice", "spatial", "caption"]
@@ -110,7 +111,9 @@ def test_manifest(bench):
         name = entry["name"]
         assert entry == {"name": name, "scorer": scorers.get(name, "exact_match"), "train": f"{name}/train.json",
                          "test": f"{name}/test.json", "image_root": name,
-                         "max_new_tokens": TASKS[name].max_new_tokens, "answer_format": TASKS[name].answer_format}
+                         "max_new_tokens": TASKS[name].max_new_tokens, "answer_format": TASKS[name].answer_format,
+                         "domain": "words" if name == "ocr" else "shapes"}
+    assert "sources" not in manifest  # everything in this suite is drawn here
 
 
 def test_records_are_well_formed_and_load_in_the_user_formats(bench):
