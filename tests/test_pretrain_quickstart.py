@@ -27,11 +27,27 @@ def test_pretrain_writes_a_loadable_base(tmp_path):
     assert len(base.tokenizer) == 400 and base.tokenizer(" red circle").input_ids  # BPE trained on synthetic text
 
 
+def test_pretrain_the_coin_suite_base_reports_every_domain(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mllm_cl.cli", "pretrain", "--config", "configs/pretrain_coin.yaml",
+                          "--out", str(tmp_path / "base"), "--steps", "4", "--captions", "48",
+                          "--single_object_steps", "2", "--eval_samples", "60", "--batch_size", "4"],
+                         capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads((tmp_path / "base/pretrain.json").read_text())
+    assert record["config"]["suite"] == "coin"
+    assert set(record["held_out_caption_exact_match_by_domain"]) == {
+        "charts", "signs", "digits", "shapes", "photos", "covers"}
+    base = build_backbone(path=str(tmp_path / "base"))
+    assert base.tokenizer("What is the title of this book?").input_ids  # BPE trained on the suite's text
+
+
 def test_the_shipped_base_loads():
-    base = build_backbone("tiny-base")
-    assert (PACKAGED["tiny-base"] / "pretrain.json").exists()
-    ids = torch.tensor([[base.tokenizer.bos_token_id] + [base.tokenizer.image_token_id] * 9])
-    assert base.model(ids, pixel_values=torch.zeros(1, 3, 48, 48)).logits.shape[-1] == len(base.tokenizer)
+    for name in ("tiny-base", "tiny-base-coin"):
+        base = build_backbone(name)
+        assert (PACKAGED[name] / "pretrain.json").exists()
+        ids = torch.tensor([[base.tokenizer.bos_token_id] + [base.tokenizer.image_token_id] * 9])
+        assert base.model(ids, pixel_values=torch.zeros(1, 3, 48, 48)).logits.shape[-1] == len(base.tokenizer)
+    assert json.loads((PACKAGED["tiny-base-coin"] / "pretrain.json").read_text())["config"]["suite"] == "coin"
 
 
 def test_quickstart_runs_two_methods_and_compares_them(tmp_path):

@@ -3,7 +3,7 @@
 Each domain has its own look, so that the base's image features tell them
 apart as ScienceQA's diagrams, TextVQA's street photos, ImageNet's photos and
 OCR-VQA's book covers differ: bar charts on white with axes, street signs under
-a sky, handwritten digits on paper (real images, ``real_images``), dark blurred
+a sky, handwritten digits on a ruled notepad (real images, ``real_images``), dark blurred
 photos of an object on a table, and book covers with a serif title. The shape
 scenes of ``draw`` are the domain three tasks share (as GQA, VQAv2 and RefCOCO
 share COCO's images).
@@ -100,15 +100,22 @@ def street_sign(rng: np.random.Generator, size: int, word: str) -> tuple[Image.I
 
 
 def handwritten_digit(rng: np.random.Generator, size: int, digit: np.ndarray) -> Image.Image:
-    """An 8x8 digit (ink in [0, 1]) scaled up smoothly, in a dark ink on a cream paper."""
-    paper = np.array([238, 232, 215], np.float32) + rng.integers(-12, 13, 3)
+    """An 8x8 digit (ink in [0, 1]) scaled up smoothly, in a dark ink on a ruled notepad page
+    (pale yellow, blue rules, a red margin line)."""
+    paper = np.array([250, 244, 205], np.float32) + rng.integers(-8, 9, 3)
+    page = np.broadcast_to(paper, (size, size, 3)).copy()
+    gap = max(4, size * 7 // 48)
+    for y in range(int(rng.integers(gap)), size, gap):
+        page[y] = (140, 175, 230)
+    margin = int(rng.integers(size // 12, size // 6))
+    page[:, margin] = (225, 110, 110)
     ink = np.array(INKS[int(rng.integers(len(INKS)))], np.float32)
     side = int(rng.integers(size * 26 // 48, size * 40 // 48 + 1))
     glyph = Image.fromarray((digit * 255).astype(np.uint8)).resize((side, side), Image.Resampling.BILINEAR)
     alpha = np.zeros((size, size), np.float32)
     x, y = (int(rng.integers(0, size - side + 1)) for _ in range(2))
     alpha[y:y + side, x:x + side] = np.asarray(glyph, np.float32) / 255.0
-    pixels = paper[None, None, :] * (1 - alpha[..., None]) + ink[None, None, :] * alpha[..., None]
+    pixels = page * (1 - alpha[..., None]) + ink[None, None, :] * alpha[..., None]
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
