@@ -144,19 +144,18 @@ def degraded_photo(rng: np.random.Generator, size: int, obj: tuple[str, str] | N
 
 
 def book_cover(rng: np.random.Generator, size: int, title: str) -> tuple[Image.Image, str]:
-    """A book cover: a coloured board, a lighter band, the title in a serif face, an
-    author line; returns the image and the board's colour name."""
+    """A book cover: a coloured board, a pale band with the title in a serif face in the
+    board's colour, an author line; returns the image and the board's colour name."""
     colour = list(COVER_COLOURS)[int(rng.integers(len(COVER_COLOURS)))]
-    board = np.array(COVER_COLOURS[colour])
-    image = Image.new("RGB", (size, size), tuple(int(v) for v in board))
+    board = tuple(COVER_COLOURS[colour])
+    image = Image.new("RGB", (size, size), board)
     draw = ImageDraw.Draw(image)
-    band = tuple(int(v) for v in np.minimum(255, board + 60))
+    band = tuple(int(v) for v in np.array([238, 230, 205]) + rng.integers(-10, 11, 3))
     band_top = int(rng.integers(size // 8, size // 3))
     band_h = size * 18 // 48
     draw.rectangle([0, band_top, size - 1, band_top + band_h], fill=band)
-    draw.rectangle([0, 0, 2, size - 1], fill=tuple(int(v) for v in board // 2))  # the spine's edge
-    ink = (250, 250, 250) if rng.integers(2) else (250, 220, 80)
-    text = _text_image(title, font("DejaVuSerif-Bold.ttf", max(8, size * 12 // 48)), ink, band)
+    draw.rectangle([0, 0, 2, size - 1], fill=tuple(v // 2 for v in board))  # the spine's edge
+    text = _text_image(title, font("DejaVuSerif-Bold.ttf", max(8, size * 13 // 48)), board, band)
     x = int(rng.integers(4, max(5, size - text.width - 1)))
     image.paste(text, (x, band_top + (band_h - text.height) // 2 + 1))
     author_w = int(rng.integers(size // 4, size // 2))
