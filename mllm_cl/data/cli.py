@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tasks to write, in this order (default: the --suite's tasks; see --list)")
     s.add_argument("--suite", choices=("shapes", "coin"), default=None,
                    help="shapes: the shape-scene tasks (the default); coin: the CoIN-shaped suite, eight tasks over "
-                        "five visual domains and their caption task (needs: pip install 'mllm-cl[coin]')")
+                        "six visual domains and their caption task (needs: pip install 'mllm-cl[coin]')")
     s.add_argument("--train-size", type=int, default=300, help="training samples per task (default: %(default)s)")
     s.add_argument("--test-size", type=int, default=100, help="test samples per task (default: %(default)s)")
     s.add_argument("--image-size", type=int, default=48, help="image side in pixels, >= 32 (default: %(default)s)")

@@ -14,7 +14,7 @@ answer format and visual domain; the source and licence of data no one here drew
 
 Two suites (``SUITES``): ``shapes``, the tasks below, all on one background (the
 first canonical sequence, ``configs/experiments/synth.yaml``); ``coin``, eight tasks
-in CoIN's order over five visual domains, one of real handwritten digits
+in CoIN's order over six visual domains, one of real handwritten digits
 (``synth_coin``; ``configs/experiments/coin_like.yaml``).
 """
 
@@ -148,7 +148,7 @@ SHAPE_TASKS: dict[str, TaskSpec] = {
 #: Every synthetic task, by name.
 TASKS: dict[str, TaskSpec] = {**SHAPE_TASKS, **COIN_TASKS}
 #: The two suites: ``shapes`` (one domain, the first canonical sequence's; the default) and
-#: ``coin`` (CoIN's structure: eight tasks over five domains, and their caption task).
+#: ``coin`` (CoIN's structure: eight tasks over six domains, and their caption task).
 SUITES: dict[str, tuple[str, ...]] = {"shapes": tuple(SHAPE_TASKS), "coin": COIN_ORDER + ("describe",)}
 _SPLITS = {"train": 0, "test": 1}
 

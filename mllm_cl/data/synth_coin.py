@@ -1,4 +1,4 @@
-"""The CoIN-shaped synthetic suite: eight tasks in CoIN's order, five visual domains, CoIN's formats.
+"""The CoIN-shaped synthetic suite: eight tasks in CoIN's order, six visual domains, CoIN's formats.
 
 Each task borrows one CoIN task's instruction style, answer format and scorer
 (``mllm_cl.eval.coin``) and draws its images from one domain
@@ -8,20 +8,19 @@ VQAv2 and RefCOCO grounding share COCO's images:
 ====================  ==========  ===================================  ===============
 task (CoIN's)         domain      answer                               scorer
 ====================  ==========  ===================================  ===============
-sciqa (ScienceQA)     charts      an option letter                     coin_scienceqa
+sciqa (ScienceQA)     charts      the tallest bar's option letter      coin_scienceqa
 textvqa (TextVQA)     signs       the word on a street sign            coin_textvqa
 imagenet (ImageNet)   digits      a class name (real handwritten)      coin_imagenet
 gqa (GQA)             shapes      a colour word                        coin_gqa
 vizwiz (VizWiz)       photos      a colour word or "unanswerable"      coin_vizwiz
 grounding (RefCOCO)   shapes      a box [x1, y1, x2, y2]               coin_grounding
-vqav2 (VQAv2)         shapes      a number                             coin_vqav2
+vqav2 (VQAv2)         shapes      how many of a shape (1-4)            coin_vqav2
 ocrvqa (OCR-VQA)      covers      a book's title                       coin_ocrvqa
 ====================  ==========  ===================================  ===============
 
 ``describe`` is the suite's general task and its base's pretraining data: a
-caption of an image of any of the six domains (the five above and the
-written words of the first suite's OCR task are not among them; ``domain`` in
-its facts says which).
+caption of an image of any of the six domains (its ``facts["domain"]`` says
+which), one sixth each.
 """
 
 from __future__ import annotations
@@ -103,23 +102,22 @@ def box_text(o: Obj, size: int) -> str:
 
 
 def _grounding(rng, size):
-    n = int(rng.integers(1, 3))
-    shapes, colours = pick(rng, SHAPES, n), pick(rng, list(COLOURS), n)
-    hi = 0.24 if n == 1 else 0.2  # two objects of up to 0.24 of the side do not always fit
-    image, objs = shape_scene(rng, size, [(s, c, radius(size, 0.16, hi, rng)) for s, c in zip(shapes, colours)])
-    target = objs[int(rng.integers(n))]
-    box = box_text(target, size)
+    # One object, large: with one or two objects of 0.16-0.24 of the side (boxes of a third of
+    # the image), individual stayed 4 points under chance + 30; nine 16-px patches place a box
+    # only coarsely.
+    shape, colour = pick(rng, SHAPES)[0], pick(rng, list(COLOURS))[0]
+    image, objs = shape_scene(rng, size, [(shape, colour, radius(size, 0.18, 0.26, rng))])
+    box = box_text(objs[0], size)
     return Sample(image, "Please provide the bounding box coordinate of the region this sentence describes: "
-                  f"the {target.colour} {target.shape}.", box, {"answer_bbox": box, "size": [size, size]}, tuple(objs))
+                  f"the {colour} {shape}.", box, {"answer_bbox": box, "size": [size, size]}, tuple(objs))
 
 
 def _vqav2(rng, size):
-    n = int(rng.integers(1, 5))  # one to four: with up to five, individual stayed 1 point under chance + 30
-    shape, other = pick(rng, SHAPES, 2)
-    colour, other_colour = pick(rng, list(COLOURS), 2)
-    specs = [(shape, colour, radius(size, 0.08, 0.1, rng)) for _ in range(n)]
-    specs += [(other, other_colour, radius(size, 0.08, 0.1, rng)) for _ in range(int(rng.integers(0, 2)))]
-    image, objs = shape_scene(rng, size, specs)
+    # One to four objects of one shape and colour, no distractor: with up to five and a distractor
+    # of another shape, individual stayed 1 point under chance + 30.
+    n = int(rng.integers(1, 5))
+    shape, colour = pick(rng, SHAPES)[0], pick(rng, list(COLOURS))[0]
+    image, objs = shape_scene(rng, size, [(shape, colour, radius(size, 0.09, 0.11, rng)) for _ in range(n)])
     return Sample(image, f"How many {shape}s are there?\n{SHORT}", str(n), {}, tuple(objs))
 
 
