@@ -1,5 +1,8 @@
 """The ablation rows of the SAME (#11), CRAM (#13) and LLaVA-CMoE (#12) notes, on the canonical order, seed 0.
 
+The ``*_oracle`` rows (#28) and ``cmoe_oracle_router`` are each routed method with ``route_by: task_id``: its
+own trained experts, routed at evaluation by the true task id; they leak task identity (a bound, not a method).
+
     python examples/compare_methods/ablations.py             # runs what is missing, then the table
 
 Each row is a method config plus `mllm-cl fit` overrides, run into ``RUNS/ablations/NAME``; the
@@ -28,7 +31,9 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
                                     "--model.method.init_args.adaptive_activation", "false"]),
     "same_spectral_curvature": ("same", ["--model.method.init_args.adaptive_activation", "false"]),
     "same_no_prior": ("same", ["--model.method.init_args.prior", "none"]),
-    # SAME's oracle: one expert per task on SAME's modules and rank, chosen by the true task id.
+    # SAME's own experts routed by the true task (its prior replaced by the truth).
+    "same_oracle": ("same", ["--model.method.init_args.route_by", "task_id"]),
+    # Individual on SAME's modules and rank: one expert per task, trained apart, chosen by the true task id.
     "individual_ffn_r8": ("individual", ["--model.method.init_args.experts.target_modules", FFN]),
     # CRAM: without the orthogonality penalty, with a fixed rank, and individual at r_max on CRAM's modules.
     "cram_no_penalty": ("cram", ["--model.method.init_args.orth_weight", "0"]),
@@ -36,6 +41,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "cram_sigma_absolute": ("cram", ["--model.method.init_args.bandwidth", "absolute"]),  # the authors' sigma 2
     "cram_novelty_scaled": ("cram", ["--model.method.init_args.novelty_scaling", "dimension"]),
     "cram_eval_batch": ("cram", ["--model.method.init_args.eval_routing", "batch"]),  # leaks task identity
+    "cram_oracle": ("cram", ["--model.method.init_args.route_by", "task_id"]),  # each sample to its task's slot
     "individual_attn_r9": ("individual", ["--model.method.init_args.experts.target_modules",
                                           "[q_proj, k_proj, v_proj, o_proj]",
                                           "--model.method.init_args.experts.rank", "9"]),
@@ -46,6 +52,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
                                       "--model.method.init_args.gate_warmup", "null"]),
     "routing_scale16": ("routing", ["--model.method.init_args.expert_scale", "0.0625"]),
     "routing_null": ("routing", ["--model.method.init_args.null_expert", "true"]),
+    "routing_oracle": ("routing", ["--model.method.init_args.route_by", "task_id"]),  # each sample to its expert
     # LLaVA-CMoE: the true task's router instead of the locator; individual on cmoe's modules and rank.
     "cmoe_oracle_router": ("cmoe", ["--model.method.init_args.route_by", "task_id"]),
     "cmoe_gaussian": ("cmoe", ["--model.method.init_args.locator", "gaussian"]),

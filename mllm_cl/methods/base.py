@@ -25,17 +25,29 @@ A method may bring its own continual callbacks (``callbacks``: statistics
 collected during training, work at task end that needs the task's data) and
 report per-stage numbers of its own (``stage_metrics``, written to
 ``results.json`` under ``method_metrics``).
+
+**The oracle** (``route_by: task_id`` on the routed methods: ``cmoe``, ``routing``, ``same``,
+``cram``): the same trained experts, but each evaluated sample routed by its true task id
+instead of the method's learned routing, so that a table can show the gap to it (MFN minus the
+oracle's MFN). It leaks task identity: a bound on what the method's routing could reach with
+its experts, not a method. ``add_oracle_route`` and ``oracle_context`` are the shared parts that
+``routing`` and ``cram`` use (a parameter-free ``TaskRouter`` named ``task_id`` in every expert
+layer, and the context that sends every sample through it); ``same`` puts the true task in place
+of its task prior, ``cmoe`` picks the true task's router instead of the located one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Container
 
 import torch
 from torch import nn
 
-from mllm_cl.experts import ExpertSetup, InjectionReport, RoutingContext, expert_layers
+from mllm_cl.experts import ExpertLayer, ExpertSetup, InjectionReport, RoutingContext, TaskRouter, expert_layers
+
+#: The oracle's router (``route_by: task_id``) in every expert layer: a ``TaskRouter``, no parameters.
+ORACLE_ROUTER = "task_id"
 
 
 @dataclass
@@ -149,3 +161,30 @@ class Method:
         for layer in expert_layers(model).values():
             for name in layer.expert_names:
                 layer.freeze_expert(name)
+
+
+# -------------------------------------------------------------------- the oracle
+def add_oracle_route(layer: ExpertLayer, task: int, expert: str) -> None:
+    """Under the oracle, task ``task``'s samples go to ``expert`` alone with weight 1 in ``layer``.
+
+    The route is kept by the layer's ``TaskRouter`` named ``task_id`` (``ORACLE_ROUTER``), made on
+    first use. It has no parameters and no training forward names it, so the trained tensors stay
+    those of the method without the oracle; only the recorded structure (``structure.json``) shows
+    the extra router.
+    """
+    if ORACLE_ROUTER not in layer.routers:
+        layer.add_router(ORACLE_ROUTER, TaskRouter(layer.in_features))
+    router = layer.routers[ORACLE_ROUTER]
+    router.task_experts[task] = expert  # first: an expert mapped already takes no other task id when added
+    if expert not in router.expert_names:
+        router.add_expert(expert)
+
+
+def oracle_context(task_ids: torch.Tensor, trained: Container[int]) -> RoutingContext:
+    """Every sample through the oracle's router (``add_oracle_route``) by its true task id.
+
+    A sample whose task has trained no expert (a general task, id -1; a task after the stage,
+    evaluated for forward transfer) routes to no expert: the base model alone."""
+    ids = [t if t in trained else -1 for t in task_ids.tolist()]
+    return RoutingContext(task_ids=torch.tensor(ids, dtype=torch.long, device=task_ids.device),
+                          router_choice=[ORACLE_ROUTER] * len(ids))

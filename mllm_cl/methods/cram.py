@@ -27,6 +27,15 @@ evaluation batches hold one task's questions, so a batch's mean carries the task
 the canonical synthetic sequence the mean of 8 test images finds the right centroid
 far more often than one image does), and a sample's answer depends on its neighbours.
 
+**The oracle** (``route_by: task_id``; ``centroids``, the default, is the method): the same training,
+but at evaluation each sample goes to its own task's group and slot ``t{t}`` with full weight, on the
+prompt and every generated token, through a parameter-free ``TaskRouter`` registered beside the group
+routers (``methods.base.add_oracle_route``); a general task's sample (task id -1), or a task with no
+slot yet, gets no slot. The group prototypes and centroids are still evaluated for the reported
+``group_accuracy`` and ``own_slot_weight``. It leaks task identity: a bound on what the group rule and
+the centroids could reach with these slots, not a method (``eval_routing: batch`` is a leak inside
+the method; the oracle ignores it).
+
 Features come from a frozen ``RoutingEncoder`` (``routing_encoder``: the backbone's own,
 or a local CLIP as the authors use): the instruction feature is the question alone, no
 chat-template token (with the template, the canonical tasks' instruction vectors reach
@@ -68,7 +77,7 @@ from torch import nn
 
 from mllm_cl.distributed import all_reduce_sum
 from mllm_cl.experts import CentroidRouter, ExpertLayer, ExpertSetup, FixedRouter, RoutingContext, expert_layers
-from mllm_cl.methods.base import Method, Phase
+from mllm_cl.methods.base import Method, Phase, add_oracle_route, oracle_context
 from mllm_cl.methods.cram_slots import (assign_group, instantiate_slot, novelty_threshold, orthogonality_penalty,
                                         standardize)
 from mllm_cl.methods.routing_encoder import RoutingEncoder
@@ -76,7 +85,7 @@ from mllm_cl.methods.routing_encoder import RoutingEncoder
 CHOICES = {"threshold": ("relative", "absolute"), "bandwidth": ("spread", "absolute"),
            "novelty_scaling": ("absolute", "dimension"), "eval_routing": ("sample", "batch"),
            "group_decision": ("first_batch", "warmup"), "penalty_basis": ("output", "authors"),
-           "slot_scale": ("exact", "authors")}
+           "slot_scale": ("exact", "authors"), "route_by": ("centroids", "task_id")}
 
 
 class CRAM(Method):
@@ -99,6 +108,8 @@ class CRAM(Method):
         group_decision: ``first_batch`` (the authors': the task's first micro-batch) or ``warmup``.
         slot_scale: ``exact`` or ``authors`` (a slot starts at twice the buffer's delta).
         routing_encoder: the frozen image and instruction features (``backbone`` or ``clip``).
+        route_by: ``centroids`` (the method: the group prototypes, then the group's centroids) or
+            ``task_id`` (the oracle: each sample to its own task's slot, weight 1).
     """
 
     name = "cram"
@@ -111,7 +122,7 @@ class CRAM(Method):
                  bandwidth: str = "spread", sigma: float | None = None, orth_weight: float = 1.0,
                  penalty_basis: str = "output", detach_gamma: bool = False, eval_routing: str = "sample",
                  group_decision: str = "first_batch", slot_scale: str = "exact",
-                 routing_encoder: RoutingEncoder | None = None) -> None:
+                 routing_encoder: RoutingEncoder | None = None, route_by: str = "centroids") -> None:
         if experts.router is not None or experts.initial_experts:
             raise ValueError("cram builds its own buffer, slots and routers: leave experts.router and "
                              "experts.initial_experts unset")
@@ -121,7 +132,7 @@ class CRAM(Method):
             raise ValueError(f"cram: warmup_share must be in (0, 1), got {warmup_share}")
         options = dict(threshold=threshold, bandwidth=bandwidth, novelty_scaling=novelty_scaling,
                        eval_routing=eval_routing, group_decision=group_decision, penalty_basis=penalty_basis,
-                       slot_scale=slot_scale)
+                       slot_scale=slot_scale, route_by=route_by)
         for key, value in options.items():
             if value not in CHOICES[key]:
                 raise ValueError(f"cram: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
@@ -136,6 +147,7 @@ class CRAM(Method):
         self.sigma = sigma if sigma is not None else (0.5 if bandwidth == "spread" else 2.0)
         self.orth_weight, self.penalty_basis, self.detach_gamma = orth_weight, penalty_basis, detach_gamma
         self.eval_routing, self.group_decision, self.slot_scale = eval_routing, group_decision, slot_scale
+        self.route_by = route_by
         self.routing_encoder = routing_encoder or RoutingEncoder()
         self.slots: dict[int, dict[str, Any]] = {}  # task -> {"group", "ranks": {layer: r}} (replayed on resume)
         self.prototypes: list[torch.Tensor] = []  # per group: running mean instruction feature
@@ -235,6 +247,8 @@ class CRAM(Method):
             router = CentroidRouter(layer.in_features, embed_dim=self.routing_encoder.image_dim, sigma=self.sigma)
             layer.add_router(name, router)
         expert = layer.add_expert(f"t{task}", rank=rank, routers=[name])
+        if self.route_by == "task_id":
+            add_oracle_route(layer, task, f"t{task}")
         if init is not None:
             with torch.no_grad():
                 expert.A.copy_(init[0])
@@ -275,6 +289,8 @@ class CRAM(Method):
             image = (image[has].mean(0, keepdim=True) if bool(has.any()) else image[:1]).expand_as(image)
         groups = F.cosine_similarity(instruction[:, None], protos[None], dim=-1).argmax(-1).tolist()
         self._count(batch["task_ids"].tolist(), groups, image)
+        if self.route_by == "task_id":  # the oracle: each sample to its own task's slot (groups still scored)
+            return oracle_context(batch["task_ids"], self.slots)
         return RoutingContext(image_embeds=image, router_choice=[f"group{g}" for g in groups])
 
     def _accumulate(self, image: torch.Tensor, instruction: torch.Tensor, has: torch.Tensor) -> None:

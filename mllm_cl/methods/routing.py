@@ -23,16 +23,24 @@ budget (the sequence's lr and warm-up, ~3 epochs of a 1000-sample task instead o
 ``expert_scale`` multiplies each expert's LoRA scale (alpha / r = 2 here): PHATGOOSE's
 experts are 1/16 of ours (``expert_scale: 0.0625``), so mixing several does less harm to
 the base layer's output.
+
+``route_by: task_id`` is the oracle (``mllm_cl.methods.base``): the same experts and gates are
+trained, but at evaluation every token of a sample, prompt and generated answer, goes to the
+sample's own task's expert ``task{t}`` alone with weight 1 (as ``individual`` routes), through a
+parameter-free ``TaskRouter`` added beside the gate router; a general task's sample (task id -1),
+or a task not trained yet, gets no expert. It leaks task identity: a bound on what the gates could
+reach, not a method. ``route_by: gates`` (the default) is the method.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 from torch import nn
 
-from mllm_cl.experts import ExpertSetup, PostHocGateRouter, expert_layers
-from mllm_cl.methods.base import Method, Phase
+from mllm_cl.experts import ExpertSetup, PostHocGateRouter, RoutingContext, expert_layers
+from mllm_cl.methods.base import Method, Phase, add_oracle_route, oracle_context
 
 
 class RoutingCL(Method):
@@ -40,7 +48,7 @@ class RoutingCL(Method):
 
     def __init__(self, experts: ExpertSetup, *, top_k: int = 2, gate_steps: int = 100, gate_lr: float | None = 5e-3,
                  gate_warmup: float | None = 0.06, gate_accumulation: int = 32, expert_scale: float = 1.0,
-                 null_expert: bool = False, null_score: float = 0.0) -> None:
+                 null_expert: bool = False, null_score: float = 0.0, route_by: str = "gates") -> None:
         """Args:
             experts: targets and rank of the per-task experts (the router is built here).
             top_k: experts kept per token at evaluation.
@@ -50,6 +58,7 @@ class RoutingCL(Method):
             gate_accumulation: micro-batches per gate step (PHATGOOSE: 32 x 32 = 1024 samples a step).
             expert_scale: multiplies each expert's LoRA scale (PHATGOOSE's is 1/16 of ours).
             null_expert, null_score: a "no adapter" choice with a constant score.
+            route_by: ``gates`` (the method) or ``task_id`` (the oracle: each sample to its task's expert).
         """
         if experts.router is not None:
             raise ValueError("routing builds its own post-hoc gate router: leave experts.router unset")
@@ -58,11 +67,15 @@ class RoutingCL(Method):
                              f"{gate_steps}, {gate_accumulation} and {expert_scale}")
         if gate_warmup is not None and not 0 <= gate_warmup < 1:
             raise ValueError(f"routing: gate_warmup is a share of the gate steps in [0, 1), got {gate_warmup}")
+        if route_by not in ("gates", "task_id"):
+            raise ValueError(f"routing: route_by must be 'gates' or 'task_id', got {route_by!r}")
         experts.router = partial(PostHocGateRouter, top_k=top_k, null_expert=null_expert, null_score=null_score)
         super().__init__(experts)
         self.top_k, self.gate_steps = top_k, gate_steps
         self.gate_lr, self.gate_warmup, self.gate_accumulation = gate_lr, gate_warmup, gate_accumulation
         self.expert_scale = expert_scale
+        self.route_by = route_by
+        self.tasks = 0  # tasks whose expert exists (the oracle routes only those)
 
     def phases(self, task: int, num_tasks: int) -> list[Phase]:
         gate = Phase("gate", steps=self.gate_steps, lr=self.gate_lr, warmup=self.gate_warmup,
@@ -74,6 +87,10 @@ class RoutingCL(Method):
         rank = self.experts.rank
         alpha = (self.experts.alpha if self.experts.alpha is not None else 2.0 * rank) * self.expert_scale
         self.add_expert_everywhere(model, f"task{task}", alpha=alpha)
+        self.tasks = task + 1
+        if self.route_by == "task_id":
+            for layer in expert_layers(model).values():
+                add_oracle_route(layer, task, f"task{task}")
 
     def on_phase_start(self, model: nn.Module, task: int, phase: Phase) -> None:
         name, gate = f"task{task}", phase.name == "gate"
@@ -87,3 +104,8 @@ class RoutingCL(Method):
         self.freeze_all_experts(model)
         for layer in expert_layers(model).values():
             layer.routers["default"].route()
+
+    def routing_context(self, batch: dict[str, Any], *, training: bool) -> RoutingContext | None:
+        if training or self.route_by != "task_id":
+            return None  # the phase's mode of the gate router (training), the gates (evaluation)
+        return oracle_context(batch["task_ids"], range(self.tasks))

@@ -35,6 +35,19 @@ both codes, so the router gets no gradient after them: the prior is what sends a
 test sample to its task's expert. The prior's top-1 accuracy per task is a stage
 metric (``prior_accuracy``). ``prior: none`` is the method without it.
 
+**The oracle** (``route_by: task_id``; ``router``, the default, is the method): the same training,
+but at evaluation the prior is the sample's true task instead of the anchors' guess: uniform over the
+experts the task trained (``task_experts``: ``e{min(t, E - 1)}``), zero elsewhere, through the same
+``BatchMeanRouter`` path (pooled probabilities times the prior, top-k, renormalized). A task owns
+one expert here, so that expert gets weight 1 and no other expert adds anything, on the prompt and
+on every generated token (the routing is fixed at prefill). [choice] Were a task to own several
+experts, the prior would spread evenly over them and SAME's own router (its prompt-pooled
+probabilities, top-k) would split the weight among them, the split SAME itself makes under a prior
+certain of the task. A general task's sample (task id -1), or a task not trained yet, gets a zero
+prior: no expert, the base model. The prototype prior's accuracy is still reported
+(``prior_accuracy``, with ``prior: prototype``). It leaks task identity: a bound on what the prior
+and router could reach with these experts, not a method.
+
 Where this follows the authors' code rather than methods.md's first reading, each
 with ours as a named option: experts start with ``A ~ N(0, 0.01^2)``, ``B = 0``
 (``expert_init: normal``; ``kaiming``: PEFT's init); utilization and importance start
@@ -120,6 +133,8 @@ class SAME(Method):
         ema_init: ``uniform`` (utilization and importance start at 1/E, the authors') or ``first_batch``.
         train_tokens: ``all`` (every position of the micro-batch, the authors') or ``real`` (no padding):
             the tokens the training batch mean, the activation EMAs and the covariance see.
+        route_by: ``router`` (the method: its router times its prior) or ``task_id`` (the oracle: the
+            prior is the true task's, on the experts it trained; see the module docstring).
     """
 
     name = "same"
@@ -132,7 +147,7 @@ class SAME(Method):
                  adaptive_activation: bool = True, routing_encoder: RoutingEncoder | None = None,
                  prior: str = "prototype", prior_scale: float = 28.0, prior_image_weight: float = 0.2,
                  expert_init: str = "normal", init_std: float = 0.01, ema_init: str = "uniform",
-                 train_tokens: str = "all") -> None:
+                 train_tokens: str = "all", route_by: str = "router") -> None:
         if experts.router is not None or experts.initial_experts:
             raise ValueError("same builds its own router and experts: leave experts.router and "
                              "experts.initial_experts unset")
@@ -144,7 +159,8 @@ class SAME(Method):
             raise ValueError("same: need 0 < delta <= 1, max_directions >= 1, refresh_every >= 1 and mu > 0")
         for key, value, allowed in (("prior", prior, ("prototype", "none")), ("expert_init", expert_init, ("normal", "kaiming")),
                                     ("ema_init", ema_init, ("uniform", "first_batch")),
-                                    ("train_tokens", train_tokens, ("all", "real"))):
+                                    ("train_tokens", train_tokens, ("all", "real")),
+                                    ("route_by", route_by, ("router", "task_id"))):
             if value not in allowed:
                 raise ValueError(f"same: {key} must be one of {', '.join(allowed)}, got {value!r}")
         if not 0 <= prior_image_weight <= 1 or prior_scale <= 0 or init_std <= 0:
@@ -160,6 +176,7 @@ class SAME(Method):
         self.routing_encoder = routing_encoder or RoutingEncoder()
         self.prior, self.prior_scale, self.prior_image_weight = prior, prior_scale, prior_image_weight
         self.expert_init, self.init_std, self.ema_init, self.train_tokens = expert_init, init_std, ema_init, train_tokens
+        self.route_by = route_by
         self.task, self.steps = 0, 0
         # Per seen task: sums and counts of its training samples' features (anchor = sum / count).
         self.anchors: dict[int, dict[str, torch.Tensor]] = {}
@@ -235,6 +252,12 @@ class SAME(Method):
                 self._accumulate(batch["task_ids"], self.routing_encoder(batch))
             # Training routes on the micro-batch's tokens, the answer too, not only the prompt.
             return RoutingContext(extra={"attention_mask": self._train_mask(batch["attention_mask"])})
+        if self.route_by == "task_id":  # the oracle: the true task's prior; the prototype prior still scored
+            if self.prior != "none" and self.anchors:
+                self._count_hits(batch["task_ids"], self.task_prior(self.routing_encoder(batch)))
+            ids = batch["task_ids"]
+            ids = torch.where((ids >= 0) & (ids <= self.task), ids, -1)  # trained tasks; the rest: none
+            return RoutingContext(task_ids=ids, extra={"prior": self.oracle_prior(ids)})
         if self.prior == "none" or not self.anchors:
             return None
         prior = self.task_prior(self.routing_encoder(batch))  # (B, T_seen)
@@ -291,6 +314,17 @@ class SAME(Method):
         out = prior.new_zeros(prior.shape[0], self.num_experts)
         idx = torch.tensor([min(t, self.num_experts - 1) for t in self.seen_tasks()], device=prior.device)
         return out.index_add(1, idx, prior)
+
+    def oracle_prior(self, task_ids: torch.Tensor) -> torch.Tensor:
+        """(B, E) the oracle's prior: uniform over the experts sample b's task trained (``task_experts``),
+        zero for a general task (id -1) and for a task not trained yet (after ``self.task``)."""
+        names = [f"e{i}" for i in range(self.num_experts)]
+        out = torch.zeros(task_ids.shape[0], self.num_experts, device=task_ids.device)
+        for b, t in enumerate(task_ids.tolist()):
+            own = [names.index(n) for n in self.task_experts(t, names)] if 0 <= t <= self.task else []
+            if own:
+                out[b, own] = 1.0 / len(own)
+        return out
 
     def _count_hits(self, task_ids: torch.Tensor, prior: torch.Tensor) -> None:
         seen = self.seen_tasks()

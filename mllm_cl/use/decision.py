@@ -41,6 +41,9 @@ def _choice(method, batch: dict[str, Any], context: RoutingContext | None, task_
     def task(i: int) -> str:
         return task_names[i] if 0 <= i < len(task_names) else f"task {i}"
 
+    if context.task_ids is not None:  # individual, and every oracle (route_by: task_id) but cmoe's
+        return [f"the true task, as given: {task(int(t))}" if int(t) >= 0 else "no task (the base model alone)"
+                for t in context.task_ids.tolist()]
     if context.router_choice is not None:
         out = []
         for name in context.router_choice:
@@ -60,9 +63,6 @@ def _choice(method, batch: dict[str, Any], context: RoutingContext | None, task_
         return ["task prior " + ", ".join(f"{task(t)} {float(p):.2f}" for t, p in
                                           sorted(zip(seen, row.tolist()), key=lambda tp: -tp[1]))
                 for row in prior]
-    if context.task_ids is not None:
-        return [f"the true task, as given: {task(int(t))}" if int(t) >= 0 else "no task (the base model alone)"
-                for t in context.task_ids.tolist()]
     return [None] * B
 
 
