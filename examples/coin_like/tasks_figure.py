@@ -23,7 +23,7 @@ from mllm_cl.data.synth_coin import COIN_ORDER  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/figures/coin_like_tasks.png", help="PNG to write (default: %(default)s)")
-    p.add_argument("--index", type=int, default=3, help="which test sample of each task to show")
+    p.add_argument("--index", type=int, default=5, help="which test sample of each task to show")
     args = p.parse_args(argv)
     fig, axes = plt.subplots(1, len(COIN_ORDER), figsize=(2.1 * len(COIN_ORDER), 3.0))
     for ax, task in zip(axes, COIN_ORDER):
