@@ -125,3 +125,8 @@ def where(o: Obj, size: int) -> str:
     row = GRID_ROWS[min(2, int(o.cy * 3 // size))]
     col = GRID_COLS[min(2, int(o.cx * 3 // size))]
     return "the center" if (row, col) == ("middle", "center") else f"the {row} {col}"
+
+
+def box_text(o: Obj, size: int) -> str:
+    """The object's box as grounding answers write it: ``[x1, y1, x2, y2]`` normalized, two decimals."""
+    return "[" + ", ".join(f"{v / size:.2f}" for v in o.box()) + "]"

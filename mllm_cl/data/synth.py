@@ -26,10 +26,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from mllm_cl.data.draw import COLOURS, SHAPES, Obj, place, render, render_word, where
+from mllm_cl.data.draw import COLOURS, SHAPES, box_text, place, render, render_word, where
 from mllm_cl.data.synth_coin import COIN_ORDER, COIN_TASKS
 from mllm_cl.data.synth_spec import Sample, TaskSpec, pick, radius
 
@@ -72,16 +71,12 @@ def _ocr(rng, size):
     return Sample(render_word(word, size, rng), "What word is written in the image?", word, {})
 
 
-def _box_text(o: Obj, size: int) -> str:
-    return "[" + ", ".join(f"{v / size:.2f}" for v in o.box()) + "]"
-
-
 def _ground(rng, size):
     n = int(rng.integers(1, 4))
     shapes, colours = pick(rng, SHAPES, n), pick(rng, list(COLOURS), n)
     objs = place(rng, size, [(s, c, radius(size, 0.12, 0.2, rng)) for s, c in zip(shapes, colours)])
     target = objs[int(rng.integers(n))]
-    box = _box_text(target, size)
+    box = box_text(target, size)
     return Sample(render(objs, size), f"Where is the {target.colour} {target.shape}? Answer with a bounding box.",
                   box, {"answer_bbox": box, "size": [size, size]}, tuple(objs))
 

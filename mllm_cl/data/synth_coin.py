@@ -35,7 +35,7 @@ from mllm_cl.data.domains import (
     shape_scene,
     street_sign,
 )
-from mllm_cl.data.draw import COLOURS, SHAPES, Obj, where
+from mllm_cl.data.draw import COLOURS, SHAPES, box_text, where
 from mllm_cl.data.real_images import DIGIT_NAMES, digits, pool
 from mllm_cl.data.synth_spec import Sample, TaskSpec, pick, radius
 
@@ -95,10 +95,6 @@ def _vizwiz(rng, size):
     answer = "unanswerable" if kind < 2 else obj[1]
     return Sample(image, f"What color is this?\n{UNANSWERABLE}\n{SHORT}", answer, {},
                   facts={"object": obj, "hopeless": kind == 1})
-
-
-def box_text(o: Obj, size: int) -> str:
-    return "[" + ", ".join(f"{v / size:.2f}" for v in o.box()) + "]"
 
 
 def _grounding(rng, size):
