@@ -14,13 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
+def _pretrain(config: str, out, *, steps: int, captions: int, eval_samples: int) -> dict:
+    """A micro `mllm-cl pretrain` run in a subprocess; its pretrain.json."""
+    done = subprocess.run([sys.executable, "-m", "mllm_cl.cli", "pretrain", "--config", config, "--out", str(out),
+                           "--steps", str(steps), "--captions", str(captions), "--single_object_steps", str(steps // 2),
+                           "--eval_samples", str(eval_samples), "--batch_size", "4"],
+                          capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((out / "pretrain.json").read_text())
+
+
 def test_pretrain_writes_a_loadable_base(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "mllm_cl.cli", "pretrain", "--config", "configs/pretrain_tiny.yaml",
-                          "--out", str(tmp_path / "base"), "--steps", "6", "--captions", "64",
-                          "--single_object_steps", "3", "--eval_samples", "4", "--batch_size", "4"],
-                         capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    record = json.loads((tmp_path / "base/pretrain.json").read_text())
+    record = _pretrain("configs/pretrain_tiny.yaml", tmp_path / "base", steps=6, captions=64, eval_samples=4)
     assert record["config"]["steps"] == 6 and "held_out_caption_exact_match" in record
     base = build_backbone(path=str(tmp_path / "base"))
     assert base.model.num_image_tokens == 9 and base.model.image_size == 48
@@ -28,12 +33,7 @@ def test_pretrain_writes_a_loadable_base(tmp_path):
 
 
 def test_pretrain_the_coin_suite_base_reports_every_domain(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "mllm_cl.cli", "pretrain", "--config", "configs/pretrain_coin.yaml",
-                          "--out", str(tmp_path / "base"), "--steps", "4", "--captions", "48",
-                          "--single_object_steps", "2", "--eval_samples", "60", "--batch_size", "4"],
-                         capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    record = json.loads((tmp_path / "base/pretrain.json").read_text())
+    record = _pretrain("configs/pretrain_coin.yaml", tmp_path / "base", steps=4, captions=48, eval_samples=60)
     assert record["config"]["suite"] == "coin"
     assert set(record["held_out_caption_exact_match_by_domain"]) == {
         "charts", "signs", "digits", "shapes", "photos", "covers"}

@@ -130,3 +130,13 @@ def where(o: Obj, size: int) -> str:
 def box_text(o: Obj, size: int) -> str:
     """The object's box as grounding answers write it: ``[x1, y1, x2, y2]`` normalized, two decimals."""
     return "[" + ", ".join(f"{v / size:.2f}" for v in o.box()) + "]"
+
+
+def and_list(parts: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``: how captions list things."""
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def scene_caption(objs: list[Obj], size: int) -> str:
+    """A shape scene's caption: every object with its place, top to bottom, left to right."""
+    return and_list([f"a {o.colour} {o.shape} at {where(o, size)}" for o in sorted(objs, key=lambda o: (o.cy, o.cx))]) + "."

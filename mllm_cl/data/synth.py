@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mllm_cl.data.draw import COLOURS, SHAPES, box_text, place, render, render_word, where
+from mllm_cl.data.draw import COLOURS, SHAPES, box_text, place, render, render_word, scene_caption
 from mllm_cl.data.synth_coin import COIN_ORDER, COIN_TASKS
 from mllm_cl.data.synth_spec import Sample, TaskSpec, pick, radius
 
@@ -124,9 +124,7 @@ def _caption(rng, size):
     n = int(rng.integers(1, 4))
     shapes, colours = pick(rng, SHAPES, n), pick(rng, list(COLOURS), n)
     objs = place(rng, size, [(s, c, radius(size, 0.1, 0.16, rng)) for s, c in zip(shapes, colours)])
-    parts = [f"a {o.colour} {o.shape} at {where(o, size)}" for o in sorted(objs, key=lambda o: (o.cy, o.cx))]
-    text = parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return Sample(render(objs, size), "Describe the scene.", text + ".", {}, tuple(objs))
+    return Sample(render(objs, size), "Describe the scene.", scene_caption(objs, size), {}, tuple(objs))
 
 
 # max_new_tokens leaves room for a byte-level tokenizer: one token per character, a space, EOS.

@@ -35,7 +35,7 @@ from mllm_cl.data.domains import (
     shape_scene,
     street_sign,
 )
-from mllm_cl.data.draw import COLOURS, SHAPES, box_text, where
+from mllm_cl.data.draw import COLOURS, SHAPES, and_list, box_text, scene_caption
 from mllm_cl.data.real_images import DIGIT_NAMES, digits, pool
 from mllm_cl.data.synth_spec import Sample, TaskSpec, pick, radius
 
@@ -123,17 +123,13 @@ def _ocrvqa(rng, size):
     return Sample(image, f"What is the title of this book?\n{SHORT}", title, {}, facts={"cover": colour})
 
 
-def _and(parts: list[str]) -> str:
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
 def _describe(rng, size, split):
     domain = DOMAINS[int(rng.integers(len(DOMAINS)))]
     facts = {"domain": domain}
     if domain == "charts":
         colours = pick(rng, CHART_COLOURS, BARS)
         image, heights = bar_chart(rng, size, colours)
-        text = f"a bar chart of {_and(colours)} bars; the {colours[int(np.argmax(heights))]} bar is the tallest."
+        text = f"a bar chart of {and_list(colours)} bars; the {colours[int(np.argmax(heights))]} bar is the tallest."
     elif domain == "signs":
         word = pick(rng, SIGN_WORDS + TITLES)[0]
         image, colour = street_sign(rng, size, word)
@@ -147,8 +143,7 @@ def _describe(rng, size, split):
         n = int(rng.integers(1, 4))
         shapes, colours = pick(rng, SHAPES, n), pick(rng, list(COLOURS), n)
         image, objs = shape_scene(rng, size, [(s, c, radius(size, 0.1, 0.16, rng)) for s, c in zip(shapes, colours)])
-        text = _and([f"a {o.colour} {o.shape} at {where(o, size)}" for o in sorted(objs, key=lambda o: (o.cy, o.cx))])
-        text += "."
+        text = scene_caption(objs, size)
     elif domain == "photos":
         kind = int(rng.integers(4))
         obj = None if kind == 0 else (pick(rng, SHAPES)[0], pick(rng, list(COLOURS))[0])
