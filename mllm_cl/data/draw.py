@@ -139,4 +139,5 @@ def and_list(parts: list[str]) -> str:
 
 def scene_caption(objs: list[Obj], size: int) -> str:
     """A shape scene's caption: every object with its place, top to bottom, left to right."""
-    return and_list([f"a {o.colour} {o.shape} at {where(o, size)}" for o in sorted(objs, key=lambda o: (o.cy, o.cx))]) + "."
+    ordered = sorted(objs, key=lambda o: (o.cy, o.cx))
+    return and_list([f"a {o.colour} {o.shape} at {where(o, size)}" for o in ordered]) + "."
