@@ -1,7 +1,7 @@
 """The ``mllm-cl`` command: one entry point, one subcommand per job.
 
 ``fit`` goes to the LightningCLI subclass (issue #4); ``data``, ``report``,
-``predict``, ``export`` and ``pretrain`` are plain subcommands. A subcommand
+``predict``, ``evaluate``, ``export`` and ``pretrain`` are plain subcommands. A subcommand
 that is not built yet says so and exits with status 2 rather than pretending.
 A user error (a bad sample, a refused resume, a missing file, a config that
 does not parse) is one message and status 2, Ctrl-C status 130; ``--debug``
@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     from mllm_cl.data import cli as data_cli
     from mllm_cl import quickstart
     from mllm_cl.report import cli as report_cli
+    from mllm_cl.use import evaluate as evaluate_cli
     from mllm_cl.use import export as export_cli
     from mllm_cl.use import predict as predict_cli
 
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     report_cli.add_arguments(sub.add_parser("report", help=report_cli.HELP, description=plain(report_cli.__doc__)))
     predict_cli.add_arguments(sub.add_parser("predict", help=predict_cli.HELP, description=plain(predict_cli.__doc__),
                                              formatter_class=argparse.RawDescriptionHelpFormatter))
+    evaluate_cli.add_arguments(sub.add_parser("evaluate", help=evaluate_cli.HELP,
+                                              description=plain(evaluate_cli.__doc__),
+                                              formatter_class=argparse.RawDescriptionHelpFormatter))
     export_cli.add_arguments(sub.add_parser("export", help=export_cli.HELP, description=plain(export_cli.__doc__),
                                             formatter_class=argparse.RawDescriptionHelpFormatter))
     data_cli.add_arguments(sub.add_parser("data", help=data_cli.HELP, description=plain(data_cli.__doc__),
@@ -84,6 +88,9 @@ def _dispatch(argv: list[str]) -> int:
             summary, issue = PLANNED[name]
             print(f"mllm-cl {name}: not built yet ({summary}; tracked in issue #{issue}).", file=sys.stderr)
             return 2
+    after: list[str] = []  # evaluate: the fit options after `--`, handed over as they are
+    if argv[:1] == ["evaluate"] and "--" in argv:
+        argv, after = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     ap = _parser()
     args = ap.parse_args(argv)
     if args.command is None:
@@ -101,6 +108,10 @@ def _dispatch(argv: list[str]) -> int:
         from mllm_cl.use import predict as predict_cli
 
         return predict_cli.run(args)
+    if args.command == "evaluate":
+        from mllm_cl.use import evaluate as evaluate_cli
+
+        return evaluate_cli.run(args, after)
     if args.command == "export":
         from mllm_cl.use import export as export_cli
 

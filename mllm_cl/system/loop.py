@@ -107,17 +107,11 @@ class ContinualLoop:
         rebuild(module, self.run, done)
         if results["zero_shot"] is None:
             self._at = (None, "the zero-shot evaluation")
-            t0 = time.time()
-            results["zero_shot"] = self._evaluate(stage=0, tasks=range(T))
-            self._evaluate_general(results, stage=0)
-            self._method_metrics(results, stage=0)
-            results["timings"]["zero_shot_eval_s"] = round(time.time() - t0, 3)
+            self.evaluate_zero_shot(results)
             self.run.save_results(results)
         for t in range(done, T):
             self._task(t, results)
-        results["metrics"] = self._metrics(results)
-        if results.get("general"):
-            results["general"]["retention"] = general_retention(results["general"])
+        self.finish(results)
         self.run.save_results(results)
         self._log({f"final/{k}": v for k, v in results["metrics"].items() if v is not None}, step=T)
         self.print(f"mllm-cl: finished; results in {self.run.results_path}")
@@ -162,12 +156,7 @@ class ContinualLoop:
         self._hook("on_task_end", t)
         self._at = (t + 1, "evaluation")
         t0 = time.time()
-        if not method.one_row or t == T - 1:
-            upto = min(T - 1, t + 1) if self.eval_future_tasks else t
-            row = self._evaluate(stage=t + 1, tasks=range(upto + 1))
-            results["matrix"][t] = row + [None] * (T - len(row))
-            self._evaluate_general(results, stage=t + 1)
-            self._method_metrics(results, stage=t + 1)
+        self.evaluate_stage(results, t)
         results["params"]["trainable_per_task"].append(parameter_counts(sorted(trainable.items())))
         stored = sorted((k, v) for k, v in adapter_state(module.model).items())
         buffers = {name for name, _ in module.model.named_buffers()}
@@ -181,6 +170,33 @@ class ContinualLoop:
         self.run.save_results(results)
         if os.environ.get(FAULT_ENV) == str(t + 1):
             raise InjectedFault(f"{FAULT_ENV}={t + 1}: stopping after task {t + 1} as asked")
+
+    def evaluate_zero_shot(self, results: dict) -> None:
+        """The zero-shot row (every task, the base model), the general tasks and the method's numbers at stage 0."""
+        t0 = time.time()
+        results["zero_shot"] = self._evaluate(stage=0, tasks=range(self.dm.num_tasks))
+        self._evaluate_general(results, stage=0)
+        self._method_metrics(results, stage=0)
+        results["timings"]["zero_shot_eval_s"] = round(time.time() - t0, 3)
+
+    def evaluate_stage(self, results: dict, t: int) -> None:
+        """The evaluation after task ``t`` (0-based): its row of the matrix (the tasks seen, one more with
+        ``eval_future_tasks``; a one-row method only after the last task), the general tasks and the
+        method's own numbers, into ``results``. ``mllm-cl evaluate`` runs it on a restored model too."""
+        T, method = self.dm.num_tasks, self.module.method
+        if method.one_row and t != T - 1:
+            return
+        upto = min(T - 1, t + 1) if self.eval_future_tasks else t
+        row = self._evaluate(stage=t + 1, tasks=range(upto + 1))
+        results["matrix"][t] = row + [None] * (T - len(row))
+        self._evaluate_general(results, stage=t + 1)
+        self._method_metrics(results, stage=t + 1)
+
+    def finish(self, results: dict) -> None:
+        """The run's metrics from its matrix, and the general tasks' retention."""
+        results["metrics"] = self._metrics(results)
+        if results.get("general"):
+            results["general"]["retention"] = general_retention(results["general"])
 
     def _claim(self) -> tuple:
         """(resuming, results so far), or (the refusal, None); rank 0 only, the others get (None, None)."""
@@ -284,10 +300,10 @@ class ContinualLoop:
         return continual_metrics(results["matrix"], results["zero_shot"])
 
 
-def rebuild(module, run: RunDir, done: int) -> None:
+def rebuild(module, run: RunDir, done: int, *, unsaved_routers: tuple[str, ...] = ()) -> None:
     """The model as it was after ``done`` finished tasks: what the method decided from data (layers
     that grew, groups, anchors) first, then a replay of the tasks' hooks to rebuild the expert
-    structure, then the saved weights of checkpoint ``done``."""
+    structure, then the saved weights of checkpoint ``done`` (``RunDir.load_checkpoint``)."""
     method = module.method
     if done:
         method.load_state(*run.method_state(done))
@@ -295,7 +311,7 @@ def rebuild(module, run: RunDir, done: int) -> None:
         method.on_task_start(module.model, t)
         method.on_task_end(module.model, t)
     if done:
-        run.load_checkpoint(done, module.model)
+        run.load_checkpoint(done, module.model, unsaved_routers=unsaved_routers)
 
 
 def general_retention(general: dict) -> dict:

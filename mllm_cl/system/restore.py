@@ -4,7 +4,9 @@
 backbone it names and the method, connects the task sequence, and replays the method's
 state and structure up to checkpoint ``task_NN`` (``loop.rebuild``, the resume path), so
 the model routes exactly as it did when that stage was evaluated. The report's routing
-diagnostic, ``mllm-cl predict`` and ``mllm-cl export`` use it.
+diagnostic, ``mllm-cl predict`` and ``mllm-cl export`` use it; ``mllm-cl evaluate`` gives
+``overrides`` (``mllm-cl fit`` options, e.g. ``--model.method.init_args.route_by task_id``) to
+rebuild the same trained weights under another evaluation-time setting.
 
 What stops it is a user error naming the file and what to do: a folder that is no run
 directory, a run written by another results schema, a stage the run has not reached or
@@ -32,10 +34,13 @@ class Restored:
     results: dict[str, Any]
     stage: int  # tasks trained (checkpoint task_NN; 0: the base)
     run_dir: Path | None = None
+    config_text: str = ""  # the config it was built from, with the overrides, as mllm-cl fit writes it
 
 
-def restore(run_dir: str | Path, stage: int | None = None, *, device: str | None = None) -> Restored:
+def restore(run_dir: str | Path, stage: int | None = None, *, device: str | None = None,
+            overrides: list[str] = ()) -> Restored:
     from mllm_cl.fit import ContinualCLI, run_cli
+    from mllm_cl.methods.base import ORACLE_ROUTER
 
     run = RunDir(run_dir)
     config = run.path / "config.yaml"
@@ -63,20 +68,22 @@ def restore(run_dir: str | Path, stage: int | None = None, *, device: str | None
 
     class _Build(ContinualCLI):
         def _check_run_dir(self, cfg, method_name):  # reading the run, not resuming it: finished is fine
-            pass
+            self.config_text = self._parser("fit").dump(cfg, skip_link_targets=False)
 
         def fit(self, model, datamodule, **_):  # build only: no loop
             self.built = (model, datamodule)
 
-    module, dm = run_cli(["--config", str(config)], _Build).built
+    cli = run_cli(["--config", str(config), *overrides], _Build)
+    module, dm = cli.built
     spec = module.model.data_spec()
     dm.connect(module.tokenizer, module.image_processor(), spec.pop("num_image_tokens"), **spec)
     module.sequence = dm
-    rebuild(module, run, stage)
+    rebuild(module, run, stage, unsaved_routers=(ORACLE_ROUTER,))  # a run evaluated again by its oracle
     if device is not None:
         module.to(device)
     module.eval()
-    return Restored(module=module, datamodule=dm, results=results, stage=stage, run_dir=run.path)
+    return Restored(module=module, datamodule=dm, results=results, stage=stage, run_dir=run.path,
+                    config_text=cli.config_text)
 
 
 def _check_backbone(config: Path) -> None:

@@ -228,11 +228,17 @@ class RunDir:
         tensors = load_file(folder / "method.safetensors") if (folder / "method.safetensors").exists() else {}
         return saved.get("method_state", {}), tensors
 
-    def load_checkpoint(self, task_number: int, model: nn.Module) -> dict[str, Any]:
-        """Load adapter weights into a model whose structure was rebuilt; check they match."""
+    def load_checkpoint(self, task_number: int, model: nn.Module, *, unsaved_routers: tuple[str, ...] = ()
+                        ) -> dict[str, Any]:
+        """Load adapter weights into a model whose structure was rebuilt; check they match.
+        ``unsaved_routers``: parameter-free routers the model may hold that the checkpoint need not
+        (the oracle's ``task_id`` router, added when a run is evaluated again with ``route_by: task_id``)."""
         folder = self.checkpoint_dir(task_number)
         saved = json.loads((folder / "structure.json").read_text())
         now = structure(model)
+        for name, layer in now.items():
+            kept = saved["layers"].get(name, {}).get("routers", {})
+            layer["routers"] = {r: v for r, v in layer["routers"].items() if r in kept or r not in unsaved_routers}
         if saved["layers"] != now:
             raise RuntimeError(f"{folder}: the rebuilt expert structure differs from the saved one; "
                                "the method's task hooks are not deterministic")
