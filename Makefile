@@ -5,14 +5,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup quickstart test test-slow bench compare help
+.PHONY: setup quickstart test test-slow bench compare compare-full help
 
 help:
 	@echo "make quickstart  set up .venv and run the quickstart (lora_ft vs routing on the synthetic sequence)"
 	@echo "make test        set up .venv and run the test suite (slow and GPU tests excluded)"
 	@echo "make test-slow   run the slow tests too"
 	@echo "make bench       run the benchmarks in benchmarks/"
-	@echo "make compare     every method on the canonical sequence, 2 seeds and 2 task orders (~1 h on 2 cores)"
+	@echo "make compare     every method on both canonical sequences (shapes, coin), one sweep each, oracle rows"
+	@echo "make compare-full  the same with 3 sweeps per sequence (seeds 0 and 1, the reversed order)"
 
 setup: $(VENV)/.installed
 
@@ -35,4 +36,7 @@ bench: setup
 	$(PY) benchmarks/expert_layer.py
 
 compare: setup
+	$(PY) examples/compare_methods/run.py --quick
+
+compare-full: setup
 	$(PY) examples/compare_methods/run.py --reproduce

@@ -6,8 +6,9 @@ own trained experts, routed at evaluation by the true task id; they leak task id
     python examples/compare_methods/ablations.py             # runs what is missing, then the table
 
 Each row is a method config plus `mllm-cl fit` overrides, run into ``RUNS/ablations/NAME``; the
-table (``RUNS/ablations.md``) puts them next to the canonical seed-0 sweep of ``run.py``
-(``RUNS/color-classify-count-ocr-s0``) when it is there, so each method sits beside its own baselines.
+table (``RUNS/ablations.md``) puts them next to the shapes sequence's canonical seed-0 sweep of ``run.py``
+(``RUNS/shapes/color-classify-count-ocr-s0``) when it is there, so each method sits beside its own baselines.
+The ablations run on the shapes sequence (``--experiment shapes=CONFIG`` replaces its config).
 """
 
 from __future__ import annotations
@@ -73,15 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.only or ABLATIONS:
             method, overrides = ABLATIONS[name]
             fit(runs / "ablations" / name, ROOT / "configs" / "methods" / f"{method}.yaml", CANONICAL, 0,
-                args.experiment, None, overrides + fit_args)
+                str(args.experiments["shapes"]), None, overrides + fit_args)
 
     from mllm_cl.report.compare import collect, table
 
-    found = collect([sweep_dir(runs, CANONICAL, 0), runs / "ablations"])
+    found = collect([sweep_dir(runs / "shapes", CANONICAL, 0), runs / "ablations"])
     if not found:
         raise SystemExit(f"ablations: no finished runs under {runs}")
     text = table(found, order=METHODS + list(ABLATIONS))
-    header = "Canonical order, seed 0; rows: ABLATIONS in examples/compare_methods/ablations.py"
+    header = "The shapes sequence, canonical order, seed 0; rows: ABLATIONS in examples/compare_methods/ablations.py"
     (runs / "ablations.md").write_text(f"{header}\n\n{text}\n")
     print(text)
     print(f"ablations: {time.time() - t0:.0f} s")

@@ -13,19 +13,50 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 
 
+TASKS = {"colour": ("What colour is it?", lambda c: c), "mood": ("How does it feel?", lambda c: f"{c[0]}{c[0]}"),
+         "hue": ("Name the hue.", lambda c: f"a {c} hue")}
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory, make_bench):
     colours = {"red": (210, 30, 30), "blue": (30, 40, 210)}
-    return make_bench(tmp_path_factory.mktemp("bench"), colours, train=8, test=3)
+    return make_bench(tmp_path_factory.mktemp("bench"), colours, TASKS, train=8, test=3)
 
 
-def _sweep(bench, runs, *args):
-    cmd = [sys.executable, "examples/compare_methods/run.py", "--experiment", "configs/micro.yaml",
-           "--methods", "zero_shot", "lora_ft", "--runs", str(runs), *args, "--", "--data.benchmark", str(bench)]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+@pytest.fixture(scope="module")
+def experiments(bench, tmp_path_factory):
+    """Two micro sequences on the bench, standing in for shapes and coin: --experiment options for run.py."""
+    folder = tmp_path_factory.mktemp("experiments")
+    micro = yaml.safe_load((ROOT / "configs/micro.yaml").read_text())
+    options = []
+    for name, order, general in (("shapes", ["colour", "mood"], []), ("coin", ["mood", "colour"], ["hue"])):
+        config = {**micro, "experiment": f"micro_{name}",
+                  "data": {**micro["data"], "benchmark": str(bench), "order": order, "general": general,
+                           "general_scorers": ["exact_match", "token_f1"]}}
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        options += ["--experiment", f"{name}={folder / name}.yaml"]
+    return options
+
+
+def _sweep(experiments, runs, *args, methods=("zero_shot", "lora_ft")):
+    cmd = [sys.executable, "examples/compare_methods/run.py", *experiments, "--methods", *methods,
+           "--runs", str(runs), *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
+
+
+def _sections(table: Path) -> dict[str, dict[str, list[str]]]:
+    """comparison.md: sequence -> method -> its row's cells."""
+    out, section = {}, None
+    for line in table.read_text().splitlines():
+        if line.startswith("## "):
+            section = out.setdefault(line[3:].strip(), {})
+        elif line.startswith("| ") and not line.startswith("| method"):
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            section[cells[0]] = cells
+    return out
 
 
 def _row_names(table: Path) -> list[str]:
@@ -33,45 +64,95 @@ def _row_names(table: Path) -> list[str]:
             if line.startswith("| ") and not line.startswith("| method")]
 
 
-def test_two_orders_and_two_seeds_make_one_table_with_the_spread(bench, tmp_path):
+def _num(cell: str) -> float:
+    return float(cell.split(" ")[0].replace("−", "-"))
+
+
+HEAD = ["method", "runs", "MFT", "MFN", "gap to oracle", "MAA", "BWT", "routing", "general", "right after",
+        "final row", "stored", "time", "ratio"]
+
+
+def test_two_orders_and_two_seeds_make_one_table_with_the_spread(experiments, tmp_path):
     runs = tmp_path / "compare"
-    _sweep(bench, runs, "--order", "colour,mood", "--seed", "0")
-    _sweep(bench, runs, "--order", "mood,colour", "--seed", "0")
-    out = _sweep(bench, runs, "--order", "colour,mood", "--seed", "1")
-    sweeps = sorted(p.name for p in runs.iterdir() if p.is_dir())
+    _sweep(experiments, runs, "--sequence", "shapes", "--order", "colour,mood", "--seed", "0")
+    _sweep(experiments, runs, "--sequence", "shapes", "--order", "mood,colour", "--seed", "0")
+    out = _sweep(experiments, runs, "--sequence", "shapes", "--order", "colour,mood", "--seed", "1")
+    sweeps = sorted(p.name for p in (runs / "shapes").iterdir() if p.is_dir())
     assert sweeps == ["colour-mood-s0", "colour-mood-s1", "mood-colour-s0"]
-    order = json.loads((runs / "mood-colour-s0/lora_ft/results.json").read_text())["order"]
+    order = json.loads((runs / "shapes/mood-colour-s0/lora_ft/results.json").read_text())["order"]
     assert order == ["mood", "colour"]
-    table = (runs / "comparison.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
-    assert set(rows) >= {"zero_shot", "lora_ft"} and "| 3 |" in rows["lora_ft"]
-    cells = [c.strip() for c in rows["lora_ft"].split("|")]
-    assert "(" in cells[4] and "–" in cells[4]  # MFN: mean (min–max) over the three sweeps
-    first = json.loads((runs / "colour-mood-s0/lora_ft/results.json").read_text())["matrix"]
-    assert cells[7] == f"{first[0][0]:.0f} / {first[1][1]:.0f}"  # right after each task, first sweep
-    assert rows["zero_shot"].split("|")[7].strip() == "–"  # one row: no diagonal
+    rows = _sections(runs / "comparison.md")["shapes"]
+    assert set(rows) == {"zero_shot", "lora_ft"} and rows["lora_ft"][1] == "3"
+    cells = dict(zip(HEAD, rows["lora_ft"]))
+    assert "(" in cells["MFN"] and "–" in cells["MFN"]  # MFN: mean (min–max) over the three sweeps
+    first = json.loads((runs / "shapes/colour-mood-s0/lora_ft/results.json").read_text())["matrix"]
+    assert cells["right after"] == f"{first[0][0]:.0f} / {first[1][1]:.0f}"  # right after each task, first sweep
+    assert dict(zip(HEAD, rows["zero_shot"]))["right after"] == "–"  # one row: no diagonal
+    assert cells["ratio"].startswith("1.00") and cells["gap to oracle"] == "–"
     for png in ("mfn_vs_params.png", "task_curves.png"):
-        with Image.open(runs / png) as im:
+        with Image.open(runs / "shapes" / png) as im:
             assert im.width > 400
     assert "lora_ft" in out
 
 
-def test_ablations_run_each_row_with_its_overrides(bench, tmp_path):
+def test_both_sequences_with_oracle_rows_and_the_numbers_of_each_results_json(experiments, tmp_path):
     runs = tmp_path / "compare"
-    _sweep(bench, runs, "--order", "colour,mood")
-    cmd = [sys.executable, "examples/compare_methods/ablations.py", "--experiment", "configs/micro.yaml",
+    out = _sweep(experiments, runs, "--quick", methods=("lora_ft", "cram"))
+    assert "cram_oracle" in out
+    sections = _sections(runs / "comparison.md")
+    assert list(sections) == ["shapes", "coin"]
+    for name, order in (("shapes", "colour-mood"), ("coin", "mood-colour")):
+        rows = sections[name]
+        assert list(rows) == ["lora_ft", "cram", "cram_oracle"]
+        sweep = runs / name / f"{order}-s0"
+        res = {m: json.loads((sweep / m / "results.json").read_text()) for m in rows}
+        oracle = res["cram_oracle"]
+        assert oracle["reevaluated"]["options"] == ["--model.method.init_args.route_by", "task_id"]
+        assert oracle["params"] == res["cram"]["params"]  # the same experts
+        for m, r in res.items():
+            cells = dict(zip(HEAD, rows[m]))
+            for metric in ("MFT", "MFN", "MAA", "BWT"):
+                value = r["metrics"][metric]
+                assert cells[metric] == ("–" if value is None else f"{value:.1f}".replace("-", "−")), (name, m, metric)
+            assert cells["stored"] == f"{r['params']['stored_per_task'][-1]['total'] / 1000:.1f}k"
+            assert cells["final row"] == " / ".join(f"{v:.0f}" for v in r["matrix"][-1])
+        cram = dict(zip(HEAD, rows["cram"]))
+        gap = res["cram"]["metrics"]["MFN"] - oracle["metrics"]["MFN"]
+        assert cram["gap to oracle"] == f"{gap:.1f}".replace("-", "−")
+        groups = res["cram"]["method_metrics"]["stage_02"]["group_accuracy"]
+        assert cram["routing"] == f"group {sum(groups.values()) / len(groups):.0f}"
+        assert dict(zip(HEAD, rows["cram_oracle"]))["routing"] == "true task"
+        seconds = lambda r: (r["timings"]["zero_shot_eval_s"]  # noqa: E731
+                             + sum(sum(t["phases"].values()) + t["eval_s"] for t in r["timings"]["tasks"]))
+        assert cram["ratio"] == f"{seconds(res['cram']) / seconds(res['lora_ft']):.2f}"
+        assert dict(zip(HEAD, rows["cram_oracle"]))["time"] == f"{oracle['reevaluated']['eval_s']:.0f} s (eval)"
+        general = dict(zip(HEAD, rows["lora_ft"]))["general"]
+        if name == "coin":  # the sequence with a general task (retention None where the zero-shot score is 0)
+            kept = res["lora_ft"]["general"]["retention"]["hue"]["token_f1"]
+            assert general == ("–" if kept is None else f"{100 * kept:.0f}%")
+        else:
+            assert "general" not in res["lora_ft"] and general == "–"
+        for png in ("mfn_vs_params.png", "task_curves.png"):
+            assert (runs / name / png).is_file()
+    again = _sweep(experiments, runs, "--quick", methods=("lora_ft", "cram"))  # everything kept: nothing trains
+    assert again.count("done in") == 6
+
+
+def test_ablations_run_each_row_with_its_overrides(experiments, bench, tmp_path):
+    runs = tmp_path / "compare"
+    _sweep(experiments, runs, "--sequence", "shapes", "--order", "colour,mood")
+    cmd = [sys.executable, "examples/compare_methods/ablations.py", *experiments[:2],
            "--only", "cram_no_penalty", "individual_attn_r9", "--runs", str(runs), "--",
-           "--data.benchmark", str(bench), "--data.order", "[colour, mood]"]
+           "--data.order", "[colour, mood]"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     rows = _row_names(runs / "ablations.md")
-    assert rows == ["cram_no_penalty", "individual_attn_r9"]
+    assert rows == ["cram_no_penalty", "individual_attn_r9"]  # no canonical shapes sweep here to sit beside
     cram = yaml.safe_load((runs / "ablations/cram_no_penalty/config.yaml").read_text())["model"]["method"]
     assert cram["class_path"].endswith("CRAM") and cram["init_args"]["orth_weight"] == 0
     individual = yaml.safe_load((runs / "ablations/individual_attn_r9/config.yaml").read_text())["model"]["method"]
     experts = individual["init_args"]["experts"]["init_args"]
     assert experts["rank"] == 9 and experts["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    _sweep(bench, runs, "--compare-only")  # the sweeps' table leaves the ablations/ folder out
-    rows = _row_names(runs / "comparison.md")
-    assert rows == ["zero_shot", "lora_ft"]
+    _sweep(experiments, runs, "--compare-only")  # the sweeps' table leaves the ablations/ folder out
+    assert list(_sections(runs / "comparison.md")["shapes"]) == ["zero_shot", "lora_ft"]
