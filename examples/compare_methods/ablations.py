@@ -42,7 +42,8 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "cram_sigma_absolute": ("cram", ["--model.method.init_args.bandwidth", "absolute"]),  # the authors' sigma 2
     "cram_novelty_scaled": ("cram", ["--model.method.init_args.novelty_scaling", "dimension"]),
     "cram_eval_batch": ("cram", ["--model.method.init_args.eval_routing", "batch"]),  # leaks task identity
-    "cram_oracle": ("cram", ["--model.method.init_args.route_by", "task_id"]),  # each sample to its task's slot
+    "cram_oracle": ("cram", ["--model.method.init_args.route_by", "task_id"]),  # each sample as its task trained
+    "cram_task_slot": ("cram", ["--model.method.init_args.route_by", "task_slot"]),  # its task's slot alone
     "individual_attn_r9": ("individual", ["--model.method.init_args.experts.target_modules",
                                           "[q_proj, k_proj, v_proj, o_proj]",
                                           "--model.method.init_args.experts.rank", "9"]),

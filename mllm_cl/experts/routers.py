@@ -270,6 +270,8 @@ class CentroidRouter(Router):
     Centroids start at zero; the method sets each from its task's mean
     embedding (``set_centroid``). Freezing an expert freezes its centroid. With one
     embedding for the whole batch (every row the same) the batch gets one weight vector.
+    ``context.extra["visible_experts"]`` (B,), when given, limits sample b to the first n_b
+    experts (CRAM's oracle: each sample routed as its task's training routed it).
     """
 
     level = "sample"
@@ -302,17 +304,29 @@ class CentroidRouter(Router):
             raise ValueError(f"CentroidRouter: the spread of {name!r} must be > 0, got {value}")
         self.spreads[self.expert_names.index(name)] = value
 
-    def logits(self, emb: torch.Tensor) -> torch.Tensor:
-        """(B, E) ``-||x_b - c_k||^2 / (2 sigma^2 s)`` for embeddings (B, D)."""
+    def logits(self, emb: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, E) ``-||x_b - c_k||^2 / (2 sigma^2 s)`` for embeddings (B, D). ``visible`` (B,): sample b
+        sees only the first ``visible[b]`` experts (in the order added), with ``s`` their mean spread:
+        the routing as it was when that many experts existed; the others get ``-inf``."""
         c = torch.stack([self.centroids[n] for n in self.expert_names])  # (E, D)
         dist = (emb.to(c.dtype)[:, None, :] - c[None]).square().sum(-1)  # (B, E)
-        return -dist / (2 * self.sigma ** 2 * self.spreads.to(dist.dtype).mean())
+        spreads = self.spreads.to(dist.dtype)
+        if visible is None:
+            return -dist / (2 * self.sigma ** 2 * spreads.mean())
+        E = len(self.expert_names)
+        n = visible.to(dist.device).long()
+        if bool((n < 1).any() or (n > E).any()):
+            raise ValueError(f"CentroidRouter: visible_experts must be in 1..{E}, got {n.tolist()}")
+        k = torch.arange(E, device=dist.device)
+        mean_spread = (spreads.cumsum(0) / (k + 1))[n - 1]  # (B,) the mean over the first n experts
+        out = -dist / (2 * self.sigma ** 2 * mean_spread[:, None])
+        return out.masked_fill(k[None] >= n[:, None], float("-inf"))
 
     def forward(self, x: torch.Tensor, context: RoutingContext | None) -> Routing:
         if context is None:
             raise ValueError("CentroidRouter needs `image_embeds` in the routing context; none is active")
         emb = context.require("image_embeds", "CentroidRouter")  # (B, D)
-        w = torch.softmax(self.logits(emb), dim=-1)
+        w = torch.softmax(self.logits(emb, context.extra.get("visible_experts")), dim=-1)
         return Routing(weights=w.view(w.shape[0], *([1] * (x.dim() - 2)), -1).to(x.dtype), indices=None)
 
     def extra_repr(self) -> str:

@@ -181,3 +181,28 @@ class TestContract:
         counts = layer.parameter_counts()
         assert counts["expert:late"] == 2 * (D_IN + D_OUT)
         assert counts["expert:e0"] == 4 * (D_IN + D_OUT)
+
+
+def test_centroid_router_visible_experts_equals_the_router_before_later_experts_joined():
+    """``visible_experts`` n_b: sample b is routed as a router holding only its first n_b experts (their
+    centroids, their mean spread); a count outside 1..E is refused."""
+    torch.manual_seed(0)
+    full = CentroidRouter(4, embed_dim=6, sigma=0.7)
+    for i, name in enumerate(["t0", "t1", "t2"]):
+        full.add_expert(name)
+        full.set_centroid(name, torch.randn(6))
+        full.set_spread(name, 0.5 + i)
+    emb, x = torch.randn(3, 6), torch.randn(3, 5, 4)
+    visible = torch.tensor([1, 2, 3])
+    got = full(x, RoutingContext(image_embeds=emb, extra={"visible_experts": visible})).weights  # (3, 1, 3)
+    for b, n in enumerate(visible.tolist()):
+        before = CentroidRouter(4, embed_dim=6, sigma=0.7)
+        for i, name in enumerate(full.expert_names[:n]):
+            before.add_expert(name)
+            before.set_centroid(name, full.centroids[name])
+            before.set_spread(name, 0.5 + i)
+        want = before(x[b:b + 1], RoutingContext(image_embeds=emb[b:b + 1])).weights[0, 0]
+        torch.testing.assert_close(got[b, 0, :n], want)
+        assert bool((got[b, 0, n:] == 0).all())
+    with pytest.raises(ValueError, match="visible_experts must be in 1..3"):
+        full(x, RoutingContext(image_embeds=emb, extra={"visible_experts": torch.tensor([0, 1, 4])}))

@@ -223,8 +223,55 @@ def _cram(**kwargs):
     return method, model
 
 
-def test_cram_oracle_routes_each_sample_to_its_tasks_slot_with_full_weight():
+def _as_of(model, task: int):
+    """A copy of ``model`` as it was right after ``task``: the slots of later tasks removed."""
+    ref = copy.deepcopy(model)
+    for layer in expert_layers(ref).values():
+        for name in layer.expert_names:
+            if name.startswith("t") and int(name[1:]) > task:
+                layer.remove_expert(name)
+    return ref
+
+
+def test_cram_oracle_routes_each_sample_as_its_task_trained():
+    """Sample b of task t: the logits and answer of the model as it was after task t, routed by its
+    group's centroids (t's true group, its own image feature); no task: the base model."""
     method, model = _cram(route_by="task_id")
+    _spread_experts(model)
+    for layer in expert_layers(model).values():  # one centroid for both slots: task 1's samples mix them evenly
+        router = layer.routers["group0"]
+        router.set_centroid("t1", router.centroids["t0"])
+    model.eval()
+    batch = _batch([1, 0, -1, 2, 0], seed=5)  # task 2 has no slot yet
+    ctx = method.routing_context(batch, training=False)
+    assert ctx.router_choice == ["group0", "group0", ORACLE_ROUTER, ORACLE_ROUTER, "group0"]
+    assert ctx.extra["visible_experts"].tolist() == [2, 1, 1, 1, 1]
+    got = _logits(model, batch, ctx)
+    answers = _generate(model, batch, method.routing_context(batch, training=False))
+    image = ctx.image_embeds
+    base = _only(model, None)
+    for b, t in enumerate(batch["task_ids"].tolist()):
+        if t in method.slots:
+            ref = _as_of(model, t)  # its group router holds the slots up to t: the method's own routing then
+            ref_ctx = RoutingContext(image_embeds=image, router_choice=["group0"] * len(image))
+            want, want_answer = _logits(ref, batch, ref_ctx)[b], _generate(ref, batch, ref_ctx)[b]
+            alone = _logits(_only(model, f"t{t}"), batch)[b]
+            if t == 1:  # beside t0 (weights 1/2, 1/2), not its slot alone; task 0 had t0 alone
+                assert not torch.allclose(got[b], alone, atol=1e-3)
+            else:
+                torch.testing.assert_close(got[b], alone)
+        else:
+            want, want_answer = _logits(base, batch)[b], _generate(base, batch)[b]
+        torch.testing.assert_close(got[b], want)
+        assert torch.equal(answers[b], want_answer), (b, t)
+    assert not torch.allclose(got[1], got[0], atol=1e-3)  # task 0 sees t0 alone, task 1 both slots
+    given = [d["choice"] for d in decisions(SimpleNamespace(model=model, method=method), batch, ctx, list("abc"))]
+    assert given[:3] == ["the true task, as given: b", "the true task, as given: a", "no task (the base model alone)"]
+    assert set(method.stage_metrics(["a", "b", "c"])["group_accuracy"]) == {"a", "b", "c"}  # still scored
+
+
+def test_cram_task_slot_routes_each_sample_to_its_tasks_slot_with_full_weight():
+    method, model = _cram(route_by="task_slot")
     _spread_experts(model)
     batch = _batch([1, 0, -1, 2], seed=5)  # task 2 has no slot yet
     got = _check_oracle(method, model, batch, {0: "t0", 1: "t1"})
@@ -250,8 +297,9 @@ def test_cram_default_routes_by_groups_and_centroids():
         CRAM(ExpertSetup(["q_proj"]), route_by="oracle")
 
 
-def test_cram_training_is_unchanged_by_the_oracle():
-    _assert_same_training(*_cram(), *_cram(route_by="task_id"))
+@pytest.mark.parametrize("route_by", ["task_id", "task_slot"])
+def test_cram_training_is_unchanged_by_the_oracle(route_by):
+    _assert_same_training(*_cram(), *_cram(route_by=route_by))
 
 
 # ---------------------------------------------------------------------------------- shared
