@@ -153,18 +153,21 @@ def figures(found: dict[str, list[dict[str, Any]]], out: Path, title: str = "") 
 
     out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m, runs in sorted(found.items()):
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (m, runs) in enumerate(sorted(found.items())):
         xs = [_stored(r) / 1000 for r in runs]
         ys = [_metric(r, "MFN") for r in runs]
         pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
         if not pts:
             continue
-        line = ax.scatter([x for x, _ in pts], [y for _, y in pts], alpha=0.45)
-        mx, my = statistics.fmean(x for x, _ in pts), statistics.fmean(y for _, y in pts)
         hollow = m.endswith(ORACLE_SUFFIX)  # the same experts as its method: same x, the MFN routing could reach
-        ax.scatter([mx], [my], marker="D", color="none" if hollow else line.get_facecolor()[0],
-                   edgecolor=line.get_facecolor()[0] if hollow else "black")
-        ax.annotate(m, (mx, my), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        colour = cycle[i % len(cycle)]
+        ax.scatter([x for x, _ in pts], [y for _, y in pts], alpha=0.45, facecolors="none" if hollow else colour,
+                   edgecolors=colour)
+        mx, my = statistics.fmean(x for x, _ in pts), statistics.fmean(y for _, y in pts)
+        ax.scatter([mx], [my], marker="D", facecolors="none" if hollow else colour,
+                   edgecolors=colour if hollow else "black", linewidths=1.5 if hollow else 1.0)
+        ax.annotate(m, (mx, my), textcoords="offset points", xytext=(5, -11) if hollow else (5, 4), fontsize=8)
     ax.set_xlabel("stored parameters after the last task (thousands)")
     ax.set_ylabel("MFN (%)")
     ax.set_title(f"{title + ': ' if title else ''}MFN vs stored parameters (diamond: mean over sweeps; hollow: oracle)",
