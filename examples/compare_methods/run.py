@@ -38,6 +38,10 @@ ORACLE_OPTIONS = ["--model.method.init_args.route_by", "task_id"]
 ORACLES = ["routing", "same", "cmoe", "cram"]
 #: name -> experiment config (its data.order is the canonical order).
 SEQUENCES = {"shapes": ROOT / "configs/experiments/synth.yaml", "coin": ROOT / "configs/experiments/coin_like.yaml"}
+#: sequence -> method -> `mllm-cl fit` options that sequence needs: SAME's paper sets its pool to the number
+#: of tasks (the config's 4 is the shapes sequence's; with 4 experts the coin sequence's last five tasks
+#: would share one).
+SEQUENCE_OPTIONS = {"coin": {"same": ["--model.method.init_args.num_experts", "8"]}}
 CANONICAL = ["color", "classify", "count", "ocr"]  # the shapes sequence's order (ablations.py runs on it)
 SWEEP_NAME = re.compile(r"-s\d+$")
 
@@ -106,9 +110,10 @@ def diagnose(run_dir: Path) -> None:
 def run_sweep(runs: Path, order: list[str], seed: int, methods: list[str], experiment: Path, steps: int | None,
               fit_args: list[str]) -> None:
     folder = sweep_dir(runs, order, seed)
+    own = SEQUENCE_OPTIONS.get(runs.name, {})  # runs: RUNS/SEQUENCE
     for method in methods:
         fit(folder / method, ROOT / "configs" / "methods" / f"{method}.yaml", order, seed, str(experiment), steps,
-            fit_args)
+            own.get(method, []) + fit_args)
         if method in ORACLES:
             oracle(folder / method)
         if method == "routing":
