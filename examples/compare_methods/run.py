@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequence", choices=[*SEQUENCES, "both"], default="both",
                    help="which canonical sequence(s) to run (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
-                   help="one sweep per sequence: its canonical order, seed 0 (the default; ~1.5 h + routing for both "
-                        "on 2 cores; the README's numbers)")
+                   help="one sweep per sequence: its canonical order, seed 0 (the default, and the README's tables; "
+                        "over 3 h on 2 cores, most of it routing-CL's gate phase)")
     p.add_argument("--reproduce", action="store_true",
                    help="three sweeps per sequence: canonical order seeds 0 and 1, reversed order seed 0 (about "
                         "three times --quick)")
