@@ -18,6 +18,8 @@ def _seed():
 
 #: The two tasks most tests use: name the colour; a "mood" word made from it.
 TWO_TASKS = {"colour": ("What colour is it?", lambda c: c), "mood": ("How does it feel?", lambda c: f"{c[0]}{c[0]}")}
+#: Those two and a third, ``hue``, for runs that keep it as a general task (``--data.general [hue]``).
+GENERAL_TASKS = {**TWO_TASKS, "hue": ("Name the hue.", lambda c: f"a {c} hue")}
 
 
 def write_bench(root, colours: dict, tasks: dict | None = None, *, train: int, test: int):
@@ -46,6 +48,31 @@ def write_bench(root, colours: dict, tasks: dict | None = None, *, train: int, t
 def make_bench():
     """``write_bench``: a small benchmark in the manifest layout, for tests that need their own."""
     return write_bench
+
+
+@pytest.fixture(scope="session")
+def general_bench(tmp_path_factory):
+    """Three colours, ``GENERAL_TASKS`` (12 training and 3 test samples each): written once per session."""
+    colours = {"red": (210, 30, 30), "blue": (30, 40, 210), "green": (30, 180, 50)}
+    return write_bench(tmp_path_factory.mktemp("general"), colours, GENERAL_TASKS, train=12, test=3)
+
+
+@pytest.fixture(scope="session")
+def fit_general(general_bench):
+    """``fit_general(run, method, *options)``: a micro ``mllm-cl fit`` of a method config on ``general_bench``
+    with ``hue`` as its general task (exact match and token F1), in-process; its results.json."""
+    from pathlib import Path
+
+    from mllm_cl.fit import main as fit_main
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+
+    def fit(run, method, *options):
+        fit_main(["--config", str(configs / "micro.yaml"), "--config", str(configs / f"methods/{method}.yaml"),
+                  "--data.benchmark", str(general_bench), "--trainer.default_root_dir", str(run),
+                  "--data.general", "[hue]", "--data.general_scorers", "[exact_match, token_f1]", *options])
+        return json.loads((Path(run) / "results.json").read_text())
+    return fit
 
 
 class _Records(list):

@@ -34,9 +34,9 @@ trained (its own and the group's older ones; later slots masked, the bandwidth's
 those slots: ``CentroidRouter``'s ``visible_experts``). A slot trains in its stable phase mixed with
 the group's older slots by the centroids, and nothing it routes by changes after its task, so each
 task is scored as by the model right after it with the right group: the oracle's final row equals its
-own diagonal (BWT 0), and the gap to it is what the group rule and the later slots' centroids cost. [choice] ``task_slot`` sends each sample to its task's slot
-alone with weight 1 (what #28's first oracle did): a slot trained beside its group's older slots is
-not that slot alone (measured on the coin sequence, seed 0: grounding 0.0 and vqav2 29.0 against
+own diagonal (BWT 0), and the gap to it is what the group rule and the later slots' centroids cost.
+[choice] ``task_slot`` sends each sample to its task's slot alone with weight 1 (what #28's first
+oracle did): a slot trained beside its group's older slots is not that slot alone (measured on the coin sequence, seed 0: grounding 0.0 and vqav2 29.0 against
 88.5 and 89.0 right after their tasks). A general task's sample (task id -1), or a task with no slot
 yet, gets no slot (a parameter-free ``TaskRouter`` registered beside the group routers,
 ``methods.base.add_oracle_route``). The group prototypes and centroids are still evaluated for the

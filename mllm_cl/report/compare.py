@@ -33,7 +33,8 @@ def collect(sweeps: list[Path]) -> dict[str, list[dict[str, Any]]]:
         for results_path in sorted(Path(sweep).glob("*/results.json")):
             results = load_results(results_path.parent)
             if results["completed_tasks"] == len(results["tasks"]):
-                found.setdefault(results_path.parent.name, []).append({**results, "run_dir": str(results_path.parent)})
+                run = {**results, "run_dir": str(results_path.parent)}
+                found.setdefault(results_path.parent.name, []).append(run)
     return found
 
 
@@ -72,7 +73,9 @@ def _cell(values: list[float | None], fmt: str = "{:.1f}") -> str:
     if not values:
         return "–"
     mean = statistics.fmean(values)
-    text = fmt.format(mean) if len(values) == 1 else f"{fmt.format(mean)} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+    text = fmt.format(mean)
+    if len(values) > 1:
+        text += f" ({fmt.format(min(values))}–{fmt.format(max(values))})"
     return text.replace("-", "−")  # a minus sign, not a hyphen next to the range's dash
 
 

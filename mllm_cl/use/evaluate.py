@@ -45,7 +45,8 @@ EVAL_ONLY = ("model.method.init_args.route_by", "model.method.init_args.eval_rou
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", metavar="RUN", help="a finished run directory (holds config.yaml, results.json, checkpoints/)")
+    p.add_argument("run", metavar="RUN",
+                   help="a finished run directory (holds config.yaml, results.json, checkpoints/)")
     p.add_argument("--out", required=True, help="the new run directory for the evaluation (created)")
     p.add_argument("--device", default=None, help="evaluate on this device (cpu, cuda, ...; default: the CPU)")
     p.usage = "mllm-cl evaluate RUN --out OUT [--device DEVICE] [-- FIT_OPTION ...]"
@@ -59,23 +60,17 @@ def run(args: argparse.Namespace, options: list[str]) -> int:
     return 0
 
 
-def _changed(source_config: str, new_config: str) -> list[str]:
-    from mllm_cl.system.run_dir import config_differences
-
-    return config_differences(source_config, new_config)
-
-
 def reevaluate(source: str | Path, out: str | Path, options: list[str], *, device: str | None = None,
                print_fn=print) -> dict[str, Any]:
     """Every stage of the finished run ``source`` evaluated again with ``options`` into ``out``; its results."""
     from mllm_cl.system.environment import record_environment
     from mllm_cl.system.loop import ContinualLoop
     from mllm_cl.system.restore import restore
-    from mllm_cl.system.run_dir import RunDir
+    from mllm_cl.system.run_dir import RunDir, config_differences
 
     src, dst = RunDir(source), RunDir(out)
-    first = src.load_results() if src.results_path.is_file() else None
-    if first is None or first["metrics"] is None or first["completed_tasks"] != len(first["order"]):
+    first = src.finished()
+    if first is None:
         raise UserError(f"{src.results_path}: not a finished run (mllm-cl evaluate reads every stage of one; "
                         f"finish it first: rerun its mllm-cl fit)")
     if Path(out).resolve() == src.path.resolve():
@@ -87,7 +82,7 @@ def reevaluate(source: str | Path, out: str | Path, options: list[str], *, devic
     for stage in range(T + 1):
         restored = restore(src.path, stage, device=device, overrides=options)
         if stage == 0:
-            changed = _changed((src.path / "config.yaml").read_text(), restored.config_text)
+            changed = config_differences((src.path / "config.yaml").read_text(), restored.config_text)
             bad = [c for c in changed if c.split(":", 1)[0] not in EVAL_ONLY]
             if bad:
                 raise UserError("mllm-cl evaluate: these options change what was trained, not how it is evaluated "
@@ -98,14 +93,13 @@ def reevaluate(source: str | Path, out: str | Path, options: list[str], *, devic
                 print_fn(f"mllm-cl evaluate: {dst.path} holds this evaluation already; kept")
                 return done
             config = yaml.safe_load(restored.config_text)
-            results = _fresh(first, source=src.path, options=options[:-2], changed=changed,
-                             score_mode=config.get("score_mode", "official"))
+            score_mode, future = config.get("score_mode", "official"), bool(config.get("eval_future_tasks"))
+            results = _fresh(first, source=src.path, options=options[:-2], changed=changed, score_mode=score_mode)
             print_fn(f"mllm-cl evaluate: {src.path} -> {dst.path}; changed: {', '.join(changed) or 'nothing'}")
             print_fn(f"mllm-cl: {record_environment(results, device)}")
         loop = ContinualLoop(restored.module, restored.datamodule, None, dst.path, config_text=restored.config_text,
-                             experiment=results["experiment"], seed=results["seed"],
-                             eval_future_tasks=bool(config.get("eval_future_tasks")),
-                             score_mode=config.get("score_mode", "official"), print_fn=print_fn)
+                             experiment=results["experiment"], seed=results["seed"], eval_future_tasks=future,
+                             score_mode=score_mode, print_fn=print_fn)
         loop.bad_samples = results["bad_samples"]
         t0 = time.time()
         if stage == 0:

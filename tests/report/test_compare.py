@@ -13,25 +13,15 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 
 
-TASKS = {"colour": ("What colour is it?", lambda c: c), "mood": ("How does it feel?", lambda c: f"{c[0]}{c[0]}"),
-         "hue": ("Name the hue.", lambda c: f"a {c} hue")}
-
-
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory, make_bench):
-    colours = {"red": (210, 30, 30), "blue": (30, 40, 210)}
-    return make_bench(tmp_path_factory.mktemp("bench"), colours, TASKS, train=8, test=3)
-
-
-@pytest.fixture(scope="module")
-def experiments(bench, tmp_path_factory):
+def experiments(general_bench, tmp_path_factory):
     """Two micro sequences on the bench, standing in for shapes and coin: --experiment options for run.py."""
     folder = tmp_path_factory.mktemp("experiments")
     micro = yaml.safe_load((ROOT / "configs/micro.yaml").read_text())
     options = []
     for name, order, general in (("shapes", ["colour", "mood"], []), ("coin", ["mood", "colour"], ["hue"])):
         config = {**micro, "experiment": f"micro_{name}",
-                  "data": {**micro["data"], "benchmark": str(bench), "order": order, "general": general,
+                  "data": {**micro["data"], "benchmark": str(general_bench), "order": order, "general": general,
                            "general_scorers": ["exact_match", "token_f1"]}}
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(config))
         options += ["--experiment", f"{name}={folder / name}.yaml"]
@@ -113,7 +103,8 @@ def test_both_sequences_with_oracle_rows_and_the_numbers_of_each_results_json(ex
             cells = dict(zip(HEAD, rows[m]))
             for metric in ("MFT", "MFN", "MAA", "BWT"):
                 value = r["metrics"][metric]
-                assert cells[metric] == ("–" if value is None else f"{value:.1f}".replace("-", "−")), (name, m, metric)
+                want = "–" if value is None else f"{value:.1f}".replace("-", "−")
+                assert cells[metric] == want, (name, m, metric)
             assert cells["stored"] == f"{r['params']['stored_per_task'][-1]['total'] / 1000:.1f}k"
             assert cells["final row"] == " / ".join(f"{v:.0f}" for v in r["matrix"][-1])
         cram = dict(zip(HEAD, rows["cram"]))
@@ -138,7 +129,7 @@ def test_both_sequences_with_oracle_rows_and_the_numbers_of_each_results_json(ex
     assert again.count("done in") == 6
 
 
-def test_ablations_run_each_row_with_its_overrides(experiments, bench, tmp_path):
+def test_ablations_run_each_row_with_its_overrides(experiments, tmp_path):
     runs = tmp_path / "compare"
     _sweep(experiments, runs, "--sequence", "shapes", "--order", "colour,mood")
     cmd = [sys.executable, "examples/compare_methods/ablations.py", *experiments[:2],

@@ -9,13 +9,9 @@ from pathlib import Path
 import pytest
 
 from mllm_cl.errors import UserError
-from mllm_cl.fit import main as fit_main
 from mllm_cl.system.run_dir import ConfigMismatch, config_differences
 from mllm_cl.use.evaluate import reevaluate
 
-ROOT = Path(__file__).resolve().parents[2]
-TASKS = {"colour": ("What colour is it?", lambda c: c), "mood": ("How does it feel?", lambda c: f"{c[0]}{c[0]}"),
-         "hue": ("Name the hue.", lambda c: f"a {c} hue")}
 EXTRA = {"routing": ["--model.method.init_args.gate_steps", "3", "--model.method.init_args.gate_accumulation", "1"],
          "same": [], "cram": ["--model.method.init_args.join_cosine", "0.0"],
          "cmoe": ["--model.method.init_args.probe_steps", "2", "--model.method.init_args.vae_steps", "20"]}
@@ -24,27 +20,14 @@ WRITTEN_BY_EVALUATION = ("zero_shot", "matrix", "metrics", "general", "method_me
 
 
 @pytest.fixture(scope="module")
-def general_bench(tmp_path_factory, make_bench):
-    colours = {"red": (210, 30, 30), "blue": (30, 40, 210), "green": (30, 180, 50)}
-    return make_bench(tmp_path_factory.mktemp("bench"), colours, TASKS, train=12, test=3)
-
-
-def _fit(bench, run, method, *extra):
-    fit_main(["--config", str(ROOT / "configs/micro.yaml"), "--config", str(ROOT / f"configs/methods/{method}.yaml"),
-              "--data.benchmark", str(bench), "--trainer.default_root_dir", str(run), "--data.general", "[hue]",
-              "--data.general_scorers", "[exact_match, token_f1]", *EXTRA[method], *extra])
-    return json.loads((run / "results.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def runs(general_bench, tmp_path_factory):
+def runs(fit_general, tmp_path_factory):
     """method -> (its run, the same config fitted with the oracle); made once per module."""
     root, made = tmp_path_factory.mktemp("runs"), {}
 
     def get(method):
         if method not in made:
-            _fit(general_bench, root / method, method)
-            _fit(general_bench, root / f"{method}_oracle_fit", method, *ORACLE)
+            fit_general(root / method, method, *EXTRA[method])
+            fit_general(root / f"{method}_oracle_fit", method, *EXTRA[method], *ORACLE)
             made[method] = root / method, root / f"{method}_oracle_fit"
         return made[method]
     return get
