@@ -1,14 +1,15 @@
 """The ablation rows of the SAME (#11), CRAM (#13) and LLaVA-CMoE (#12) notes, on the canonical order, seed 0.
 
-The ``*_oracle`` rows (#28) and ``cmoe_oracle_router`` are each routed method with ``route_by: task_id``: its
-own trained experts, routed at evaluation by the true task id; they leak task identity (a bound, not a method).
-
     python examples/compare_methods/ablations.py             # runs what is missing, then the table
 
-Each row is a method config plus `mllm-cl fit` overrides, run into ``RUNS/ablations/NAME``; the
-table (``RUNS/ablations.md``) puts them next to the shapes sequence's canonical seed-0 sweep of ``run.py``
-(``RUNS/shapes/color-classify-count-ocr-s0``) when it is there, so each method sits beside its own baselines.
-The ablations run on the shapes sequence (``--experiment shapes=CONFIG`` replaces its config).
+Each row of ``ABLATIONS`` is a method config plus `mllm-cl fit` overrides, trained into
+``RUNS/ablations/NAME``. Each row of ``EVALUATED`` changes only how a method is evaluated: it is the
+shapes sweep's own run of that method (``run.py``'s ``RUNS/shapes/ORDER-s0/METHOD``) evaluated again with
+those options (``mllm-cl evaluate``, no training) into ``RUNS/ablations/NAME``; run.py's sweep must have
+run that method first. The oracle rows (each routed method with ``route_by: task_id``) are run.py's
+``METHOD_oracle`` rows of that sweep. The table (``RUNS/ablations.md``) puts the rows next to that sweep
+when it is there, so each method sits beside its own baselines. The ablations run on the shapes sequence in
+its config's canonical order, seed 0 (``--experiment shapes=CONFIG`` replaces the config).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import CANONICAL, METHODS, ROOT, fit, parse_common, sweep_dir
+from run import ROOT, ROWS, canonical_order, fit, parse_common, reevaluate, sweep_dir
 
 FFN = "[gate_proj, up_proj, down_proj]"
 #: name -> (method config, overrides)
@@ -32,8 +33,6 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
                                     "--model.method.init_args.adaptive_activation", "false"]),
     "same_spectral_curvature": ("same", ["--model.method.init_args.adaptive_activation", "false"]),
     "same_no_prior": ("same", ["--model.method.init_args.prior", "none"]),
-    # SAME's own experts routed by the true task (its prior replaced by the truth).
-    "same_oracle": ("same", ["--model.method.init_args.route_by", "task_id"]),
     # Individual on SAME's modules and rank: one expert per task, trained apart, chosen by the true task id.
     "individual_ffn_r8": ("individual", ["--model.method.init_args.experts.target_modules", FFN]),
     # CRAM: without the orthogonality penalty, with a fixed rank, and individual at r_max on CRAM's modules.
@@ -41,9 +40,6 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "cram_fixed_rank": ("cram", ["--model.method.init_args.fixed_rank", "true"]),
     "cram_sigma_absolute": ("cram", ["--model.method.init_args.bandwidth", "absolute"]),  # the authors' sigma 2
     "cram_novelty_scaled": ("cram", ["--model.method.init_args.novelty_scaling", "dimension"]),
-    "cram_eval_batch": ("cram", ["--model.method.init_args.eval_routing", "batch"]),  # leaks task identity
-    "cram_oracle": ("cram", ["--model.method.init_args.route_by", "task_id"]),  # each sample as its task trained
-    "cram_task_slot": ("cram", ["--model.method.init_args.route_by", "task_slot"]),  # its task's slot alone
     "individual_attn_r9": ("individual", ["--model.method.init_args.experts.target_modules",
                                           "[q_proj, k_proj, v_proj, o_proj]",
                                           "--model.method.init_args.experts.rank", "9"]),
@@ -54,9 +50,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
                                       "--model.method.init_args.gate_warmup", "null"]),
     "routing_scale16": ("routing", ["--model.method.init_args.expert_scale", "0.0625"]),
     "routing_null": ("routing", ["--model.method.init_args.null_expert", "true"]),
-    "routing_oracle": ("routing", ["--model.method.init_args.route_by", "task_id"]),  # each sample to its expert
-    # LLaVA-CMoE: the true task's router instead of the locator; individual on cmoe's modules and rank.
-    "cmoe_oracle_router": ("cmoe", ["--model.method.init_args.route_by", "task_id"]),
+    # LLaVA-CMoE: the locators; individual on cmoe's modules and rank.
     "cmoe_gaussian": ("cmoe", ["--model.method.init_args.locator", "gaussian"]),
     "cmoe_vae": ("cmoe", ["--model.method.init_args.locator", "vae"]),  # the paper's PTL
     # What PGKE's growth threshold buys: alpha 0 / 0.5 / 1 (= cmoe) / 2.
@@ -64,26 +58,45 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "individual_up_down_r8": ("individual", ["--model.method.init_args.experts.target_modules",
                                              "[up_proj, down_proj]"]),
 }
+#: name -> (the sweep's method whose run is evaluated again, evaluation-only `mllm-cl fit` options)
+EVALUATED: dict[str, tuple[str, list[str]]] = {
+    # CRAM routing a whole evaluation batch by its mean (leaks task identity); each sample to its task's slot
+    # alone (the first oracle we built; run.py's cram_oracle routes each sample as its task trained).
+    "cram_eval_batch": ("cram", ["--model.method.init_args.eval_routing", "batch"]),
+    "cram_task_slot": ("cram", ["--model.method.init_args.route_by", "task_slot"]),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=sorted(ABLATIONS), help="run these rows only (default: all)")
+    p.add_argument("--only", nargs="+", choices=sorted({**ABLATIONS, **EVALUATED}),
+                   help="run these rows only (default: all)")
     args, runs, fit_args = parse_common(p, argv)
+    experiment = args.experiments["shapes"]
+    sweep = sweep_dir(runs / "shapes", canonical_order(experiment), 0)
     t0 = time.time()
     if not args.compare_only:
-        for name in args.only or ABLATIONS:
+        for name in args.only or [*ABLATIONS, *EVALUATED]:
+            if name in EVALUATED:
+                method, options = EVALUATED[name]
+                if not (sweep / method / "results.json").is_file():
+                    raise SystemExit(f"ablations: {name} evaluates {sweep / method} again, which is not there; "
+                                     f"run `python examples/compare_methods/run.py --sequence shapes --methods "
+                                     f"{method}` (with the same --runs) first")
+                reevaluate(sweep / method, runs / "ablations" / name, options)
+                continue
             method, overrides = ABLATIONS[name]
-            fit(runs / "ablations" / name, ROOT / "configs" / "methods" / f"{method}.yaml", CANONICAL, 0,
-                str(args.experiments["shapes"]), None, overrides + fit_args)
+            fit(runs / "ablations" / name, ROOT / "configs" / "methods" / f"{method}.yaml",
+                canonical_order(experiment), 0, str(experiment), None, overrides + fit_args)
 
     from mllm_cl.report.compare import collect, table
 
-    found = collect([sweep_dir(runs / "shapes", CANONICAL, 0), runs / "ablations"])
+    found = collect([sweep, runs / "ablations"])
     if not found:
         raise SystemExit(f"ablations: no finished runs under {runs}")
-    text = table(found, order=METHODS + list(ABLATIONS))
-    header = "The shapes sequence, canonical order, seed 0; rows: ABLATIONS in examples/compare_methods/ablations.py"
+    text = table(found, order=ROWS + [*ABLATIONS, *EVALUATED])
+    header = ("The shapes sequence, canonical order, seed 0; rows: ABLATIONS and EVALUATED in "
+              "examples/compare_methods/ablations.py")
     (runs / "ablations.md").write_text(f"{header}\n\n{text}\n")
     print(text)
     print(f"ablations: {time.time() - t0:.0f} s")

@@ -36,13 +36,14 @@ METHODS = ["zero_shot", "lora_ft", "moelora", "multitask", "individual", "routin
 #: Each routed method's oracle: the same run evaluated again with its experts chosen by the true task.
 ORACLE_OPTIONS = ["--model.method.init_args.route_by", "task_id"]
 ORACLES = ["routing", "same", "cmoe", "cram"]
+#: The table's row order: each method, then its oracle row.
+ROWS = [m for method in METHODS for m in (method, method + "_oracle")]
 #: name -> experiment config (its data.order is the canonical order).
 SEQUENCES = {"shapes": ROOT / "configs/experiments/synth.yaml", "coin": ROOT / "configs/experiments/coin_like.yaml"}
 #: sequence -> method -> `mllm-cl fit` options that sequence needs: SAME's paper sets its pool to the number
 #: of tasks (the config's 4 is the shapes sequence's; with 4 experts the coin sequence's last five tasks
 #: would share one).
 SEQUENCE_OPTIONS = {"coin": {"same": ["--model.method.init_args.num_experts", "8"]}}
-CANONICAL = ["color", "classify", "count", "ocr"]  # the shapes sequence's order (ablations.py runs on it)
 SWEEP_NAME = re.compile(r"-s\d+$")
 
 
@@ -90,12 +91,16 @@ def _cli(args: list[str], what: str) -> None:
         raise SystemExit(f"compare_methods: {what} failed (status {done.returncode}); rerun: {' '.join(cmd)}")
 
 
-def oracle(run_dir: Path) -> None:
-    """``RUN_oracle``: the finished run evaluated again with route_by task_id (kept when it is there)."""
-    out = run_dir.with_name(run_dir.name + "_oracle")
+def reevaluate(run_dir: Path, out: Path, options: list[str]) -> None:
+    """``out``: the finished run evaluated again with evaluation-only options, no training (kept when it is there)."""
     t0 = time.time()
-    _cli(["evaluate", str(run_dir), "--out", str(out), "--", *ORACLE_OPTIONS], f"the oracle of {run_dir}")
+    _cli(["evaluate", str(run_dir), "--out", str(out), "--", *options], f"the evaluation {out} of {run_dir}")
     print(f"compare_methods: {out} done in {time.time() - t0:.0f} s", flush=True)
+
+
+def oracle(run_dir: Path) -> None:
+    """``RUN_oracle``: the finished run evaluated again with route_by task_id."""
+    reevaluate(run_dir, run_dir.with_name(run_dir.name + "_oracle"), ORACLE_OPTIONS)
 
 
 def diagnose(run_dir: Path) -> None:
@@ -130,9 +135,8 @@ def compare(runs: Path, sequences: list[str]) -> None:
         found = collect(sweeps)
         if not found:
             continue
-        order = [m for method in METHODS for m in (method, method + "_oracle")]
         parts.append(f"## {name}\n\nSweeps: {', '.join(p.name for p in sweeps)}. Cells: mean over the sweeps "
-                     f"(min–max where there are several).\n\n{table(found, order=order)}\n")
+                     f"(min–max where there are several).\n\n{table(found, order=ROWS)}\n")
         plots += figures(found, runs / name, title=name)
     if not parts:
         raise SystemExit(f"compare_methods: no finished runs under {runs}/{{{','.join(sequences)}}}")

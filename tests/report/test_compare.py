@@ -129,21 +129,31 @@ def test_both_sequences_with_oracle_rows_and_the_numbers_of_each_results_json(ex
     assert again.count("done in") == 6
 
 
-def test_ablations_run_each_row_with_its_overrides(experiments, tmp_path):
+def _ablations(experiments, runs, *only):
+    cmd = [sys.executable, "examples/compare_methods/ablations.py", *experiments[:2], "--only", *only,
+           "--runs", str(runs)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_ablations_train_or_evaluate_each_row_beside_the_canonical_sweep(experiments, tmp_path):
     runs = tmp_path / "compare"
-    _sweep(experiments, runs, "--sequence", "shapes", "--order", "colour,mood")
-    cmd = [sys.executable, "examples/compare_methods/ablations.py", *experiments[:2],
-           "--only", "cram_no_penalty", "individual_attn_r9", "--runs", str(runs), "--",
-           "--data.order", "[colour, mood]"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    _sweep(experiments, runs, "--sequence", "shapes")  # the canonical order (colour, mood), seed 0: no cram yet
+    missing = _ablations(experiments, runs, "cram_task_slot")
+    assert missing.returncode != 0 and "colour-mood-s0/cram" in missing.stderr and "--methods cram" in missing.stderr
+    _sweep(experiments, runs, "--sequence", "shapes", methods=("cram",))
+    out = _ablations(experiments, runs, "cram_no_penalty", "individual_attn_r9", "cram_task_slot")
     assert out.returncode == 0, out.stderr[-3000:]
     rows = _row_names(runs / "ablations.md")
-    assert rows == ["cram_no_penalty", "individual_attn_r9"]  # no canonical shapes sweep here to sit beside
+    assert rows == ["zero_shot", "lora_ft", "cram", "cram_oracle", "cram_no_penalty", "individual_attn_r9",
+                    "cram_task_slot"]  # the sweep's rows first, its oracle beside its method
     cram = yaml.safe_load((runs / "ablations/cram_no_penalty/config.yaml").read_text())["model"]["method"]
     assert cram["class_path"].endswith("CRAM") and cram["init_args"]["orth_weight"] == 0
     individual = yaml.safe_load((runs / "ablations/individual_attn_r9/config.yaml").read_text())["model"]["method"]
     experts = individual["init_args"]["experts"]["init_args"]
     assert experts["rank"] == 9 and experts["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    slot = json.loads((runs / "ablations/cram_task_slot/results.json").read_text())  # evaluated, not trained
+    assert slot["reevaluated"]["from"] == str(runs / "shapes/colour-mood-s0/cram")
+    assert slot["reevaluated"]["options"] == ["--model.method.init_args.route_by", "task_slot"]
     _sweep(experiments, runs, "--compare-only")  # the sweeps' table leaves the ablations/ folder out
-    assert list(_sections(runs / "comparison.md")["shapes"]) == ["zero_shot", "lora_ft"]
+    assert list(_sections(runs / "comparison.md")["shapes"]) == ["zero_shot", "lora_ft", "cram", "cram_oracle"]
