@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run these rows only (default: all)")
     args, runs, fit_args = parse_common(p, argv)
     experiment = args.experiments["shapes"]
-    sweep = sweep_dir(runs / "shapes", canonical_order(experiment), 0)
+    order = canonical_order(experiment)
+    sweep = sweep_dir(runs / "shapes", order, 0)
     t0 = time.time()
     if not args.compare_only:
         for name in args.only or [*ABLATIONS, *EVALUATED]:
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                 reevaluate(sweep / method, runs / "ablations" / name, options)
                 continue
             method, overrides = ABLATIONS[name]
-            fit(runs / "ablations" / name, ROOT / "configs" / "methods" / f"{method}.yaml",
-                canonical_order(experiment), 0, str(experiment), None, overrides + fit_args)
+            fit(runs / "ablations" / name, ROOT / "configs" / "methods" / f"{method}.yaml", order, 0,
+                str(experiment), None, overrides + fit_args)
 
     from mllm_cl.report.compare import collect, table
 

@@ -28,11 +28,15 @@ def experiments(general_bench, tmp_path_factory):
     return options
 
 
+def _script(name, *args):
+    """examples/compare_methods/NAME with these arguments, in its own process."""
+    return subprocess.run([sys.executable, f"examples/compare_methods/{name}", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, check=False,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
 def _sweep(experiments, runs, *args, methods=("zero_shot", "lora_ft")):
-    cmd = [sys.executable, "examples/compare_methods/run.py", *experiments, "--methods", *methods,
-           "--runs", str(runs), *args]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = _script("run.py", *experiments, "--methods", *methods, "--runs", str(runs), *args)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -130,10 +134,7 @@ def test_both_sequences_with_oracle_rows_and_the_numbers_of_each_results_json(ex
 
 
 def _ablations(experiments, runs, *only):
-    cmd = [sys.executable, "examples/compare_methods/ablations.py", *experiments[:2], "--only", *only,
-           "--runs", str(runs)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return _script("ablations.py", *experiments[:2], "--only", *only, "--runs", str(runs))
 
 
 def test_ablations_train_or_evaluate_each_row_beside_the_canonical_sweep(experiments, tmp_path):
