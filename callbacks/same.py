@@ -15,4 +15,4 @@ class SAMEStatisticsCallback(ContinualCallback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not batch.get("empty"):
-            self.method.observe(pl_module.model, batch["attention_mask"])
+            self.method.observe(pl_module.model)

@@ -68,6 +68,8 @@ class ContinualCLI(LightningCLI):
         parser.add_argument("--score_mode", type=str, default="official",
                             help="scorer mode: official (the benchmark's script, quirks included) or clean")
         parser.link_arguments("seed_everything", "data.seed")
+        # The model builds its frozen base in the precision's compute dtype (model.backbone_dtype: auto).
+        parser.link_arguments("trainer.precision", "model.precision")
 
     def before_instantiate_classes(self) -> None:
         """Refuse a strategy the method cannot run under before anything is built."""

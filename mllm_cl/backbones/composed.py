@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mllm_cl.backbones.checkpointing import set_activation_checkpointing
 from mllm_cl.backbones.kv_cache import cache_kwargs, take_cache
 from mllm_cl.backbones.vision import VisionTower, load_vision_tower, read_json
 
@@ -127,15 +128,35 @@ class ComposedMLLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        *,
+        hidden_only: bool = False,
         **kwargs,
     ):
+        """The LM's output (logits, and the loss with ``labels``); ``hidden_only``: the decoder's output
+        alone (``last_hidden_state``, after the final norm), without the output head, for a loss that
+        applies ``output_head`` at the supervised positions only."""
         cache = take_cache(kwargs)  # `cache` or `past_key_values`: handed on under the name the LLM takes
         if cache is not None and cache.get_seq_length() > 0:  # decoding: new tokens are text, even an <image> id
             embeds = self.language_model.get_input_embeddings()(input_ids)
         else:
             embeds = self.embed(input_ids, pixel_values)
+        if hidden_only:
+            if labels is not None:
+                raise ValueError("hidden_only returns no loss: apply output_head to the positions that need it")
+            return self.language_model.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                                  **cache_kwargs(self.language_model, cache), **kwargs)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
                                    **cache_kwargs(self.language_model, cache), **kwargs)
+
+    @property
+    def output_head(self) -> nn.Module:
+        """The LM's output projection (hidden -> vocabulary logits)."""
+        return self.language_model.get_output_embeddings()
+
+    def set_checkpointing(self, enabled: bool, *, context_fn=None) -> None:
+        """Activation checkpointing of the LM's decoder layers (the vision tower is frozen and keeps nothing
+        for backward)."""
+        set_activation_checkpointing(self.language_model, enabled, context_fn=context_fn)
 
     @torch.no_grad()
     def generate(
@@ -186,7 +207,8 @@ class ComposedMLLM(nn.Module):
         (directory / "mllm_cl.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, torch_dtype: torch.dtype | None = None) -> "ComposedMLLM":
+    def from_pretrained(cls, directory: str | Path, *, torch_dtype: torch.dtype | None = None,
+                        attn_implementation: str | None = None) -> "ComposedMLLM":
         from transformers import AutoModelForCausalLM
 
         directory = Path(directory)
@@ -194,7 +216,8 @@ class ComposedMLLM(nn.Module):
         if meta.get("format") != FORMAT:
             raise ValueError(f"{directory / 'mllm_cl.json'}: format is {meta.get('format')!r}, expected {FORMAT!r}")
         vision = load_vision_tower(directory / "vision", meta["vision"])
-        llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=torch_dtype)
+        attention = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=torch_dtype, **attention)
         proj = projector(meta["projector"]["vision_size"], meta["projector"]["llm_size"])
         proj.load_state_dict(load_file(directory / "projector.safetensors"))
         model = cls(vision, llm, image_token_id=meta["image_token_id"], projector_module=proj)

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mllm_cl.backbones.checkpointing import set_activation_checkpointing
 from mllm_cl.backbones.kv_cache import cache_kwargs, take_cache
 from mllm_cl.data.model_inputs import Qwen2VLInputs
 
@@ -98,12 +99,28 @@ class HFMLLM(nn.Module):
     def _vision_dtype(self) -> torch.dtype:
         return self.hf.model.vision_tower.dtype
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, *, hidden_only: bool = False,
+                **kwargs):
+        """As ``ComposedMLLM.forward``: ``hidden_only`` runs the model without its output head."""
         if pixel_values is not None:
             pixel_values = pixel_values.to(self._vision_dtype())
         cache = take_cache(kwargs)  # `cache` or `past_key_values`: handed on under the name the model takes
+        if hidden_only:
+            if labels is not None:
+                raise ValueError("hidden_only returns no loss: apply output_head to the positions that need it")
+            return self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                                      **cache_kwargs(self.hf, cache), **kwargs)
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels,
                        **cache_kwargs(self.hf, cache), **kwargs)
+
+    @property
+    def output_head(self) -> nn.Module:
+        return self.hf.get_output_embeddings()
+
+    def set_checkpointing(self, enabled: bool, *, context_fn=None) -> None:
+        """Activation checkpointing of the model's decoder layers (and of its vision tower's, which keep
+        nothing for backward while it is frozen)."""
+        set_activation_checkpointing(self.hf, enabled, context_fn=context_fn)
 
     def save_pretrained(self, directory: str | Path) -> None:
         from mllm_cl.experts import expert_layers
@@ -237,7 +254,8 @@ def _processor_geometry(path: Path, family: str, model: nn.Module, image_size: i
     return image_size, mean, std
 
 
-def load_hf_mllm(path: str | Path, *, dtype: torch.dtype | None = None, image_size: int | None = None):
+def load_hf_mllm(path: str | Path, *, dtype: torch.dtype | None = None, image_size: int | None = None,
+                 attn_implementation: str | None = None):
     """(HFMLLM, tokenizer) from a local transformers checkpoint directory."""
     import transformers
     from transformers import AutoConfig, AutoTokenizer
@@ -248,7 +266,8 @@ def load_hf_mllm(path: str | Path, *, dtype: torch.dtype | None = None, image_si
     if family not in FAMILIES:
         raise ValueError(f"{path / 'config.json'}: model_type {family!r} is not supported; "
                          f"supported: {', '.join(FAMILIES)} (or a ComposedMLLM directory with mllm_cl.json)")
-    model = getattr(transformers, FAMILIES[family]).from_pretrained(path, dtype=dtype)
+    attention = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = getattr(transformers, FAMILIES[family]).from_pretrained(path, dtype=dtype, **attention)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         log.info("%s: the tokenizer has no pad token; padding with its EOS token", path)

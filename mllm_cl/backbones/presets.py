@@ -39,6 +39,9 @@ class Preset:
     heads: int = 4
     kv_heads: int = 2
     max_positions: int = 512
+    llm_mlp: int | None = None  # the LLM's MLP width (None: twice llm_width)
+    vocab_size: int | None = None  # the LLM's vocabulary (None: the tokenizer's; larger ones leave rows unused)
+    tie_embeddings: bool = True
     # With the usual 0.02, a 128-wide tied embedding caps logits near 2.5 after
     # the final RMSNorm, so a frozen random LLM cannot become confident
     # whatever its adapters learn (loss floors near 3 nats). 0.1 lifts the cap.
@@ -76,11 +79,11 @@ def _vision(p: Preset) -> VisionTower:
     raise ValueError(f"unknown preset vision {p.vision!r}")
 
 
-def _llm(p: Preset, vocab_size: int, tokenizer: PreTrainedTokenizerBase):
+def _llm(p: Preset, vocab_size: int, tokenizer: PreTrainedTokenizerBase, attn_implementation: str | None = None):
     common = dict(
         vocab_size=vocab_size,
         hidden_size=p.llm_width,
-        intermediate_size=2 * p.llm_width,
+        intermediate_size=p.llm_mlp or 2 * p.llm_width,
         num_hidden_layers=p.llm_layers,
         num_attention_heads=p.heads,
         num_key_value_heads=p.kv_heads,
@@ -88,9 +91,11 @@ def _llm(p: Preset, vocab_size: int, tokenizer: PreTrainedTokenizerBase):
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=p.tie_embeddings,
         initializer_range=p.init_std,
     )
+    if attn_implementation is not None:
+        common["attn_implementation"] = attn_implementation
     if p.llm == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -103,24 +108,29 @@ def _llm(p: Preset, vocab_size: int, tokenizer: PreTrainedTokenizerBase):
 
 
 def build_preset(name: str, *, seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None,
-                 **overrides) -> Backbone:
+                 attn_implementation: str | None = None, **overrides) -> Backbone:
     """A random tiny backbone; the same name, seed and overrides give the same weights.
 
-    ``overrides`` replace fields of the preset (``image_size``, ``llm_layers``, ...).
+    ``overrides`` replace fields of the preset (``image_size``, ``llm_layers``, ``llm_width``, ...).
     """
     if name not in PRESETS:
         raise ValueError(f"unknown backbone preset {name!r}; presets: {', '.join(PRESETS)}")
+    fields = set(Preset.__dataclass_fields__)
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"model.backbone_overrides: unknown preset field(s) {unknown}; fields: {sorted(fields)}")
     p = replace(PRESETS[name], **overrides)
     tokenizer = tokenizer or byte_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vision = _vision(p)
-        llm = _llm(p, len(tokenizer), tokenizer)
+        llm = _llm(p, p.vocab_size or len(tokenizer), tokenizer, attn_implementation)
         model = ComposedMLLM(vision, llm, image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token))
     return Backbone(model=model, tokenizer=tokenizer)
 
 
-def load_backbone(path: str | Path, *, torch_dtype: torch.dtype | None = None, image_size: int | None = None) -> Backbone:
+def load_backbone(path: str | Path, *, torch_dtype: torch.dtype | None = None, image_size: int | None = None,
+                  attn_implementation: str | None = None) -> Backbone:
     """A backbone directory: one saved by ``ComposedMLLM.save_pretrained(path, tokenizer)`` (it holds
     ``mllm_cl.json``), or a transformers Llava / Qwen2-VL / Qwen2.5-VL checkpoint (``config.json``,
     tokenizer and image processor files); ``image_size`` applies to Qwen2-VL only."""
@@ -133,13 +143,33 @@ def load_backbone(path: str | Path, *, torch_dtype: torch.dtype | None = None, i
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} holds neither mllm_cl.json (a ComposedMLLM) nor config.json "
                                     "(a transformers Llava / Qwen2-VL checkpoint)")
-        model, tokenizer = load_hf_mllm(path, dtype=torch_dtype, image_size=image_size)
+        model, tokenizer = load_hf_mllm(path, dtype=torch_dtype, image_size=image_size,
+                                        attn_implementation=attn_implementation)
         return Backbone(model=model, tokenizer=tokenizer)
     if image_size is not None:
         raise ValueError(f"{path}: image_size applies to Qwen2-VL checkpoints only")
-    model = ComposedMLLM.from_pretrained(path, torch_dtype=torch_dtype)
+    model = ComposedMLLM.from_pretrained(path, torch_dtype=torch_dtype, attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(path / "llm")
     return Backbone(model=model, tokenizer=tokenizer)
+
+
+#: transformers' attention kernels, and the package each needs beyond transformers.
+ATTENTION = {"sdpa": None, "eager": None, "flash_attention_2": "flash_attn"}
+
+
+def check_attention(name: str | None) -> None:
+    """A clear error for an unknown kernel or one whose package is not installed."""
+    import importlib.util
+
+    if name is None:
+        return
+    if name not in ATTENTION:
+        raise ValueError(f"model.attn_implementation: unknown kernel {name!r}; choose one of {', '.join(ATTENTION)}")
+    package = ATTENTION[name]
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ValueError(f"model.attn_implementation: {name} needs the {package} package, which is not installed "
+                         f"(pip install {package.replace('_', '-')}; it builds against your CUDA toolkit); "
+                         "sdpa needs nothing more")
 
 
 #: Pretrained backbones shipped inside the package, by name.
@@ -149,13 +179,20 @@ _PRETRAIN_CONFIG = {"tiny-base": "configs/pretrain_tiny.yaml", "tiny-base-coin":
 
 
 def build_backbone(preset: str | None = "tiny-clip-llama", *, path: str | None = None, seed: int = 0,
-                   dtype: torch.dtype | None = None, image_size: int | None = None) -> Backbone:
+                   dtype: torch.dtype | None = None, image_size: int | None = None,
+                   attn_implementation: str | None = None, overrides: dict | None = None) -> Backbone:
     """``path`` (a saved backbone directory) wins over ``preset``; ``tiny-base`` and
     ``tiny-base-coin`` are the pretrained tiny models shipped with the package (of the
     shape-scene and the CoIN-shaped suite; ``seed`` does not apply to them).
-    ``dtype``: the frozen base weights' dtype (default: as saved, or float32 for presets)."""
+    ``dtype``: the frozen base weights' dtype (default: as saved, or float32 for presets).
+    ``attn_implementation``: transformers' attention kernel (``sdpa``, ``eager``, ``flash_attention_2``).
+    ``overrides``: fields of a random preset replaced (``llm_width``, ``llm_layers``, ...)."""
+    check_attention(attn_implementation)
+    if overrides and (path is not None or preset in PACKAGED):
+        raise ValueError("model.backbone_overrides apply to the random presets "
+                         f"({', '.join(PRESETS)}), not to a saved or packaged backbone")
     if path is not None:
-        return load_backbone(path, torch_dtype=dtype, image_size=image_size)
+        return load_backbone(path, torch_dtype=dtype, image_size=image_size, attn_implementation=attn_implementation)
     if image_size is not None:
         raise ValueError("image_size applies to Qwen2-VL checkpoints given by path only")
     if preset is None:
@@ -164,8 +201,8 @@ def build_backbone(preset: str | None = "tiny-clip-llama", *, path: str | None =
         if not (PACKAGED[preset] / "mllm_cl.json").exists():
             raise FileNotFoundError(f"{PACKAGED[preset]} is missing; rebuild it with "
                                     f"`mllm-cl pretrain --config {_PRETRAIN_CONFIG[preset]}`")
-        return load_backbone(PACKAGED[preset], torch_dtype=dtype)
-    built = build_preset(preset, seed=seed)
+        return load_backbone(PACKAGED[preset], torch_dtype=dtype, attn_implementation=attn_implementation)
+    built = build_preset(preset, seed=seed, attn_implementation=attn_implementation, **(overrides or {}))
     if dtype is not None:
         built.model.to(dtype)
     return built

@@ -3,7 +3,8 @@
 Training batches pad on the right; generation batches on the left, so every
 prompt ends at the last position and decoding appends after it. A batch also
 carries what methods need beyond the LM inputs: the instruction-only text,
-the image-token mask (positions of image features), task ids, and the
+the image-token mask (positions of image features), the supervised positions
+of a training batch (``loss_positions``), task ids, and the
 messages of samples skipped as bad input in this batch. A backbone that needs
 inputs of its own (Qwen2-VL's patches and grids) gets them added here, under
 ``batch["model_inputs"]``, by the object its ``data_spec()`` names.
@@ -58,6 +59,8 @@ class Collator:
         batch["attention_mask"] = self._pad([[1] * len(r) for r in ids], 0)
         if "labels" in kept[0]:
             batch["labels"] = self._pad([s["labels"] for s in kept], IGNORE)
+            # here, on the host: on the device, finding them would wait for it (a data-dependent size)
+            batch["loss_positions"] = supervised_positions(batch["labels"])
         batch["image_mask"] = batch["input_ids"] == self.image_token_id  # (B, L)
         images = [s["pixel_values"] for s in kept if s["pixel_values"] is not None]
         batch["pixel_values"] = torch.stack(images) if images else None  # in sample order
@@ -69,6 +72,13 @@ class Collator:
         if "record" in kept[0]:
             batch["records"] = [s["record"] for s in kept]
         return batch if self.model_inputs is None else self.model_inputs(batch)
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) flat indices into ``(B * L)`` of the positions whose next label is supervised (a causal
+    LM's loss needs the logits there only)."""
+    nxt = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, L): the label each position predicts
+    return (nxt != IGNORE).reshape(-1).nonzero().flatten()
 
 
 def batch_to(batch: dict[str, Any], device) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from mllm_cl.experts.injection import (
     InjectionReport,
+    checkpoint_contexts,
     expert_layers,
     find_targets,
     inject_experts,
@@ -28,6 +29,7 @@ from mllm_cl.experts.setup import ExpertSetup
 from mllm_cl.experts.spectral import CovarianceSketch
 
 __all__ = [
+    "checkpoint_contexts",
     "BatchMeanRouter",
     "CentroidRouter",
     "ContextSlot",

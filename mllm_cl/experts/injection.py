@@ -168,6 +168,17 @@ def routing_context(model: nn.Module, context: RoutingContext | None = None, **s
         yield context
 
 
+def checkpoint_contexts(model: nn.Module):
+    """``context_fn`` for ``torch.utils.checkpoint`` over ``model``'s layers: the routing context of each
+    checkpointed forward is put back for its recomputation (``ContextSlot.checkpoint_contexts``)."""
+    slots = {id(l.slot): l.slot for l in expert_layers(model).values() if l.slot is not None}
+    if not slots:
+        return None
+    if len(slots) > 1:
+        raise RuntimeError("activation checkpointing needs the expert layers of one model to share one context slot")
+    return next(iter(slots.values())).checkpoint_contexts
+
+
 def mark_only_experts_trainable(model: nn.Module) -> None:
     """Freeze everything but expert and router parameters (which keep their own flags)."""
     keep = set()

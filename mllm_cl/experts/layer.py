@@ -34,6 +34,9 @@ from mllm_cl.experts.routing import ContextSlot, Routing, RoutingContext
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 GradientTransform = Callable[["ExpertLayer"], None]
+#: ``fn(x, routing, context) -> tensor`` (or ``None``): what a method needs from a training forward's input,
+#: computed there, detached and small (a few rows, a per-sample mean), so no layer input outlives its forward.
+Observer = Callable[[torch.Tensor, "Routing | None", "RoutingContext | None"], "torch.Tensor | dict | None"]
 
 
 class _Handle:
@@ -90,8 +93,8 @@ class ExpertLayer(nn.Module):
         self.expert_dtype = expert_dtype
         self.slot: ContextSlot | None = None  # shared with the model's other expert layers
         self.last_routing: Routing | None = None  # for auxiliary losses of this step
-        self.keep_input = False  # a method's statistics read the input of the last forward
-        self.last_input: torch.Tensor | None = None
+        self._observers: dict[str, Observer] = {}
+        self.observed: dict[str, object] = {}  # each observer's result for the last training forward
         # When a list: every routing of a forward is appended as (rows or None, expert names, Routing),
         # rows the samples a per-sample router choice gave that router (the routing diagnostic).
         self.record: list | None = None
@@ -205,11 +208,17 @@ class ExpertLayer(nn.Module):
         for fn in self._grad_transforms:
             fn(self)
 
+    # -------------------------------------------------------------- observers
+    def register_observer(self, name: str, fn: Observer) -> None:
+        """``fn(x.detach(), routing, context)`` runs in every training forward of this layer, once:
+        not in an activation-checkpointing recomputation, not in evaluation. Its result is
+        ``observed[name]`` until the next training forward. Methods take their statistics here
+        instead of keeping the layer's input alive until after backward."""
+        self._observers[name] = fn
+
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if self.keep_input:
-            self.last_input = x.detach()
         context = self.slot.current if self.slot is not None else None
         if not self.experts or (context is not None and context.disable_adapters):
             return out
@@ -217,7 +226,14 @@ class ExpertLayer(nn.Module):
             delta = self._mixed_router_delta(x, context)  # names are checked even with one router
         else:
             delta = self._delta(x, self._router(self.active_router), context)
+        if self._observers and self.training and not self._recomputing():
+            with torch.no_grad():
+                x_ = x.detach()
+                self.observed = {n: fn(x_, self.last_routing, context) for n, fn in self._observers.items()}
         return out + delta.to(out.dtype)
+
+    def _recomputing(self) -> bool:
+        return self.slot is not None and self.slot.recomputing
 
     def _router(self, name: str) -> Router | None:
         if name in self.routers:
@@ -258,20 +274,26 @@ class ExpertLayer(nn.Module):
                rows: torch.Tensor | None = None) -> torch.Tensor:
         if router is None:  # a lone expert, weight 1: exactly PEFT's LoRA
             (expert,) = self.experts.values()
-            self.last_routing = None
-            if self.record is not None:
-                self.record.append((rows, self.expert_names, None))
+            self._keep(rows, self.expert_names, None)
             return expert(self.dropout(x))
         experts = [self.experts[n] for n in router.expert_names]
         routing = router(x, context)
-        self.last_routing = routing
-        if self.record is not None:
-            self.record.append((rows, list(router.expert_names), routing))
+        self._keep(rows, list(router.expert_names), routing)
         lead = x.shape[:-1]
         token_level = routing.weights.shape[:-1] == lead
         if routing.indices is not None and token_level and self._dispatch_pays(routing, experts):
             return _dispatch(self.dropout(x), routing, experts, self.out_features)
         return _mix(self.dropout(x), routing, experts, self.out_features)
+
+
+    def _keep(self, rows: torch.Tensor | None, names: list[str], routing: Routing | None) -> None:
+        """The routing of this forward, for auxiliary losses and the routing diagnostic; a
+        checkpoint's recomputation keeps nothing (the original forward's routing is the one in use)."""
+        if self._recomputing():
+            return
+        self.last_routing = routing
+        if self.record is not None:
+            self.record.append((rows, names, routing))
 
 
 def _dispatch(x: torch.Tensor, routing: Routing, experts: list[LoRAExpert], out_features: int) -> torch.Tensor:

@@ -118,15 +118,28 @@ class RoutingContext:
 
 
 class ContextSlot:
-    """Holds the active context; all expert layers of one model share one slot."""
+    """Holds the active context; all expert layers of one model share one slot.
+
+    Under activation checkpointing a block's forward runs again during backward, after the
+    ``with routing_context(...)`` block has closed. ``checkpoint_contexts`` is the
+    ``context_fn`` of ``torch.utils.checkpoint``: it captures the context of the original
+    forward and puts it back for the recomputation, marked ``recomputing`` so that the
+    layers take no statistics and keep no routing a second time.
+    """
 
     def __init__(self) -> None:
         self.current: RoutingContext | None = None
+        self.recomputing = False
 
     @contextlib.contextmanager
-    def use(self, context: RoutingContext) -> Iterator[RoutingContext]:
-        previous, self.current = self.current, context
+    def use(self, context: RoutingContext | None, *, recomputing: bool = False) -> Iterator[RoutingContext | None]:
+        previous = self.current, self.recomputing
+        self.current, self.recomputing = context, recomputing
         try:
             yield context
         finally:
-            self.current = previous
+            self.current, self.recomputing = previous
+
+    def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """(forward, recomputation) context managers for one checkpointed block, called at its forward."""
+        return contextlib.nullcontext(), self.use(self.current, recomputing=True)

@@ -173,7 +173,7 @@ class CRAM(Method):
         report = super().build(model)
         self.routing_encoder.bind(model, self.tokenizer)
         for layer in expert_layers(model).values():
-            layer.keep_input = True  # the penalty reads each module's input at the image tokens
+            layer.register_observer("image_mean", image_token_mean)  # the penalty's input: (B, d_in)
         return report
 
     def phases(self, task: int, num_tasks: int) -> list[Phase]:
@@ -291,7 +291,8 @@ class CRAM(Method):
         image, instruction, has = self.embed(batch)
         if training:
             self._accumulate(image, instruction, has)
-            return RoutingContext(image_embeds=image)
+            extra = {} if "image_mask" not in batch else {"image_mask": batch["image_mask"].to(image.device)}
+            return RoutingContext(image_embeds=image, extra=extra)
         protos = torch.stack(self.prototypes).to(instruction)  # (G, D)
         if self.eval_routing == "batch":  # one group and one weight vector for the whole batch
             instruction = instruction.mean(0, keepdim=True).expand_as(instruction)
@@ -360,8 +361,7 @@ class CRAM(Method):
     def extra_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | None:
         if self._phase != "stable" or not self.orth_weight:
             return None
-        image_mask = batch["image_mask"].to(batch["input_ids"].device)
-        counts = image_mask.sum(1, keepdim=True)  # (B, 1)
+        counts = batch["image_mask"].to(batch["input_ids"].device).sum(1)  # (B,)
         if not bool(counts.any()):
             return None
         losses = []
@@ -369,10 +369,10 @@ class CRAM(Method):
             group_router = layer.routers[layer.active_router]
             slot = group_router.expert_names[-1]
             older = group_router.expert_names[:-1]
-            if not older or layer.last_input is None or layer.last_routing is None:
+            h = layer.observed.get("image_mean")  # (B, d_in), taken in this step's forward
+            if not older or h is None or layer.last_routing is None:
                 continue
-            h = (layer.last_input * image_mask[..., None]).sum(1) / counts.clamp(min=1)  # (B, d_in)
-            keep = counts.flatten() > 0
+            keep = counts > 0
             gamma = 1 - layer.last_routing.weights.reshape(h.shape[0], -1)[:, -1]  # mass on older slots
             if self.detach_gamma:
                 gamma = gamma.detach()
@@ -417,3 +417,12 @@ class CRAM(Method):
         self.slots = {int(t): {"group": s["group"], "ranks": dict(s["ranks"])} for t, s in facts.get("slots", {}).items()}
         self.prototype_counts = list(facts.get("prototype_counts", []))
         self.prototypes = [tensors[f"prototype.{g}"] for g in range(len(self.prototype_counts))]
+
+
+def image_token_mean(x: torch.Tensor, routing, context: RoutingContext | None) -> torch.Tensor | None:
+    """An expert-layer observer: each sample's mean input over its image tokens, (B, d_in) (zero
+    for a sample without an image), taken in the training forward (``ExpertLayer.register_observer``)."""
+    if context is None or "image_mask" not in context.extra:
+        return None
+    mask = context.extra["image_mask"].to(x.dtype)  # (B, L)
+    return (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)

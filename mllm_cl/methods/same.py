@@ -91,6 +91,14 @@ def minmax(v: torch.Tensor) -> torch.Tensor:
     return (v - v.min()) / span if span > 0 else torch.zeros_like(v)
 
 
+def activation_sums(tokens: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """(2E + 1,): per expert the routing mass and the mass times each token's squared norm, then the
+    token count, over (N, d) tokens routed by (N, E) probabilities; summed over processes, they give
+    the utilization and importance EMAs' batch values."""
+    norms = tokens.square().sum(-1, keepdim=True)  # (N, 1)
+    return torch.cat([probs.sum(0), (probs * norms).sum(0), probs.new_tensor([probs.shape[0]])])
+
+
 class SAMEStatistics(nn.Module):
     """One adapted layer's statistics: input covariance, the previous task's snapshot, activation EMAs."""
 
@@ -192,7 +200,7 @@ class SAME(Method):
                 stats.importance.fill_(1.0 / self.num_experts)
                 stats.importance_seen.fill_(True)
             layer.add_module("same", stats.to(layer.base_layer.weight.device))
-            layer.keep_input = True
+            layer.register_observer("same", self.take_statistics)
             layer.register_gradient_transform(self.rewrite_gradients)
         if self.prior != "none":
             self.routing_encoder.bind(model, self.tokenizer)
@@ -380,23 +388,33 @@ class SAME(Method):
                     g = expert.A.grad
                     expert.A.grad = expert_rewrite(g.double(), stats.snapshot_directions[:, :k], sigma, mu).to(g.dtype)
 
+    def take_statistics(self, x: torch.Tensor, routing, context: RoutingContext | None) -> dict | None:
+        """A layer observer (``ExpertLayer.register_observer``), in the training forward: at most
+        ``stat_tokens`` evenly spaced rows of the input's real tokens for the covariance, and the
+        activation sums (per expert: routing mass, mass times the token's squared norm; the token count)."""
+        if routing is None or routing.probs is None or context is None or "attention_mask" not in context.extra:
+            return None
+        real = context.extra["attention_mask"].reshape(-1).bool()
+        tokens = x.reshape(-1, x.shape[-1])[real]  # (N, d)
+        probs = routing.probs.detach().reshape(-1, routing.probs.shape[-1])[real].double()  # (N, E)
+        rows = tokens
+        if rows.shape[0] > self.stat_tokens:
+            rows = rows[torch.linspace(0, rows.shape[0] - 1, self.stat_tokens, device=rows.device).long()]
+        return {"rows": rows.double(), "sums": activation_sums(tokens.double(), probs)}
+
     @torch.no_grad()
-    def observe(self, model: nn.Module, attention_mask: torch.Tensor) -> None:
-        """After an optimizer step: covariance, router directions, activation EMAs and masks."""
+    def observe(self, model: nn.Module) -> None:
+        """After an optimizer step: covariance, router directions, activation EMAs and masks, from what
+        ``take_statistics`` took in the step's forward."""
         for layer in expert_layers(model).values():
-            x, routing = layer.last_input, layer.last_routing
-            if x is None or routing is None or routing.probs is None:
+            taken = layer.observed.get("same")
+            if taken is None:
                 continue
-            real = self._train_mask(attention_mask).reshape(-1).bool()
-            tokens = x.reshape(-1, x.shape[-1])[real].double()  # (N, d)
-            probs = routing.probs.reshape(-1, routing.probs.shape[-1])[real].double()  # (N, E)
-            self._covariance(layer.same, tokens)
-            self._activation(layer, tokens, probs)
+            self._covariance(layer.same, taken["rows"])
+            self._activation(layer, taken["sums"])
         self.steps += 1
 
     def _covariance(self, stats: SAMEStatistics, tokens: torch.Tensor) -> None:
-        if tokens.shape[0] > self.stat_tokens:
-            tokens = tokens[torch.linspace(0, tokens.shape[0] - 1, self.stat_tokens, device=tokens.device).long()]
         rows = all_gather_rows(tokens)
         stats.covariance.update(rows)
         if self.spectral_routing and self.steps % self.refresh_every == 0:
@@ -408,12 +426,10 @@ class SAME(Method):
             k = max(1, kept_directions(vals, trace, self.delta, self.max_directions))
             stats.router_directions, stats.router_sigma = vecs[:, :k], vals[:k].sqrt()
 
-    def _activation(self, layer: ExpertLayer, tokens: torch.Tensor, probs: torch.Tensor) -> None:
+    def _activation(self, layer: ExpertLayer, sums: torch.Tensor) -> None:
         stats, router = layer.same, layer.routers["default"]
-        sums = torch.cat([probs.sum(0), (probs * tokens.square().sum(-1, keepdim=True)).sum(0),
-                          probs.new_tensor([probs.shape[0]])])
         sums = all_reduce_sum(sums)  # every process's tokens
-        E = probs.shape[1]
+        E = (sums.shape[0] - 1) // 2
         n = sums[-1].clamp(min=1)
         u, f = sums[:E] / n, sums[E:2 * E] / n
         d = self.ema_decay

@@ -15,8 +15,9 @@ import torch
 
 from mllm_cl.backbones import build_backbone
 from mllm_cl.data.images import ImageProcessor
-from mllm_cl.experts import RoutingContext, expert_layers, routing_context
+from mllm_cl.experts import RoutingContext, checkpoint_contexts, expert_layers, routing_context
 from mllm_cl.methods import Method
+from mllm_cl.system.lm_loss import supervised_lm_loss
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32, "float64": torch.float64}
@@ -30,6 +31,36 @@ def parse_dtype(name: str | None, key: str) -> torch.dtype | None:
     return DTYPES[name]
 
 
+def precision_dtype(precision: str | int | None) -> tuple[torch.dtype | None, bool]:
+    """(compute dtype, autocast?) of a Lightning ``trainer.precision`` (``None``: 32-true)."""
+    name = str(precision if precision is not None else "32-true")
+    mixed = name.endswith("-mixed") or name in ("16", "bf16")
+    if name.startswith("bf16"):
+        return torch.bfloat16, mixed
+    if name.startswith("16"):
+        return torch.float16, mixed
+    if name.startswith("64"):
+        return torch.float64, False
+    if name.startswith("32"):
+        return torch.float32, False
+    return None, False  # another plugin (transformer-engine, ...): the base stays as loaded
+
+
+def base_dtype_for(backbone_dtype: str | None, precision: str | int | None) -> torch.dtype | None:
+    """The frozen base's dtype: ``auto`` follows the precision's compute dtype (bf16 under bf16-mixed);
+    under autocast, any other dtype is refused: autocast would keep a cast copy of every frozen weight
+    for backward (a second copy of the LLM)."""
+    compute, mixed = precision_dtype(precision)
+    if backbone_dtype == "auto":
+        return compute
+    dtype = parse_dtype(backbone_dtype, "model.backbone_dtype")
+    if mixed and dtype is not None and dtype != compute:
+        raise ValueError(f"model.backbone_dtype: {backbone_dtype} under trainer.precision {precision} keeps a "
+                         f"{compute} copy of every frozen weight for backward (autocast casts them at each "
+                         f"forward): set model.backbone_dtype to auto (or {str(compute).removeprefix('torch.')})")
+    return dtype
+
+
 class ContinualMLLM(L.LightningModule):
     """Backbone + method.
 
@@ -40,10 +71,25 @@ class ContinualMLLM(L.LightningModule):
             ``ComposedMLLM.save_pretrained``, or a transformers Llava / Qwen2-VL / Qwen2.5-VL
             checkpoint (model, tokenizer and image processor files).
         backbone_seed: seed of a preset's random weights.
-        backbone_dtype: dtype of the frozen base weights (``bfloat16``, ``float16``, ``float32``;
-            ``null``: as saved, float32 for presets). A bf16 base halves its memory.
+        backbone_overrides: fields of a random preset replaced, e.g. ``{llm_width: 4096, llm_layers: 2,
+            llm_mlp: 11008, heads: 32, kv_heads: 32, vocab_size: 32064}`` (a layer of LLaVA-1.5-7B's shape).
+        backbone_dtype: dtype of the frozen base weights. ``auto`` (default): the precision's compute
+            dtype (bf16 under ``trainer.precision: bf16-mixed``, float32 under ``32-true``), converted
+            once at load. ``bfloat16``, ``float16``, ``float32``, or ``null`` (as saved; float32 for
+            presets); under a ``*-mixed`` precision a dtype other than its autocast dtype is refused
+            (autocast would keep a second, cast copy of the frozen LLM for backward).
         expert_dtype: dtype of the experts (adapters), whatever the base's (``null``: the base's).
-            float32 adapters over a bf16 base is the usual mixed setup.
+            float32 (default) over a bf16 base is the usual mixed setup: the optimizer updates float32
+            master weights, so small updates to a bf16-sized weight are not rounded away, and the
+            adapters are a few MB at 7B; autocast computes them in bf16.
+        precision: the trainer's precision, set from ``trainer.precision`` (not an option of its own).
+        attn_implementation: transformers' attention kernel: ``sdpa`` (default, PyTorch's), ``eager``,
+            or ``flash_attention_2`` (needs the flash-attn package and a bf16/fp16 base on a GPU).
+        gradient_checkpointing: recompute each decoder layer in backward instead of keeping its
+            activations (non-reentrant; every method's routing context reaches the recomputation).
+            Keeps about one layer input per layer (8 KiB per token at width 4096 in bf16) instead of
+            ~180-240 KiB; costs about a third more compute per step. Turn it on for a 7B model on a GPU
+            (docs/memory.md); the tiny CPU models do not need it.
         image_size: Qwen2-VL checkpoints only: the fixed square image side (a multiple of 28;
             ``null``: from the image processor, at most 448).
         steps_per_task: optimizer steps per task (a phase may set its own).
@@ -62,8 +108,12 @@ class ContinualMLLM(L.LightningModule):
         backbone: str = "tiny-clip-llama",
         backbone_path: str | None = None,
         backbone_seed: int = 0,
-        backbone_dtype: str | None = None,
+        backbone_overrides: dict[str, Any] | None = None,
+        backbone_dtype: str | None = "auto",
         expert_dtype: str | None = "float32",
+        precision: str | int | None = None,
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = False,
         image_size: int | None = None,
         steps_per_task: int = 100,
         max_phase_steps: int | None = None,
@@ -73,8 +123,9 @@ class ContinualMLLM(L.LightningModule):
         grad_clip: float = 1.0,
     ) -> None:
         super().__init__()
-        base_dtype = parse_dtype(backbone_dtype, "model.backbone_dtype")
-        built = build_backbone(backbone, path=backbone_path, seed=backbone_seed, dtype=base_dtype, image_size=image_size)
+        base_dtype = base_dtype_for(backbone_dtype, precision)
+        built = build_backbone(backbone, path=backbone_path, seed=backbone_seed, dtype=base_dtype, image_size=image_size,
+                               attn_implementation=attn_implementation, overrides=backbone_overrides)
         self.model, self.tokenizer = built.model, built.tokenizer
         self.model.requires_grad_(False)
         self.method = method
@@ -84,8 +135,13 @@ class ContinualMLLM(L.LightningModule):
         for layer in expert_layers(self.model).values():
             layer.expert_dtype = adapter_dtype
             layer.experts.to(adapter_dtype)
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            self.model.set_checkpointing(True, context_fn=checkpoint_contexts(self.model))
         self.backbone_info = {"preset": None if backbone_path else backbone, "path": backbone_path, "seed": backbone_seed,
-                              "dtype": backbone_dtype, "expert_dtype": expert_dtype, "image_size": image_size}
+                              "overrides": backbone_overrides, "dtype": str(base_dtype).removeprefix("torch.")
+                              if base_dtype is not None else None, "expert_dtype": expert_dtype,
+                              "image_size": image_size, "attn_implementation": attn_implementation}
         if max_phase_steps is not None and max_phase_steps < 1:
             raise ValueError(f"model.max_phase_steps must be >= 1 or null, got {max_phase_steps}")
         self.steps_per_task, self.max_phase_steps = steps_per_task, max_phase_steps
@@ -98,7 +154,8 @@ class ContinualMLLM(L.LightningModule):
         return ImageProcessor.for_model(self.model)
 
     # ----------------------------------------------------------------- training
-    def forward_batch(self, batch: dict[str, Any], *, training: bool):
+    def forward_batch(self, batch: dict[str, Any], *, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(language-model loss, the method's extra loss or None) of a batch with labels."""
         context = self.method.routing_context(batch, training=training) or RoutingContext()
         if context.token_mask is None:
             # The prompt's tokens (real, not trained on): what whole-prompt routers pool over,
@@ -109,10 +166,12 @@ class ContinualMLLM(L.LightningModule):
             context.token_mask = mask
         with routing_context(self.model, context):
             out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                             pixel_values=batch["pixel_values"], labels=batch.get("labels"),
+                             pixel_values=batch["pixel_values"], hidden_only=True, use_cache=False,
                              **batch.get("model_inputs", {}))
+            loss = supervised_lm_loss(out.last_hidden_state, batch["labels"], self.model.output_head,
+                                      batch.get("loss_positions"))
             extra = self.method.extra_loss(self.model, batch) if training else None
-        return out, extra
+        return loss, extra
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         dm = getattr(self.trainer, "datamodule", None)
@@ -120,10 +179,10 @@ class ContinualMLLM(L.LightningModule):
             dm.note_batch(batch)
         if batch.get("empty"):
             return None  # every sample of this batch was skipped as bad input
-        out, extra = self.forward_batch(batch, training=True)
-        loss = out.loss if extra is None else out.loss + extra
+        lm_loss, extra = self.forward_batch(batch, training=True)
+        loss = lm_loss if extra is None else lm_loss + extra
         n = batch["input_ids"].shape[0]
-        self.log(f"{self.log_prefix}/loss", out.loss.detach(), prog_bar=True, batch_size=n)
+        self.log(f"{self.log_prefix}/loss", lm_loss.detach(), prog_bar=True, batch_size=n)
         if extra is not None:
             self.log(f"{self.log_prefix}/extra_loss", extra.detach(), batch_size=n)
         return loss

@@ -178,3 +178,49 @@ def test_image_embeddings_pool_the_projected_features(checkpoint):
     emb = model.image_embeddings(batch["pixel_values"], **extra)
     assert emb.shape == (2, model.config.get_text_config().hidden_size)
     assert model.get_input_embeddings().weight.shape[1] == emb.shape[1]
+
+
+def _labelled(batch):
+    """The batch with labels: the last three real tokens of each row supervised."""
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -3:] = batch["input_ids"][:, -3:]
+    return {**batch, "labels": labels}
+
+
+def test_supervised_positions_loss_equals_the_full_logits_loss(checkpoint):
+    from mllm_cl.data.collate import supervised_positions
+    from mllm_cl.system.lm_loss import supervised_lm_loss
+
+    family, path = checkpoint
+    backbone = load_backbone(path)
+    model, tok = backbone.model, backbone.tokenizer
+    batch = _labelled(_batch(model, tok))
+    inputs = dict(attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+                  **batch.get("model_inputs", {}))
+    full = model(batch["input_ids"], labels=batch["labels"], **inputs).loss
+    hidden = model(batch["input_ids"], hidden_only=True, **inputs).last_hidden_state
+    ours = supervised_lm_loss(hidden, batch["labels"], model.output_head, supervised_positions(batch["labels"]))
+    torch.testing.assert_close(ours, full, rtol=1e-6, atol=1e-6)
+
+
+def test_checkpointed_layers_give_the_same_gradients(checkpoint):
+    family, path = checkpoint
+    backbone = load_backbone(path)
+    model, tok = backbone.model, backbone.tokenizer
+    ExpertSetup(target_modules=["q_proj", "v_proj", "up_proj"], rank=4).apply(model)
+    for layer in expert_layers(model).values():
+        expert = layer.add_expert("e0")
+        torch.nn.init.normal_(expert.B)
+    model.train()
+    batch = _labelled(_batch(model, tok))
+    inputs = dict(attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+                  **batch.get("model_inputs", {}))
+    grads = []
+    for enabled in (False, True):
+        model.set_checkpointing(enabled)
+        model.zero_grad()
+        model(batch["input_ids"], labels=batch["labels"], **inputs).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-7)

@@ -82,7 +82,7 @@ def _train(method, model, tasks: int, steps: int = 2) -> None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if isinstance(method, SAME):  # its statistics callback, after the optimizer step
-                    method.observe(model, batch["attention_mask"])
+                    method.observe(model)
             method.on_phase_end(model, t, phase)
         method.on_task_end(model, t)
 

@@ -7,6 +7,7 @@ from mllm_cl.backbones import build_preset
 from mllm_cl.experts import BatchMeanRouter, ExpertSetup, RoutingContext, expert_layers, routing_context
 from mllm_cl.experts.spectral import expert_rewrite
 from mllm_cl.methods import SAME
+from mllm_cl.methods.same import activation_sums
 from mllm_cl.system.run_dir import RunDir
 
 
@@ -63,7 +64,7 @@ def test_expert_rewrite_applies_the_previous_tasks_snapshot():
     model, method = _setup(spectral_routing=False, adaptive_activation=False)
     for seed in range(3):
         _step(model, method, _batch(seed))
-        method.observe(model, _batch(seed)["attention_mask"])
+        method.observe(model)
         model.zero_grad()
     method.on_task_end(model, 0)
     method.on_task_start(model, 1)
@@ -93,7 +94,7 @@ def test_router_rewrite_starts_after_warmup_steps():
         raw = layer.routers["default"].rows["e0"].grad.clone()
         layer.apply_gradient_transforms()
         changed.append(not torch.equal(raw, layer.routers["default"].rows["e0"].grad))
-        method.observe(model, batch["attention_mask"])
+        method.observe(model)
         model.zero_grad()
     assert changed == [False, False, True, True]
 
@@ -125,14 +126,14 @@ def test_masks_never_take_the_current_tasks_expert_and_freeze_once_complete():
     probs = torch.tensor([[0.1, 0.45, 0.45]], dtype=torch.float64).expand(10, 3)
     stats.importance.copy_(torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64))
     stats.importance_seen.fill_(True)
-    method._activation(layer, tokens, probs)
+    method._activation(layer, activation_sums(tokens, probs))
     assert "e0" not in router.masked
     method.task = 1  # task 2: its expert is e1; make e0 and e2 score low
     probs = torch.tensor([[0.05, 0.9, 0.05]], dtype=torch.float64).expand(10, 3)
     stats.utilization_seen = False
-    method._activation(layer, tokens, probs)
+    method._activation(layer, activation_sums(tokens, probs))
     assert router.masked == {"e0", "e2"} and stats.masks_final
-    method._activation(layer, tokens, torch.tensor([[0.9, 0.05, 0.05]], dtype=torch.float64).expand(10, 3))
+    method._activation(layer, activation_sums(tokens, torch.tensor([[0.9, 0.05, 0.05]], dtype=torch.float64).expand(10, 3)))
     assert router.masked == {"e0", "e2"}  # kept once every other expert is masked
     method.on_task_start(model, 2)
     assert router.masked == set() and not stats.masks_final
@@ -142,7 +143,7 @@ def test_statistics_are_buffers_that_survive_save_and_load(tmp_path):
     model, method = _setup()
     for seed in range(3):
         _step(model, method, _batch(seed))
-        method.observe(model, _batch(seed)["attention_mask"])
+        method.observe(model)
         model.zero_grad()
     method.on_task_end(model, 0)
     run = RunDir(tmp_path)

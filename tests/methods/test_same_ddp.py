@@ -13,6 +13,7 @@ from torch import nn
 
 from mllm_cl.experts import ExpertSetup, expert_layers
 from mllm_cl.methods import SAME
+from mllm_cl.methods.same import activation_sums
 
 D = 12
 
@@ -37,7 +38,7 @@ def _data():
 def _feed(method, layer, tokens, probs):
     for step in range(2):
         method._covariance(layer.same, tokens[step])
-        method._activation(layer, tokens[step], probs[step])
+        method._activation(layer, activation_sums(tokens[step], probs[step]))
         method.steps += 1
     method.on_task_end(layer, 0)
 

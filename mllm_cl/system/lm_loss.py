@@ -1,0 +1,37 @@
+"""The language-model loss at the supervised positions only.
+
+A causal LM's loss needs the logits of the positions whose next token is supervised (the
+answer, shifted by one): a few percent of a LLaVA sequence, whose 576 image tokens and
+prompt carry no label. The collator finds them from the labels (``supervised_positions``, on
+the host: no device sync), ``supervised_lm_loss`` applies the output head
+to those hidden states alone. The value equals transformers' loss over the full
+``(batch, length, vocab)`` logits: the mean token cross-entropy in float32, labels ``-100``
+ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllm_cl.data.collate import supervised_positions
+from mllm_cl.data.encoding import IGNORE
+
+
+
+def supervised_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``head(hidden)`` at the supervised positions.
+
+    hidden: (B, L, d) the decoder's output (after its final norm); labels: (B, L), ``-100`` where
+    not supervised; positions: ``supervised_positions(labels)`` if already known (e.g. computed
+    on the host).
+    """
+    B, L, d = hidden.shape
+    if positions is None:
+        positions = supervised_positions(labels)
+    positions = positions.to(hidden.device)
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1).index_select(0, positions.to(labels.device))
+    logits = head(hidden.reshape(B * L, d).index_select(0, positions))  # (N, V)
+    return F.cross_entropy(logits.float(), targets.to(logits.device), ignore_index=IGNORE)
