@@ -86,8 +86,8 @@ def main() -> None:
     def train_steps(threads: int) -> None:
         torch.set_num_threads(threads)
         for _ in range(args.steps):
-            out, extra = module.forward_batch(batch, training=True)
-            loss = out.loss if extra is None else out.loss + extra
+            lm_loss, extra = module.forward_batch(batch, training=True)
+            loss = lm_loss if extra is None else lm_loss + extra
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm_cl.experts.lora import LoRAExpert
+from mllm_cl.experts.lora import LoRAExpert, adapter_input
 from mllm_cl.experts.routers import Router
 from mllm_cl.experts.routing import ContextSlot, Routing, RoutingContext
 
@@ -369,6 +369,6 @@ def _mix(x: torch.Tensor, routing: Routing, experts: list[LoRAExpert], out_featu
     A = torch.cat([e.A for e in experts])  # (R, d_in), R = sum of ranks
     B = torch.cat([e.B * e.scale for e in experts], dim=1)  # (d_out, R)
     ranks = torch.tensor([e.rank for e in experts], device=x.device)
-    h = F.linear(x.to(A.dtype), A)  # (..., R)
+    h = F.linear(adapter_input(x, A.dtype), A)  # (..., R)
     w = weights.to(A.dtype).repeat_interleave(ranks, dim=-1, output_size=A.shape[0])  # (*lead, R)
     return F.linear(h * w, B)  # (..., d_out)

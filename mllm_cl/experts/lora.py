@@ -14,6 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in the adapters' dtype. Under autocast ``x`` stays as it is: autocast casts it for the
+    matmul itself, and a cast copy made here would be one more input-sized tensor saved for backward
+    beside the one the base layer saves (PEFT's LoRA keeps one too)."""
+    if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(dtype)
+
+
 class LoRAExpert(nn.Module):
     """``delta(x) = scale * B (A x)`` with ``A``: (rank, in_features), ``B``: (out_features, rank).
 
@@ -54,7 +63,7 @@ class LoRAExpert(nn.Module):
         # x: (..., in_features) -> (..., out_features). The scale is folded into
         # B (out x rank) rather than applied to the (tokens x out) result: one
         # pass over the output less, forward and backward.
-        return F.linear(F.linear(x.to(self.A.dtype), self.A), self.B * self.scale)
+        return F.linear(F.linear(adapter_input(x, self.A.dtype), self.A), self.B * self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update ``scale * B A`` (out_features, in_features)."""
