@@ -153,6 +153,11 @@ class ComposedMLLM(nn.Module):
         """The LM's output projection (hidden -> vocabulary logits)."""
         return self.language_model.get_output_embeddings()
 
+    @property
+    def text_decoder(self) -> nn.Module:
+        """The LM's decoder stack (its ``norm`` is the final norm before ``output_head``)."""
+        return self.language_model.base_model
+
     def set_checkpointing(self, enabled: bool, *, context_fn=None) -> None:
         """Activation checkpointing of the LM's decoder layers (the vision tower is frozen and keeps nothing
         for backward)."""

@@ -117,6 +117,11 @@ class HFMLLM(nn.Module):
     def output_head(self) -> nn.Module:
         return self.hf.get_output_embeddings()
 
+    @property
+    def text_decoder(self) -> nn.Module:
+        """The language model's decoder stack (its ``norm`` is the final norm before ``output_head``)."""
+        return self.hf.base_model.language_model
+
     def set_checkpointing(self, enabled: bool, *, context_fn=None) -> None:
         """Activation checkpointing of the model's decoder layers (and of its vision tower's, which keep
         nothing for backward while it is frozen)."""

@@ -11,6 +11,9 @@ ignored.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,12 +23,26 @@ from mllm_cl.data.encoding import IGNORE
 
 
 
-def supervised_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
+@contextlib.contextmanager
+def final_norm_deferred(decoder: nn.Module) -> Iterator[nn.Module]:
+    """The decoder stack runs without its final norm (``decoder.norm``, per token): the ``with`` block
+    gets the norm, to apply at the supervised positions only with the head. Saves the norm's
+    activations at every other position (~24 KiB per token at width 4096)."""
+    norm = decoder.norm
+    decoder.norm = nn.Identity()
+    try:
+        yield norm
+    finally:
+        decoder.norm = norm
+
+
+def supervised_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
                        positions: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``head(hidden)`` at the supervised positions.
 
-    hidden: (B, L, d) the decoder's output (after its final norm); labels: (B, L), ``-100`` where
-    not supervised; positions: ``supervised_positions(labels)`` if already known (e.g. computed
+    hidden: (B, L, d) the decoder's output; head: hidden rows -> logits (the output head, after the
+    final norm where ``final_norm_deferred`` left it out); labels: (B, L), ``-100`` where not
+    supervised; positions: ``supervised_positions(labels)`` if already known (e.g. computed
     on the host).
     """
     B, L, d = hidden.shape

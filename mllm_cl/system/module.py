@@ -17,7 +17,7 @@ from mllm_cl.backbones import build_backbone
 from mllm_cl.data.images import ImageProcessor
 from mllm_cl.experts import RoutingContext, checkpoint_contexts, expert_layers, routing_context
 from mllm_cl.methods import Method
-from mllm_cl.system.lm_loss import supervised_lm_loss
+from mllm_cl.system.lm_loss import final_norm_deferred, supervised_lm_loss
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32, "float64": torch.float64}
@@ -165,10 +165,12 @@ class ContinualMLLM(L.LightningModule):
                 mask = mask & (batch["labels"] == -100)
             context.token_mask = mask
         with routing_context(self.model, context):
-            out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                             pixel_values=batch["pixel_values"], hidden_only=True, use_cache=False,
-                             **batch.get("model_inputs", {}))
-            loss = supervised_lm_loss(out.last_hidden_state, batch["labels"], self.model.output_head,
+            with final_norm_deferred(self.model.text_decoder) as norm:  # norm and head at the supervised rows
+                out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 pixel_values=batch["pixel_values"], hidden_only=True, use_cache=False,
+                                 **batch.get("model_inputs", {}))
+            head = self.model.output_head
+            loss = supervised_lm_loss(out.last_hidden_state, batch["labels"], lambda h: head(norm(h)),
                                       batch.get("loss_positions"))
             extra = self.method.extra_loss(self.model, batch) if training else None
         return loss, extra

@@ -189,7 +189,7 @@ def _labelled(batch):
 
 def test_supervised_positions_loss_equals_the_full_logits_loss(checkpoint):
     from mllm_cl.data.collate import supervised_positions
-    from mllm_cl.system.lm_loss import supervised_lm_loss
+    from mllm_cl.system.lm_loss import final_norm_deferred, supervised_lm_loss
 
     family, path = checkpoint
     backbone = load_backbone(path)
@@ -201,6 +201,10 @@ def test_supervised_positions_loss_equals_the_full_logits_loss(checkpoint):
     hidden = model(batch["input_ids"], hidden_only=True, **inputs).last_hidden_state
     ours = supervised_lm_loss(hidden, batch["labels"], model.output_head, supervised_positions(batch["labels"]))
     torch.testing.assert_close(ours, full, rtol=1e-6, atol=1e-6)
+    with final_norm_deferred(model.text_decoder) as norm:  # the final norm at the supervised rows only
+        raw = model(batch["input_ids"], hidden_only=True, **inputs).last_hidden_state
+    deferred = supervised_lm_loss(raw, batch["labels"], lambda h: model.output_head(norm(h)))
+    torch.testing.assert_close(deferred, full, rtol=1e-6, atol=1e-6)
 
 
 def test_checkpointed_layers_give_the_same_gradients(checkpoint):
