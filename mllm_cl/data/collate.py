@@ -74,11 +74,15 @@ class Collator:
         return batch if self.model_inputs is None else self.model_inputs(batch)
 
 
+def next_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L): the label each position predicts (the labels shifted left, ``IGNORE`` at the end)."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     """(N,) flat indices into ``(B * L)`` of the positions whose next label is supervised (a causal
     LM's loss needs the logits there only)."""
-    nxt = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, L): the label each position predicts
-    return (nxt != IGNORE).reshape(-1).nonzero().flatten()
+    return (next_labels(labels) != IGNORE).reshape(-1).nonzero().flatten()
 
 
 def batch_to(batch: dict[str, Any], device) -> dict[str, Any]:

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm_cl.data.collate import supervised_positions
+from mllm_cl.data.collate import next_labels, supervised_positions
 from mllm_cl.data.encoding import IGNORE
-
 
 
 @contextlib.contextmanager
@@ -49,6 +48,6 @@ def supervised_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Callabl
     if positions is None:
         positions = supervised_positions(labels)
     positions = positions.to(hidden.device)
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1).index_select(0, positions.to(labels.device))
+    targets = next_labels(labels.to(hidden.device)).reshape(-1).index_select(0, positions)  # (N,)
     logits = head(hidden.reshape(B * L, d).index_select(0, positions))  # (N, V)
-    return F.cross_entropy(logits.float(), targets.to(logits.device), ignore_index=IGNORE)
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
