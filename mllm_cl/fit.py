@@ -70,6 +70,8 @@ class ContinualCLI(LightningCLI):
         parser.link_arguments("seed_everything", "data.seed")
         # The model builds its frozen base in the precision's compute dtype (model.backbone_dtype: auto).
         parser.link_arguments("trainer.precision", "model.precision")
+        # ... and loads it straight onto the device the trainer will use (model.load_device: auto).
+        parser.link_arguments("trainer.accelerator", "model.accelerator")
 
     def before_instantiate_classes(self) -> None:
         """Refuse a strategy the method cannot run under before anything is built."""
@@ -130,6 +132,7 @@ class ContinualCLI(LightningCLI):
 
         from mllm_cl.system.loop import ContinualLoop
         from mllm_cl.system.progress import with_phase_progress
+        from mllm_cl.system.resident import phase_strategy
 
         cfg = self.config["fit"]
         seed = int(cfg["seed_everything"])
@@ -147,14 +150,17 @@ class ContinualCLI(LightningCLI):
             version = f"resume-{len(list(logs.glob('resume-*'))) + 1}" if (logs / "metrics.csv").exists() else ""
             loggers = [CSVLogger(save_dir=run_dir, name="logs", version=version)]
 
-        def make_trainer(steps: int, accumulation: int = 1) -> L.Trainer:
+        wraps = []  # the phases fitted in this process: the first DDP wrap also broadcasts the frozen base
+
+        def make_trainer(steps: int, accumulation: int = 1, *, configured: bool = False) -> L.Trainer:
             options = dict(base)
             if accumulation > 1:  # a phase's own (the routing gate phase's); else the configured one
                 options["accumulate_grad_batches"] = accumulation
-            if options.get("strategy") == "ddp":  # a fresh strategy object per Trainer (Lightning binds it to one)
-                from lightning.pytorch.strategies import DDPStrategy
-
-                options["strategy"] = DDPStrategy(find_unused_parameters=True)
+            if not configured:  # a fresh strategy per Trainer (Lightning binds one to one), keeping the model in place
+                strategy = phase_strategy(first, unused_parameters=model.method.unused_parameters,
+                                          wrapped_before=bool(wraps))
+                options["strategy"] = options["strategy"] if strategy is None else strategy
+                wraps.append(steps)
             phase_callbacks = with_phase_progress(callbacks, options, trainer_cfg.get("callbacks"))  # our bar
             trainer = L.Trainer(**options, max_steps=steps, max_epochs=-1, callbacks=phase_callbacks, logger=loggers,
                              enable_checkpointing=False, default_root_dir=run_dir, limit_val_batches=0,
@@ -164,7 +170,7 @@ class ContinualCLI(LightningCLI):
             return trainer
 
         config_text = self.config_text
-        first = make_trainer(1)  # starts the other processes (ddp) and says which device is ours
+        first = make_trainer(1, configured=True)  # starts the other processes (ddp) and says which device is ours
 
         def run() -> None:
             if first.world_size > 1:

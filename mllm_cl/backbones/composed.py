@@ -213,7 +213,8 @@ class ComposedMLLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, torch_dtype: torch.dtype | None = None,
-                        attn_implementation: str | None = None) -> "ComposedMLLM":
+                        attn_implementation: str | None = None,
+                        device: torch.device | str | None = None) -> "ComposedMLLM":
         from transformers import AutoModelForCausalLM
 
         directory = Path(directory)
@@ -222,8 +223,10 @@ class ComposedMLLM(nn.Module):
             raise ValueError(f"{directory / 'mllm_cl.json'}: format is {meta.get('format')!r}, expected {FORMAT!r}")
         vision = load_vision_tower(directory / "vision", meta["vision"])
         attention = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        if device is not None:  # the LLM's weights go from the files to the device (no CPU copy)
+            attention["device_map"] = torch.device(device)
         llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=torch_dtype, **attention)
         proj = projector(meta["projector"]["vision_size"], meta["projector"]["llm_size"])
         proj.load_state_dict(load_file(directory / "projector.safetensors"))
         model = cls(vision, llm, image_token_id=meta["image_token_id"], projector_module=proj)
-        return model.to(torch_dtype) if torch_dtype is not None else model
+        return model.to(device=device, dtype=torch_dtype)  # the tower and projector (small) follow

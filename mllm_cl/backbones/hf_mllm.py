@@ -260,8 +260,9 @@ def _processor_geometry(path: Path, family: str, model: nn.Module, image_size: i
 
 
 def load_hf_mllm(path: str | Path, *, dtype: torch.dtype | None = None, image_size: int | None = None,
-                 attn_implementation: str | None = None):
-    """(HFMLLM, tokenizer) from a local transformers checkpoint directory."""
+                 attn_implementation: str | None = None, device: torch.device | str | None = None):
+    """(HFMLLM, tokenizer) from a local transformers checkpoint directory; ``device``: where the
+    weights are read to, straight from the files (``device_map``; ``None``: the CPU)."""
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
@@ -272,6 +273,8 @@ def load_hf_mllm(path: str | Path, *, dtype: torch.dtype | None = None, image_si
         raise ValueError(f"{path / 'config.json'}: model_type {family!r} is not supported; "
                          f"supported: {', '.join(FAMILIES)} (or a ComposedMLLM directory with mllm_cl.json)")
     attention = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    if device is not None:
+        attention["device_map"] = torch.device(device)
     model = getattr(transformers, FAMILIES[family]).from_pretrained(path, dtype=dtype, **attention)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:

@@ -130,10 +130,11 @@ def build_preset(name: str, *, seed: int = 0, tokenizer: PreTrainedTokenizerBase
 
 
 def load_backbone(path: str | Path, *, torch_dtype: torch.dtype | None = None, image_size: int | None = None,
-                  attn_implementation: str | None = None) -> Backbone:
+                  attn_implementation: str | None = None, device: torch.device | str | None = None) -> Backbone:
     """A backbone directory: one saved by ``ComposedMLLM.save_pretrained(path, tokenizer)`` (it holds
     ``mllm_cl.json``), or a transformers Llava / Qwen2-VL / Qwen2.5-VL checkpoint (``config.json``,
-    tokenizer and image processor files); ``image_size`` applies to Qwen2-VL only."""
+    tokenizer and image processor files); ``image_size`` applies to Qwen2-VL only. ``device``: where
+    the weights are loaded to, straight from the files (``None``: the CPU)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -144,11 +145,12 @@ def load_backbone(path: str | Path, *, torch_dtype: torch.dtype | None = None, i
             raise FileNotFoundError(f"{path} holds neither mllm_cl.json (a ComposedMLLM) nor config.json "
                                     "(a transformers Llava / Qwen2-VL checkpoint)")
         model, tokenizer = load_hf_mllm(path, dtype=torch_dtype, image_size=image_size,
-                                        attn_implementation=attn_implementation)
+                                        attn_implementation=attn_implementation, device=device)
         return Backbone(model=model, tokenizer=tokenizer)
     if image_size is not None:
         raise ValueError(f"{path}: image_size applies to Qwen2-VL checkpoints only")
-    model = ComposedMLLM.from_pretrained(path, torch_dtype=torch_dtype, attn_implementation=attn_implementation)
+    model = ComposedMLLM.from_pretrained(path, torch_dtype=torch_dtype, attn_implementation=attn_implementation,
+                                         device=device)
     tokenizer = AutoTokenizer.from_pretrained(path / "llm")
     return Backbone(model=model, tokenizer=tokenizer)
 
@@ -180,19 +182,23 @@ _PRETRAIN_CONFIG = {"tiny-base": "configs/pretrain_tiny.yaml", "tiny-base-coin":
 
 def build_backbone(preset: str | None = "tiny-clip-llama", *, path: str | None = None, seed: int = 0,
                    dtype: torch.dtype | None = None, image_size: int | None = None,
-                   attn_implementation: str | None = None, overrides: dict | None = None) -> Backbone:
+                   attn_implementation: str | None = None, overrides: dict | None = None,
+                   device: torch.device | str | None = None) -> Backbone:
     """``path`` (a saved backbone directory) wins over ``preset``; ``tiny-base`` and
     ``tiny-base-coin`` are the pretrained tiny models shipped with the package (of the
     shape-scene and the CoIN-shaped suite; ``seed`` does not apply to them).
     ``dtype``: the frozen base weights' dtype (default: as saved, or float32 for presets).
     ``attn_implementation``: transformers' attention kernel (``sdpa``, ``eager``, ``flash_attention_2``).
-    ``overrides``: fields of a random preset replaced (``llm_width``, ``llm_layers``, ...)."""
+    ``overrides``: fields of a random preset replaced (``llm_width``, ``llm_layers``, ...).
+    ``device``: where the weights are made or loaded (``None``: the CPU); a random preset is
+    initialised there, a saved one read straight onto it."""
     check_attention(attn_implementation)
     if overrides and (path is not None or preset in PACKAGED):
         raise ValueError("model.backbone_overrides apply to the random presets "
                          f"({', '.join(PRESETS)}), not to a saved or packaged backbone")
     if path is not None:
-        return load_backbone(path, torch_dtype=dtype, image_size=image_size, attn_implementation=attn_implementation)
+        return load_backbone(path, torch_dtype=dtype, image_size=image_size, attn_implementation=attn_implementation,
+                             device=device)
     if image_size is not None:
         raise ValueError("image_size applies to Qwen2-VL checkpoints given by path only")
     if preset is None:
@@ -201,8 +207,10 @@ def build_backbone(preset: str | None = "tiny-clip-llama", *, path: str | None =
         if not (PACKAGED[preset] / "mllm_cl.json").exists():
             raise FileNotFoundError(f"{PACKAGED[preset]} is missing; rebuild it with "
                                     f"`mllm-cl pretrain --config {_PRETRAIN_CONFIG[preset]}`")
-        return load_backbone(PACKAGED[preset], torch_dtype=dtype, attn_implementation=attn_implementation)
-    built = build_preset(preset, seed=seed, attn_implementation=attn_implementation, **(overrides or {}))
+        return load_backbone(PACKAGED[preset], torch_dtype=dtype, attn_implementation=attn_implementation,
+                             device=device)
+    with torch.device(device or "cpu"):  # parameters are created, and initialised, on the device
+        built = build_preset(preset, seed=seed, attn_implementation=attn_implementation, **(overrides or {}))
     if dtype is not None:
         built.model.to(dtype)
     return built

@@ -95,6 +95,9 @@ class Method:
     #: evaluation routes each task's samples by its true task alone, to one expert or a fixed mixture
     #: in every layer (no locator, gate or top-k): ``mllm-cl export`` writes one exact adapter per task
     fixed_routing: bool = False
+    #: a training step can leave a trainable parameter without a gradient (sparse top-k routing over
+    #: trainable experts or routers): DDP must look for unused parameters after every backward
+    unused_parameters: bool = False
 
     def __init__(self, experts: ExpertSetup | None = None) -> None:
         self.experts = experts

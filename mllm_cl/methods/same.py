@@ -146,6 +146,7 @@ class SAME(Method):
     """
 
     name = "same"
+    unused_parameters = True  # top-k routing over the trainable experts: a step can leave an expert out
     state_kind = "prior"  # stored parameters: what ``state()`` keeps to route
 
     def __init__(self, experts: ExpertSetup, *, num_experts: int = 4, delta: float = 0.9, max_directions: int = 64,

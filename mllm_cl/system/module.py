@@ -8,6 +8,7 @@ optimizer state; a fresh optimizer is built for every phase.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning as L
@@ -61,6 +62,22 @@ def base_dtype_for(backbone_dtype: str | None, precision: str | int | None) -> t
     return dtype
 
 
+def load_device_for(load_device: str, accelerator: str | None) -> torch.device | None:
+    """Where the backbone is built or read to (``None``: the CPU). ``auto``: this process's GPU
+    (``cuda:LOCAL_RANK``, the device Lightning gives it) when CUDA is there and ``trainer.accelerator``
+    is not ``cpu``; else the CPU."""
+    if load_device != "auto":
+        try:
+            device = torch.device(load_device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"model.load_device: {load_device!r} is not a device (auto, cpu, cuda, cuda:N)") from e
+        return None if device.type == "cpu" else device
+    wanted = str(accelerator or "auto").lower()
+    if wanted in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return None
+
+
 class ContinualMLLM(L.LightningModule):
     """Backbone + method.
 
@@ -83,6 +100,11 @@ class ContinualMLLM(L.LightningModule):
             master weights, so small updates to a bf16-sized weight are not rounded away, and the
             adapters are a few MB at 7B; autocast computes them in bf16.
         precision: the trainer's precision, set from ``trainer.precision`` (not an option of its own).
+        load_device: where the backbone's weights are made or read to, straight from the files:
+            ``auto`` (default: this process's GPU when there is one and ``trainer.accelerator`` is not
+            ``cpu``, else the CPU), ``cpu``, ``cuda``, ``cuda:N``. The model then stays on its device for
+            the whole run; a model loaded elsewhere is moved there once, before the first task.
+        accelerator: the trainer's accelerator, set from ``trainer.accelerator`` (not an option of its own).
         attn_implementation: transformers' attention kernel: ``sdpa`` (default, PyTorch's), ``eager``,
             or ``flash_attention_2`` (needs the flash-attn package and a bf16/fp16 base on a GPU).
         gradient_checkpointing: recompute each decoder layer in backward instead of keeping its
@@ -112,6 +134,8 @@ class ContinualMLLM(L.LightningModule):
         backbone_dtype: str | None = "auto",
         expert_dtype: str | None = "float32",
         precision: str | int | None = None,
+        load_device: str = "auto",
+        accelerator: str | None = None,
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
         image_size: int | None = None,
@@ -124,8 +148,9 @@ class ContinualMLLM(L.LightningModule):
     ) -> None:
         super().__init__()
         base_dtype = base_dtype_for(backbone_dtype, precision)
+        device = load_device_for(load_device, accelerator if isinstance(accelerator, str) else None)
         built = build_backbone(backbone, path=backbone_path, seed=backbone_seed, dtype=base_dtype, image_size=image_size,
-                               attn_implementation=attn_implementation, overrides=backbone_overrides)
+                               attn_implementation=attn_implementation, overrides=backbone_overrides, device=device)
         self.model, self.tokenizer = built.model, built.tokenizer
         self.model.requires_grad_(False)
         self.method = method

@@ -23,6 +23,8 @@ EXTRA = {"cmoe": ["--model.method.init_args.probe_steps", "2", "--model.method.i
                   # the balance loss is a per-process statistic under ddp (as in every data-parallel MoE)
                   "--model.method.init_args.balance_weight", "0"]}
 
+EXTRA_ONE = {"routing": ["--model.method.init_args.gate_steps", "2", "--model.method.init_args.gate_accumulation", "1"]}
+
 
 @pytest.fixture(scope="module")
 def equal_bench(tmp_path_factory, make_bench):
@@ -31,25 +33,36 @@ def equal_bench(tmp_path_factory, make_bench):
     return make_bench(tmp_path_factory.mktemp("eqbench"), COLOURS, tasks, train=8, test=5)
 
 
-def _run(bench, run, method, *extra, check=True):
+def _run(bench, run, method, *extra, check=True, env=None):
     cmd = [sys.executable, "-m", "mllm_cl.cli", "fit", "--config", "configs/micro.yaml",
            "--config", f"configs/methods/{method}.yaml", "--data.benchmark", str(bench),
            "--trainer.default_root_dir", str(run), "--data.train_limit", "8", "--data.test_limit", "5",
            "--model.backbone_dtype", "float64", "--model.expert_dtype", "float64", *EXTRA.get(method, []), *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     if check:
         assert out.returncode == 0, out.stderr[-4000:]
     return out
 
 
-@pytest.mark.parametrize("method", ["individual", "cmoe", "cram"])
+@pytest.mark.parametrize("method", ["individual", "cmoe", "cram", "routing"])
 def test_two_processes_train_what_one_does(equal_bench, tmp_path, method):
     one, two = tmp_path / "one", tmp_path / "ddp"
-    _run(equal_bench, one, method, "--data.batch_size", "8")
+    _run(equal_bench, one, method, "--data.batch_size", "8", *EXTRA_ONE.get(method, []))
+    meter = tmp_path / "broadcasts.jsonl"
     out = _run(equal_bench, two, method, "--data.batch_size", "4", "--trainer.strategy", "ddp",
-               "--trainer.devices", "2")
+               "--trainer.devices", "2", *EXTRA_ONE.get(method, []), "--trainer.callbacks+",
+               "recording_callback.BroadcastMeter",
+               env={"MLLM_CL_TEST_BROADCASTS": str(meter), "PYTHONPATH": str(Path(__file__).parent)})
     assert "GLOBAL_RANK: 1" in out.stderr + out.stdout  # two processes did run
+    # The first wrap makes the processes' bases agree; later phases send only what they train.
+    fits = [json.loads(line) for line in meter.read_text().splitlines()]
+    for rank in (0, 1):
+        mine = [f for f in fits if f["rank"] == rank]
+        phases = json.loads((two / "results.json").read_text())["timings"]["tasks"]
+        assert len(mine) == sum(len(t["phases"]) for t in phases) > 1
+        assert mine[0]["sent"] == mine[0]["all"]
+        assert all(f["sent"] == f["trainable"] < f["all"] for f in mine[1:]), mine
     assert out.stdout.count("mllm-cl: finished") == 1  # and only rank 0 talks
     for n in (1, 2):
         ckpt = f"checkpoints/task_{n:02d}"

@@ -57,10 +57,44 @@ def test_cli_writes_the_run_directory(bench, tmp_path):
     assert (run / "checkpoints/task_01/adapters.safetensors").stat().st_size < 200_000
 
 
+@pytest.mark.parametrize("method", ["routing", "cmoe"])
+def test_the_model_staying_on_its_device_trains_what_lightnings_round_trip_does(bench, tmp_path, method,
+                                                                                 monkeypatch):
+    import mllm_cl.system.resident as resident
+
+    moved = []
+    cpu = torch.nn.Module.cpu
+    monkeypatch.setattr(torch.nn.Module, "cpu", lambda self: moved.append(type(self).__name__) or cpu(self))
+    kept = _fit(bench, tmp_path / "kept", method, *EXTRA[method])
+    assert moved == []
+    monkeypatch.setattr(resident, "phase_strategy", lambda *args, **kwargs: None)  # Lightning's own strategy
+    stock = _fit(bench, tmp_path / "stock", method, *EXTRA[method])
+    assert "ContinualMLLM" in moved  # its teardown sends the module to the CPU after every phase
+    assert kept["matrix"] == stock["matrix"] and kept.get("method_metrics") == stock.get("method_metrics")
+    for n in (1, 2):
+        a, b = (load_file(tmp_path / r / f"checkpoints/task_{n:02d}/adapters.safetensors") for r in ("kept", "stock"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_every_baseline_runs_end_to_end(bench, tmp_path, method):
-    results = _fit(bench, tmp_path / method, method, *EXTRA.get(method, []))
+def test_every_baseline_runs_end_to_end(bench, tmp_path, method, monkeypatch):
+    import recording_callback
+
+    import mllm_cl.methods as methods
+
+    moved = []  # the model stays where it is between phases: nothing is sent to the CPU
+    cpu = torch.nn.Module.cpu
+    monkeypatch.setattr(torch.nn.Module, "cpu", lambda self: moved.append(type(self).__name__) or cpu(self))
+    recording_callback.UNUSED.clear()
+    results = _fit(bench, tmp_path / method, method, *EXTRA.get(method, []),
+                   "--trainer.callbacks+", "recording_callback.GradientCoverage")
     assert results["completed_tasks"] == 2 and results["method"] == method
+    assert moved == []
+    # DDP looks for unused parameters only where the method says a step can leave some
+    unused = {phase: names for phase, names in recording_callback.UNUSED.items() if names}
+    cls = next(c for c in vars(methods).values() if isinstance(c, type) and getattr(c, "name", None) == method)
+    if not cls.unused_parameters:
+        assert unused == {}, unused
     if method in ("zero_shot", "multitask"):  # one-row methods: MFN only
         assert results["matrix"][0] == [None, None] and None not in results["matrix"][1]
         assert results["metrics"]["MFT"] is None and results["metrics"]["MFN"] is not None

@@ -129,3 +129,23 @@ def test_observers_run_once_per_step_under_checkpointing():
     assert len(calls) == 4  # 2 layers x (q_proj, v_proj)
     loss.backward()  # recomputes every layer (with the routing context of the forward: TaskRouter needs task_ids)
     assert len(calls) == 4
+
+
+def test_the_load_device_follows_the_trainers_accelerator(monkeypatch):
+    from mllm_cl.system.module import load_device_for
+
+    assert load_device_for("cpu", None) is None and load_device_for("auto", None) is None  # no CUDA here
+    assert load_device_for("cuda:1", "cpu") == torch.device("cuda", 1)  # named: taken as it is
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # a ddp process's GPU
+    assert load_device_for("auto", "gpu") == torch.device("cuda", 3) == load_device_for("auto", "auto")
+    assert load_device_for("auto", "cpu") is None
+    with pytest.raises(ValueError, match="model.load_device: 'gpu0'"):
+        load_device_for("gpu0", None)
+
+
+def test_a_preset_is_made_on_the_load_device():
+    from mllm_cl.backbones import build_backbone
+
+    built = build_backbone("tiny-clip-llama", device="meta", overrides={"llm_layers": 2})
+    assert {p.device.type for p in built.model.parameters()} == {"meta"}
