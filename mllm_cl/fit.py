@@ -65,6 +65,10 @@ class ContinualCLI(LightningCLI):
                             help="experiment name: the run directory defaults to runs/<experiment>-<method>-s<seed>")
         parser.add_argument("--eval_future_tasks", type=bool, default=False,
                             help="also evaluate task t+1 after task t (the entries FWT needs)")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=0,
+                            help="also checkpoint within a task every N optimizer steps of a phase (the last one "
+                                 "kept in RUN/checkpoints/in_task/): a rerun after a crash resumes there, and ends "
+                                 "with the matrix of an uninterrupted run. 0: only after each task")
         parser.add_argument("--score_mode", type=str, default="official",
                             help="scorer mode: official (the benchmark's script, quirks included) or clean")
         parser.link_arguments("seed_everything", "data.seed")
@@ -152,7 +156,7 @@ class ContinualCLI(LightningCLI):
 
         wraps = []  # the phases fitted in this process: the first DDP wrap also broadcasts the frozen base
 
-        def make_trainer(steps: int, accumulation: int = 1, *, configured: bool = False) -> L.Trainer:
+        def make_trainer(steps: int, accumulation: int = 1, *, configured: bool = False, extra_callbacks=()) -> L.Trainer:
             options = dict(base)
             if accumulation > 1:  # a phase's own (the routing gate phase's); else the configured one
                 options["accumulate_grad_batches"] = accumulation
@@ -161,7 +165,7 @@ class ContinualCLI(LightningCLI):
                                           wrapped_before=bool(wraps))
                 options["strategy"] = options["strategy"] if strategy is None else strategy
                 wraps.append(steps)
-            phase_callbacks = with_phase_progress(callbacks, options, trainer_cfg.get("callbacks"))  # our bar
+            phase_callbacks = with_phase_progress(callbacks, options, trainer_cfg.get("callbacks")) + list(extra_callbacks)
             trainer = L.Trainer(**options, max_steps=steps, max_epochs=-1, callbacks=phase_callbacks, logger=loggers,
                              enable_checkpointing=False, default_root_dir=run_dir, limit_val_batches=0,
                              num_sanity_val_steps=0)
@@ -179,7 +183,7 @@ class ContinualCLI(LightningCLI):
                           experiment=cfg["experiment"], seed=seed,
                           callbacks=[c for c in callbacks if isinstance(c, ContinualCallback)],
                           eval_future_tasks=cfg["eval_future_tasks"], score_mode=cfg["score_mode"], loggers=loggers,
-                          device=first.strategy.root_device)()
+                          device=first.strategy.root_device, checkpoint_every_n_steps=cfg["checkpoint_every_n_steps"])()
 
         if first.world_size > 1:
             first.strategy.launcher.launch(run, trainer=first)

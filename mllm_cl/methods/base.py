@@ -98,6 +98,8 @@ class Method:
     #: a training step can leave a trainable parameter without a gradient (sparse top-k routing over
     #: trainable experts or routers): DDP must look for unused parameters after every backward
     unused_parameters: bool = False
+    #: why a run of this method cannot resume from a checkpoint taken within a task (None: it can)
+    in_task_refusal: str | None = None
 
     def __init__(self, experts: ExpertSetup | None = None) -> None:
         self.experts = experts
@@ -142,6 +144,16 @@ class Method:
 
     def load_state(self, facts: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Restore ``state()``'s output before the loop replays the finished tasks."""
+
+    def task_progress(self) -> dict[str, torch.Tensor]:
+        """What the current task's training has summed so far outside the model's tensors (this
+        process's share of statistics added up over its batches), for a checkpoint taken within the
+        task. The checkpoint holds the sum over processes; ``load_task_progress`` gives it back to one
+        process and zeros to the others, so a later sum over processes is what it would have been."""
+        return {}
+
+    def load_task_progress(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore ``task_progress()`` after ``on_task_start`` when a run resumes within a task."""
 
     def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:
         """Numbers of the method's own gathered during the last evaluation (then reset)."""

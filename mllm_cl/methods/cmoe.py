@@ -252,6 +252,12 @@ class LLaVACMoE(Method):
                                                       if confusion[t, p]} for t in seen}}
 
     # ------------------------------------------------------------------- state
+    def task_progress(self) -> dict[str, torch.Tensor]:
+        return {f"probe_counts.{name}": counts for name, counts in self.probe_counts.items()}
+
+    def load_task_progress(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.probe_counts = {k.removeprefix("probe_counts."): v for k, v in tensors.items()}
+
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         dim = self.locator.feature_dim if self.locator.num_tasks else 0
         facts = {"grown": {str(t): layers for t, layers in self.grown.items()},

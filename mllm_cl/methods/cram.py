@@ -409,6 +409,12 @@ class CRAM(Method):
         return out or None
 
     # ------------------------------------------------------------------- state
+    def task_progress(self) -> dict[str, torch.Tensor]:
+        return {f"sums.{k}": v for k, v in self._sums.items()}
+
+    def load_task_progress(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._sums = {k.removeprefix("sums."): v for k, v in tensors.items()}
+
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         facts = {"slots": {str(t): s for t, s in self.slots.items()}, "prototype_counts": self.prototype_counts}
         return facts, {f"prototype.{g}": p.cpu() for g, p in enumerate(self.prototypes)}

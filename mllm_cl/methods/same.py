@@ -147,6 +147,8 @@ class SAME(Method):
 
     name = "same"
     unused_parameters = True  # top-k routing over the trainable experts: a step can leave an expert out
+    in_task_refusal = ("its statistics between refreshes (the router's directions, the masks that have closed, the "
+                       "step count) live outside its tensors, and an in-task checkpoint does not hold them")
     state_kind = "prior"  # stored parameters: what ``state()`` keeps to route
 
     def __init__(self, experts: ExpertSetup, *, num_experts: int = 4, delta: float = 0.9, max_directions: int = 64,

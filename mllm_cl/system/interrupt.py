@@ -7,8 +7,9 @@ KeyboardInterrupt; the loop knows the task and phase it was in and raises
 ``Interrupted``, whose message the ``mllm-cl`` command prints before exiting
 with status 130 (128 + SIGINT, what a shell reports for Ctrl-C).
 
-Nothing needs saving at that point: a run resumes at task granularity from
-the last task checkpoint, which is written atomically after each task.
+Nothing needs saving at that point: a run resumes from the last task
+checkpoint, written atomically after each task, or from the last checkpoint
+within the task (``checkpoint_every_n_steps``, ``in_task.py``).
 """
 
 from __future__ import annotations

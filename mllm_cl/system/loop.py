@@ -9,6 +9,11 @@ Resume: ``results.json`` says how many tasks are finished; the loop replays
 the method's ``on_task_start`` for them to rebuild the expert structure,
 loads the last task's adapters, and goes on. Each task's seed derives from
 the run seed, so an interrupted and an uninterrupted run give the same matrix.
+With ``checkpoint_every_n_steps``, a run also resumes within the task it was
+in, from the last in-task checkpoint (``in_task.py``).
+
+The model stays on its device for the whole run: it is placed there once, and
+every phase's Trainer leaves it there (``resident.py``).
 
 Every task's files are checked before the zero-shot row (``TaskSequence.check_files``).
 Ctrl-C raises ``Interrupted`` naming the task and phase it stopped in (``interrupt.py``).
@@ -19,6 +24,7 @@ and in ``results.json``'s ``bad_samples``.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from typing import Callable
@@ -31,6 +37,7 @@ from mllm_cl.eval.continual_metrics import continual_metrics, final_row_metrics
 from mllm_cl.eval.evaluate import predict, score, write_predictions
 from mllm_cl.eval.sharding import gather_messages
 from mllm_cl.system.environment import record_environment
+from mllm_cl.system.in_task import InTaskCheckpoints, Resume
 from mllm_cl.system.interrupt import Interrupted, fit_phase, interrupted_message
 from mllm_cl.system.run_dir import RunDir, adapter_state, new_results, parameter_counts
 
@@ -57,8 +64,10 @@ class ContinualLoop:
         score_mode: scorer mode (``official`` or ``clean``).
         loggers: Lightning loggers that receive each stage's scores as ``eval/TASK``
             (step = stage) and the final metrics as ``final/METRIC``.
-        device: where the model evaluates and the method's hooks run between fits (Lightning
-            moves it back to the CPU after each fit); ``None``: where it is.
+        device: where the model trains, evaluates and the method's hooks run (it is moved there once,
+            if it was loaded elsewhere); ``None``: where it is.
+        checkpoint_every_n_steps: a checkpoint within the task every this many optimizer steps of a
+            phase (0: only after each task).
 
     Under several processes (``ddp``) every process runs this loop in step: each trains on its
     share of the batches, evaluates its share of the test set (the rows are gathered), and takes
@@ -67,10 +76,18 @@ class ContinualLoop:
 
     def __init__(self, module, datamodule, make_trainer: Callable[[int, int], L.Trainer], run_dir, *, config_text: str,
                  experiment: str, seed: int, callbacks=(), eval_future_tasks: bool = False,
-                 score_mode: str = "official", loggers=(), print_fn=print, device=None) -> None:
+                 score_mode: str = "official", loggers=(), print_fn=print, device=None,
+                 checkpoint_every_n_steps: int = 0) -> None:
         self.module, self.dm, self.make_trainer = module, datamodule, make_trainer
         self.run = RunDir(run_dir, writer=is_writer())
         self.device = device
+        if checkpoint_every_n_steps < 0:
+            raise ValueError(f"checkpoint_every_n_steps must be >= 0 (0: off), got {checkpoint_every_n_steps}")
+        refusal = module.method.in_task_refusal
+        if checkpoint_every_n_steps and refusal:
+            raise ValueError(f"checkpoint_every_n_steps: method {module.method.name} cannot resume within a task: "
+                             f"{refusal}; set it to 0 (the run still resumes after each finished task)")
+        self.checkpoint_every = checkpoint_every_n_steps
         self.config_text, self.experiment, self.seed = config_text, experiment, seed
         self.callbacks = list(callbacks)
         self.eval_future_tasks, self.score_mode = eval_future_tasks, score_mode
@@ -105,6 +122,11 @@ class ContinualLoop:
         self.print(f"mllm-cl: run directory {self.run.path} ({'resuming after task ' + str(done) if done else 'new run'})")
         self.print(f"mllm-cl: {record_environment(results, self.device)}")  # results.json's environment block
         rebuild(module, self.run, done)
+        self._resume = broadcast(Resume.read(self.run) if self.run.writer else None)
+        if self._resume is not None and self._resume.task != done:
+            self.print(f"mllm-cl: ignoring {self._resume.folder}: taken in task {self._resume.task + 1}, "
+                       f"and task {done + 1} comes next")
+            self._resume = None
         if results["zero_shot"] is None:
             self._at = (None, "the zero-shot evaluation")
             self.evaluate_zero_shot(results)
@@ -122,10 +144,23 @@ class ContinualLoop:
         T = dm.num_tasks
         self._at = (t + 1, "task start")
         L.seed_everything(dm.task_seed(t), workers=True, verbose=False)
+        resume, self._resume = self._resume, None
+        progress = None
+        if resume is not None:  # the method's state within this task (what earlier phases decided)
+            facts, tensors, progress = resume.method_state(self.run, self.device)
+            method.load_state(facts, tensors)
         method.on_task_start(module.model, t)
+        if resume is not None:
+            method.load_task_progress(progress)
         self._hook("on_task_start", t)
         phases, trainable, timings = method.phases(t, T), {}, {}
+        if resume is not None:
+            trainable, timings = resume.trainable(), resume.timings()
         for k, phase in enumerate(phases):
+            if resume is not None and k < resume.phase:
+                continue  # ended before the checkpoint: what it did is in the method's state and the tensors
+            if resume is not None and k == resume.phase and k:
+                L.seed_everything(dm.task_seed(t) + k, workers=True, verbose=False)  # as after phase k - 1
             budget = module.steps_per_task * len(phase.tasks or [t])
             steps = phase.steps or (max(1, round(phase.share * budget)) if phase.share is not None else budget)
             steps = min(steps, module.max_phase_steps or steps)
@@ -141,8 +176,19 @@ class ContinualLoop:
             t0 = time.time()
             self.print(f"mllm-cl: task {t + 1}/{T} {dm.tasks[t].name}: phase {phase.name}, {steps} steps")
             self._at = (t + 1, f"phase {phase.name}")
-            fit_phase(self.make_trainer(steps, phase.accumulation), module, dm)
-            self._to_device()
+            here = resume if resume is not None and k == resume.phase else None
+            if here is not None:
+                self.run.load_checkpoint(here.folder, module.model)
+                dm.skips[dm.tasks[t].name] = here.skips()  # as at the phase's start: its batches are drawn again
+                self.print(f"mllm-cl: resuming task {t + 1} ({phase.name}) after step {here.step} of {steps} "
+                           f"from {here.folder}")
+            extra = []
+            if self.checkpoint_every or here is not None:
+                extra = [InTaskCheckpoints(self.run, self.checkpoint_every, task=t, phase=k, phase_name=phase.name,
+                                           method=method, backbone_info=module.backbone_info, resume=here,
+                                           progress={"trainable": trainable, "timings": timings,
+                                                     "skips": copy.deepcopy(dm.skips[dm.tasks[t].name])})]
+            fit_phase(self.make_trainer(steps, phase.accumulation, extra_callbacks=extra), module, dm)
             timings[phase.name] = round(time.time() - t0, 3)
             # What the method creates after a fit (cmoe's grown routers) must not depend on how many random
             # draws the fit made: that differs between one process and ddp (Lightning's own samplers).
@@ -166,6 +212,7 @@ class ContinualLoop:
         results["timings"]["tasks"].append({"phases": timings, "eval_s": round(time.time() - t0, 3)})
         self.run.save_checkpoint(t + 1, module.model, {"method": method.name, "backbone": module.backbone_info,
                                                        "method_state": facts}, tensors)
+        self.run.drop_in_task()
         results["completed_tasks"] = self._done = t + 1
         self.run.save_results(results)
         if os.environ.get(FAULT_ENV) == str(t + 1):

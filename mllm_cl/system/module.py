@@ -174,6 +174,7 @@ class ContinualMLLM(L.LightningModule):
         self.warmup_steps, self.grad_clip = warmup_steps, grad_clip
         self.log_prefix = "train"  # the loop sets "taskN_NAME/PHASE": every phase restarts the step count
         self.phase_optim: tuple[float | None, int | None] = (None, None)  # the loop sets a phase's (lr, warm-up steps)
+        self.fast_forward = 0  # micro-batches to draw without training (system/in_task.py sets it on resume)
 
     def image_processor(self) -> ImageProcessor:
         return ImageProcessor.for_model(self.model)
@@ -204,6 +205,9 @@ class ContinualMLLM(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "note_batch"):
             dm.note_batch(batch)
+        if self.fast_forward:  # resuming within a phase: a micro-batch the checkpoint had trained on
+            self.fast_forward -= 1
+            batch["empty"] = True  # what callbacks skip: nothing trains on it
         if batch.get("empty"):
             return None  # every sample of this batch was skipped as bad input
         lm_loss, extra = self.forward_batch(batch, training=True)

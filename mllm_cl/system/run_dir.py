@@ -3,6 +3,8 @@
     RUN/config.yaml                 the resolved config; a resume with another config is refused
     RUN/results.json                see ``new_results`` for the schema (schema_version 1)
     RUN/checkpoints/task_NN/        adapters.safetensors + structure.json, after the N-th task
+    RUN/checkpoints/in_task/        the last checkpoint within the task in progress (the same files, the
+                                    optimizer's state in trainer.pt); gone once that task is finished
     RUN/predictions/stage_NN/TASK.jsonl   stage_00 is zero-shot; stage_NN after the N-th task
 
 Writes are atomic (temporary file + rename), so a crash never leaves a
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +161,10 @@ class RunDir:
     def checkpoint_dir(self, task_number: int) -> Path:
         return self.path / "checkpoints" / f"task_{task_number:02d}"
 
+    @property
+    def in_task_dir(self) -> Path:
+        return self.path / "checkpoints" / "in_task"
+
     def predictions_path(self, stage: int, task: str) -> Path:
         return self.path / "predictions" / f"stage_{stage:02d}" / f"{task}.jsonl"
 
@@ -209,31 +216,50 @@ class RunDir:
                         method_tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Adapters, the method's own tensors (``method.safetensors``, when it has any) and
         ``structure.json`` (written last: a checkpoint without it is incomplete)."""
+        if self.writer:
+            write_checkpoint(self.checkpoint_dir(task_number), model, extra, method_tensors)
+
+    def save_in_task(self, model: nn.Module, extra: dict[str, Any], method_tensors: dict[str, torch.Tensor],
+                     trainer_state: dict[str, Any]) -> None:
+        """The checkpoint within a task (``in_task/``), replacing the last one: written whole into
+        ``in_task.new/`` first, so a crash at any point leaves one complete checkpoint."""
         if not self.writer:
             return
-        folder = self.checkpoint_dir(task_number)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "adapters.safetensors.tmp"
-        save_file(adapter_state(model), tmp)
-        os.replace(tmp, folder / "adapters.safetensors")
-        if method_tensors:
-            save_file({k: v.detach().contiguous().cpu() for k, v in method_tensors.items()}, tmp)
-            os.replace(tmp, folder / "method.safetensors")
-        _atomic_write(folder / "structure.json", (json.dumps({"layers": structure(model), **extra}, indent=2) + "\n").encode())
+        new = self.in_task_dir.with_name("in_task.new")
+        shutil.rmtree(new, ignore_errors=True)
+        torch_save_atomic(new / "trainer.pt", trainer_state)
+        write_checkpoint(new, model, extra, method_tensors)
+        shutil.rmtree(self.in_task_dir, ignore_errors=True)
+        os.replace(new, self.in_task_dir)
 
-    def method_state(self, task_number: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """The method's saved (facts, tensors) of a checkpoint (empty for methods without)."""
-        folder = self.checkpoint_dir(task_number)
+    def in_task(self) -> Path | None:
+        """The folder of the last complete checkpoint within a task, if any."""
+        for folder in (self.in_task_dir, self.in_task_dir.with_name("in_task.new")):
+            if (folder / "structure.json").exists():
+                return folder
+        return None
+
+    def drop_in_task(self) -> None:
+        """Once the task it was taken in is finished (its task checkpoint written)."""
+        if self.writer:
+            for folder in (self.in_task_dir, self.in_task_dir.with_name("in_task.new")):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def method_state(self, task_number: int | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The method's saved (facts, tensors) of a checkpoint (empty for methods without): of task
+        ``task_number``'s, or of the checkpoint folder given."""
+        folder = task_number if isinstance(task_number, Path) else self.checkpoint_dir(task_number)
         saved = json.loads((folder / "structure.json").read_text())
         tensors = load_file(folder / "method.safetensors") if (folder / "method.safetensors").exists() else {}
         return saved.get("method_state", {}), tensors
 
-    def load_checkpoint(self, task_number: int, model: nn.Module, *, unsaved_routers: tuple[str, ...] = ()
+    def load_checkpoint(self, task_number: int | Path, model: nn.Module, *, unsaved_routers: tuple[str, ...] = ()
                         ) -> dict[str, Any]:
         """Load adapter weights into a model whose structure was rebuilt; check they match.
         ``unsaved_routers``: parameter-free routers the model may hold that the checkpoint need not
-        (the oracle's ``task_id`` router, added when a run is evaluated again with ``route_by: task_id``)."""
-        folder = self.checkpoint_dir(task_number)
+        (the oracle's ``task_id`` router, added when a run is evaluated again with ``route_by: task_id``).
+        ``task_number``: a task's checkpoint, or a checkpoint folder."""
+        folder = task_number if isinstance(task_number, Path) else self.checkpoint_dir(task_number)
         saved = json.loads((folder / "structure.json").read_text())
         now = structure(model)
         for name, layer in now.items():
@@ -254,3 +280,24 @@ class RunDir:
                 target = params.get(key, buffers.get(key))
                 target.copy_(value.to(target.dtype))
         return saved
+
+
+def torch_save_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_checkpoint(folder: Path, model: nn.Module, extra: dict[str, Any],
+                     method_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """``adapters.safetensors``, ``method.safetensors`` (when there are method tensors) and
+    ``structure.json``, last, into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "adapters.safetensors.tmp"
+    save_file(adapter_state(model), tmp)
+    os.replace(tmp, folder / "adapters.safetensors")
+    if method_tensors:
+        save_file({k: v.detach().contiguous().cpu() for k, v in method_tensors.items()}, tmp)
+        os.replace(tmp, folder / "method.safetensors")
+    _atomic_write(folder / "structure.json", (json.dumps({"layers": structure(model), **extra}, indent=2) + "\n").encode())

@@ -1,5 +1,5 @@
 """Ctrl-C during a real micro run (SIGINT to the `mllm-cl fit` subprocess): the message, status 130,
-and a resume that gives the matrix of an uninterrupted run."""
+and a resume from the last checkpoint within the task that gives the matrix of an uninterrupted run."""
 
 import json
 import os
@@ -27,7 +27,7 @@ def test_ctrl_c_names_task_and_phase_exits_130_and_the_rerun_resumes_to_the_same
 
     run = tmp_path / "cut"
     cmd = [sys.executable, "-m", "mllm_cl.cli", "fit", *ARGS, "--data.benchmark", str(bench),
-           "--trainer.default_root_dir", str(run)]
+           "--trainer.default_root_dir", str(run), "--checkpoint_every_n_steps", "10"]
     # A job started in the background by a non-interactive shell inherits SIGINT ignored (and Python then keeps
     # it ignored): give the child the default disposition, as a terminal's Ctrl-C would find it.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
@@ -45,10 +45,13 @@ def test_ctrl_c_names_task_and_phase_exits_130_and_the_rerun_resumes_to_the_same
     assert "Traceback" not in err
     partial = json.loads((run / "results.json").read_text())
     assert partial["completed_tasks"] == 1 and partial["matrix"][1] == [None, None]
+    saved = json.loads((run / "checkpoints/in_task/structure.json").read_text())["in_task"]  # within task 2
+    assert saved["task"] == 1 and saved["step"] % 10 == 0 and 0 < saved["step"] < 400
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(resuming after task 1)" in again.stdout and "task 1/2" not in again.stdout
+    assert f"resuming task 2 (train) after step {saved['step']} of 400" in again.stdout
     resumed = json.loads((run / "results.json").read_text())
     assert resumed["zero_shot"] == expected["zero_shot"] and resumed["matrix"] == expected["matrix"]
     assert resumed["metrics"] == expected["metrics"]
