@@ -2,15 +2,28 @@
 
 ``y = W0 x + sum_k w_k * scale_k * B_k A_k x`` with ``w`` from the active router.
 
-Cost follows the *active* experts, never the pool size:
+Compute paths:
 
-- token-level sparse routing (top-k < pool) dispatches: the (token, slot)
-  pairs are sorted by expert once, each active expert runs on its contiguous
-  chunk, results are added back. The Python loop is over experts that
-  received tokens, with one small matmul pair each, not over tokens.
+- token-level sparse routing over a large pool (top-k << pool) dispatches: the
+  (token, slot) pairs are sorted by expert once and every expert runs on its
+  contiguous chunk in one grouped matmul (``grouped_mm``), results added back.
+  Where the grouped matmul is unavailable, the pool runs as one concatenated LoRA
+  with zero weights off the routed slots.
 - dense routing (softmax over all experts, MoELoRA) and per-sample / per-batch
-  routing concatenate the active experts into one rank-sum LoRA: two matmuls
-  whatever the number of experts.
+  routing concatenate the experts into one rank-sum LoRA: two matmuls whatever
+  the number of experts. A router that knows on the host which experts can get
+  weight (``Routing.active``: a fixed expert, the unmasked ones, the batch's task
+  experts) has only those concatenated.
+
+Nothing in a forward reads the routing back to the host: which experts were
+chosen, how many tokens each got and their ranks stay on the device (on a GPU a
+read-back per adapted module stalls the host a few hundred times per forward).
+An expert that gets no weight must still get no gradient at all (a zero
+gradient would let AdamW's decay and momentum move it): where only the weights
+tell (top-k routing), the layer notes on the device which experts got weight,
+and ``drop_unrouted_gradients`` (run by ``apply_gradient_transforms`` before the
+optimizer step) reads the notes of every layer back at once and drops the
+gradients of the experts that got none.
 
 Experts are separate parameters (one ``LoRAExpert`` each), so a loop over
 them never indexes a stacked parameter (``A[e]`` would make backward allocate
@@ -28,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllm_cl.distributed import all_reduce_sum
 from mllm_cl.experts.lora import LoRAExpert, adapter_input
 from mllm_cl.experts.routers import Router
-from mllm_cl.experts.routing import ContextSlot, Routing, RoutingContext
+from mllm_cl.experts.routing import ContextSlot, Routing, RoutingContext, index_on
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 GradientTransform = Callable[["ExpertLayer"], None]
@@ -99,6 +113,11 @@ class ExpertLayer(nn.Module):
         # rows the samples a per-sample router choice gave that router (the routing diagnostic).
         self.record: list | None = None
         self._grad_transforms: list[GradientTransform] = []
+        # Since the last optimizer step: per routed name list, which experts got weight where only the
+        # device knew (OR over forwards), and the experts a host-known routing sent weight to.
+        self._routed: dict[tuple[str, ...], torch.Tensor] = {}
+        self._routed_names: set[str] = set()
+        self._index_cache: dict[tuple, torch.Tensor] = {}  # rank-expansion index tensors, by pool and device
 
     # ------------------------------------------------------------------ pool
     @property
@@ -205,8 +224,27 @@ class ExpertLayer(nn.Module):
         return _Handle(self._grad_transforms, fn)
 
     def apply_gradient_transforms(self) -> None:
+        """``drop_unrouted_gradients``, then every registered transform, in order."""
+        self.drop_unrouted_gradients()
         for fn in self._grad_transforms:
             fn(self)
+
+    def drop_unrouted_gradients(self) -> None:
+        """Experts that got no routing weight in any training forward since the last call keep no gradient
+        (``.grad`` is set to ``None``), where the forward could not tell on the host (top-k routing).
+
+        The first call after a step reads back the notes of every layer of the model at once (the layers
+        share the context slot): one host round trip per optimizer step, none in the forwards. Under
+        ``ddp`` an expert keeps its gradient when any process routed to it (its gradient is their sum)."""
+        pending = dict(self.slot.routed) if self.slot is not None else {}
+        if self._routed:
+            pending[id(self)] = self
+        if self.slot is not None:
+            self.slot.routed.clear()
+        if not pending:
+            self._routed_names = set()
+            return
+        _drop_unrouted(list(pending.values()))
 
     # -------------------------------------------------------------- observers
     def register_observer(self, name: str, fn: Observer) -> None:
@@ -247,15 +285,14 @@ class ExpertLayer(nn.Module):
 
     def _mixed_router_delta(self, x: torch.Tensor, context: RoutingContext) -> torch.Tensor:
         """Each sample uses the router ``context.router_choice[b]`` names."""
-        choice = list(context.router_choice)
-        if len(choice) != x.shape[0]:
-            raise ValueError(f"router_choice has {len(choice)} entries for a batch of {x.shape[0]}")
+        if len(context.router_choice) != x.shape[0]:
+            raise ValueError(f"router_choice has {len(context.router_choice)} entries for a batch of {x.shape[0]}")
         delta = x.new_zeros(*x.shape[:-1], self.out_features)
-        for name in dict.fromkeys(choice):  # distinct routers, first-seen order
-            rows = torch.tensor([b for b, c in enumerate(choice) if c == name], device=x.device)
+        # Distinct routers, first-seen order; their rows' index tensors are made once per context.
+        for name, (pick, rows) in context.router_rows(x.device).items():
             if name not in self.routers:
                 raise ValueError(f"router_choice names router {name!r}; this layer has {list(self.routers)}")
-            part = self._delta(x.index_select(0, rows), self.routers[name], context.subset(rows), rows=rows)
+            part = self._delta(x.index_select(0, rows), self.routers[name], context.subset(rows, pick), rows=rows)
             delta = delta.index_copy(0, rows, part.to(delta.dtype))
         return delta
 
@@ -276,15 +313,42 @@ class ExpertLayer(nn.Module):
             (expert,) = self.experts.values()
             self._keep(rows, self.expert_names, None)
             return expert(self.dropout(x))
-        experts = [self.experts[n] for n in router.expert_names]
+        names = list(router.expert_names)
+        experts = [self.experts[n] for n in names]
         routing = router(x, context)
-        self._keep(rows, list(router.expert_names), routing)
+        self._keep(rows, names, routing)
+        if torch.is_grad_enabled() and not self._recomputing() and any(
+                p.requires_grad for e in experts for p in e.parameters()):
+            self._note_routed(names, routing)
         lead = x.shape[:-1]
         token_level = routing.weights.shape[:-1] == lead
-        if routing.indices is not None and token_level and self._dispatch_pays(routing, experts):
-            return _dispatch(self.dropout(x), routing, experts, self.out_features)
-        return _mix(self.dropout(x), routing, experts, self.out_features)
+        if (routing.active is None and routing.indices is not None and token_level
+                and self._dispatch_pays(routing, experts)):
+            return _dispatch(self.dropout(x), routing, experts, self.out_features, self._expansion)
+        return _mix(self.dropout(x), routing, experts, self.out_features, self._expansion)
 
+    def _note_routed(self, names: list[str], routing: Routing) -> None:
+        """Which of ``names`` got weight in this training forward, for ``drop_unrouted_gradients``: the
+        host-known ones by name, the others as a device flag per expert (never read back here)."""
+        if routing.active is not None or routing.indices is None:  # the host knows; dense: every expert
+            self._routed_names.update(names if routing.active is None else [names[i] for i in routing.active])
+            return
+        with torch.no_grad():  # nothing saved for backward (a checkpoint's recomputation notes nothing)
+            used = routing.dense(len(names)).ne(0).reshape(-1, len(names)).any(0)  # (E,) on the device
+        key = tuple(names)
+        self._routed[key] = used if key not in self._routed else self._routed[key] | used
+        if self.slot is not None:
+            self.slot.routed[id(self)] = self
+
+    def _expansion(self, positions: tuple[int, ...], ranks: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``_expand_index``, made once per pool and device and kept."""
+        key = (positions, ranks, str(device))
+        index = self._index_cache.get(key)
+        if index is None:
+            if len(self._index_cache) >= 64:  # pools change between tasks: the old ones go
+                self._index_cache.clear()
+            index = self._index_cache[key] = _expand_index(positions, ranks, device)
+        return index
 
     def _keep(self, rows: torch.Tensor | None, names: list[str], routing: Routing | None) -> None:
         """The routing of this forward, for auxiliary losses and the routing diagnostic; a
@@ -296,29 +360,61 @@ class ExpertLayer(nn.Module):
             self.record.append((rows, names, routing))
 
 
-def _dispatch(x: torch.Tensor, routing: Routing, experts: list[LoRAExpert], out_features: int) -> torch.Tensor:
+def _drop_unrouted(layers: list[ExpertLayer]) -> None:
+    """``ExpertLayer.drop_unrouted_gradients`` for ``layers`` together: one read-back of all their notes."""
+    records = [(layer, names, used) for layer in layers for names, used in layer._routed.items()]
+    flags = []
+    if records:
+        flags = torch.cat([used for _, _, used in records]).to(torch.int32)
+        flags = all_reduce_sum(flags).tolist()  # every process's routing; the one host round trip of a step
+    named = {id(layer): set() for layer in layers}
+    used = {id(layer): set(layer._routed_names) for layer in layers}
+    start = 0
+    for layer, names, _ in records:
+        named[id(layer)].update(names)
+        used[id(layer)].update(n for n, f in zip(names, flags[start:start + len(names)]) if f)
+        start += len(names)
+    for layer in layers:
+        for name in named[id(layer)] - used[id(layer)]:
+            if name in layer.experts:
+                for p in layer.experts[name].parameters():
+                    p.grad = None
+        layer._routed, layer._routed_names = {}, set()
+
+
+def _expand_index(positions: tuple[int, ...], ranks: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(sum of ranks,) the routing-weight column of each rank row of the concatenated experts ``positions``."""
+    return index_on(device, [p for p, r in zip(positions, ranks) for _ in range(r)])
+
+
+def _dispatch(x: torch.Tensor, routing: Routing, experts: list[LoRAExpert], out_features: int,
+              expand: Callable | None = None) -> torch.Tensor:
     """Token-level sparse routing: each expert runs only on the (token, slot) pairs routed to it.
 
-    Slots are sorted by expert and run as one grouped matmul over the sorted
-    rows (``grouped_mm``; a loop over the experts that received tokens where
-    it is unavailable). Null-expert slots (-1) keep their row with weight 0,
-    which costs a little compute but needs no host sync.
+    Slots are sorted by expert and run as one grouped matmul over the sorted rows
+    (``grouped_mm``); where it is unavailable, the pool runs as one concatenated LoRA
+    (``_mix``, zero weights off the routed slots). Null-expert slots (-1) keep their row
+    with weight 0, and every expert gets one more row of weight 0 (no group is empty), which
+    costs a little compute but keeps the group sizes on the device.
     """
-    lead, k = x.shape[:-1], routing.indices.shape[-1]
+    E, k = len(experts), routing.indices.shape[-1]
+    dtype = experts[0].A.dtype
+    if not _grouped_mm_ok(x.new_empty(0, dtype=dtype), (x.shape[-1], out_features, max(e.rank for e in experts))):
+        return _mix(x, routing, experts, out_features, expand)
+    lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
     idx = routing.indices.reshape(-1)  # (N*k,)
     w = routing.weights.reshape(-1)  # (N*k,)
     null = idx < 0
-    idx, w = idx.masked_fill(null, 0), w.masked_fill(null, 0)
+    slots = torch.arange(E, device=idx.device)
+    idx = torch.cat([idx.masked_fill(null, 0), slots])  # (N*k + E,): one zero-weight slot per expert
+    w = torch.cat([w.masked_fill(null, 0), w.new_zeros(E)])
     order = torch.argsort(idx, stable=True)  # (M,) slots grouped by expert
-    token = order // k  # (M,) source token of each slot
-    counts = torch.bincount(idx, minlength=len(experts))  # (E,)
-    xs = x2.index_select(0, token).to(experts[0].A.dtype)  # (M, d_in)
+    token = torch.where(order < null.numel(), order // k, 0)  # (M,) source token of each slot (row 0: padding)
+    offs = torch.searchsorted(idx.index_select(0, order), slots, right=True).to(torch.int32)  # (E,) group ends
+    xs = x2.index_select(0, token).to(dtype)  # (M, d_in)
     ws = w.index_select(0, order).unsqueeze(-1).to(xs.dtype)  # (M, 1)
-    if _grouped_mm_ok(xs, (xs.shape[-1], out_features, max(e.rank for e in experts))):
-        y = _grouped_lora(xs, ws, counts, experts)
-    else:
-        y = _looped_lora(xs, ws, counts.tolist(), experts)
+    y = _grouped_lora(xs, ws, offs, experts)
     out = y.new_zeros(x2.shape[0], out_features).index_add(0, token, y)
     return out.view(*lead, out_features)
 
@@ -333,42 +429,27 @@ def _grouped_mm_ok(x: torch.Tensor, dims: tuple[int, ...]) -> bool:
     return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
 
 
-def _grouped_lora(xs: torch.Tensor, ws: torch.Tensor, counts: torch.Tensor, experts: list[LoRAExpert]) -> torch.Tensor:
-    # Only experts that received tokens join the stack: an unrouted expert must get no
-    # gradient at all (a zero gradient would still let AdamW's decay and momentum move it).
-    used = [i for i, n in enumerate(counts.tolist()) if n]
-    experts, counts = [experts[i] for i in used], counts[used]
+def _grouped_lora(xs: torch.Tensor, ws: torch.Tensor, offs: torch.Tensor, experts: list[LoRAExpert]) -> torch.Tensor:
     r = max(e.rank for e in experts)
     # Experts of lower rank are zero-padded to the largest rank (zero rows add nothing).
     At = torch.stack([(e.A if e.rank == r else F.pad(e.A, (0, 0, 0, r - e.rank))).t() for e in experts])  # (E, d_in, r)
     Bt = torch.stack([(e.B if e.rank == r else F.pad(e.B, (0, r - e.rank))).t() * e.scale for e in experts])  # (E, r, d_out)
-    offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end row of each expert's group
     h = F.grouped_mm(xs, At, offs=offs) * ws  # (M, r); weights applied in rank space
     return F.grouped_mm(h, Bt, offs=offs)  # (M, d_out)
 
 
-def _looped_lora(xs: torch.Tensor, ws: torch.Tensor, counts: list[int], experts: list[LoRAExpert]) -> torch.Tensor:
-    ys = []
-    for expert, chunk, wc in zip(experts, xs.split(counts), ws.split(counts)):
-        if chunk.shape[0]:  # experts may differ in dtype (fp32 adapters added beside bf16 ones)
-            h = F.linear(chunk.to(expert.A.dtype), expert.A) * wc.to(expert.A.dtype)  # (n_e, r)
-            ys.append(F.linear(h, expert.B * expert.scale).to(xs.dtype))  # (n_e, d_out)
-    return torch.cat(ys)
-
-
-def _mix(x: torch.Tensor, routing: Routing, experts: list[LoRAExpert], out_features: int) -> torch.Tensor:
-    """Dense or per-sample routing: one concatenated LoRA over the active experts."""
+def _mix(x: torch.Tensor, routing: Routing, experts: list[LoRAExpert], out_features: int,
+         expand: Callable | None = None) -> torch.Tensor:
+    """Dense or per-sample routing: one concatenated LoRA over the experts that can get weight
+    (``routing.active``; all of them where only the weights tell)."""
     weights = routing.dense(len(experts))  # (*lead, E)
-    if routing.indices is not None:  # sparse per-sample/batch: keep the experts in use
-        active = weights.detach().ne(0).reshape(-1, len(experts)).any(0).nonzero().flatten().tolist()
-        if len(active) < len(experts):
-            experts = [experts[i] for i in active]
-            weights = weights[..., active]
-    if not experts:  # every sample went to the null expert
+    positions = tuple(range(len(experts))) if routing.active is None else routing.active
+    if not positions:  # every sample went to the null expert
         return x.new_zeros(*x.shape[:-1], out_features)
-    A = torch.cat([e.A for e in experts])  # (R, d_in), R = sum of ranks
-    B = torch.cat([e.B * e.scale for e in experts], dim=1)  # (d_out, R)
-    ranks = torch.tensor([e.rank for e in experts], device=x.device)
+    chosen = [experts[i] for i in positions]
+    A = torch.cat([e.A for e in chosen])  # (R, d_in), R = sum of ranks
+    B = torch.cat([e.B * e.scale for e in chosen], dim=1)  # (d_out, R)
+    index = (expand or _expand_index)(positions, tuple(e.rank for e in chosen), x.device)  # (R,)
     h = F.linear(adapter_input(x, A.dtype), A)  # (..., R)
-    w = weights.to(A.dtype).repeat_interleave(ranks, dim=-1, output_size=A.shape[0])  # (*lead, R)
+    w = weights.to(A.dtype).index_select(-1, index)  # (*lead, R)
     return F.linear(h * w, B)  # (..., d_out)

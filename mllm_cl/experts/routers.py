@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm_cl.experts.routing import Routing, RoutingContext
+from mllm_cl.experts.routing import Routing, RoutingContext, index_on
 
 
 class Router(nn.Module):
@@ -222,6 +222,7 @@ class BatchMeanRouter(SequenceTopKRouter):
     def __init__(self, in_features: int, *, top_k: int = 2) -> None:
         super().__init__(in_features, top_k=top_k)
         self.masked: set[str] = set()
+        self._kept: tuple | None = None  # (unmasked positions, device) and their index tensor
 
     @property
     def level(self) -> str:  # one vector per micro-batch in training, per sample at evaluation
@@ -246,14 +247,21 @@ class BatchMeanRouter(SequenceTopKRouter):
             mask = torch.ones(x.shape[:-1], device=x.device)
         mask = mask.to(probs.dtype).unsqueeze(-1)  # (B, L, 1)
         pooled = (probs * mask).sum((0, 1)) / mask.sum().clamp(min=1)  # (E,)
-        keep = [i for i, n in enumerate(self.expert_names) if n not in self.masked]
+        keep = tuple(i for i, n in enumerate(self.expert_names) if n not in self.masked)
         if not keep:
             raise RuntimeError("BatchMeanRouter: every expert is masked")
-        idx = torch.tensor(keep, device=x.device)
+        idx = self._keep_index(keep, x.device)
         weights = pooled.index_select(0, idx)
         weights = weights / weights.sum()
         shape = (1,) * (x.dim() - 1) + (len(keep),)
-        return Routing(weights=weights.view(shape), indices=idx.view(shape), probs=probs)
+        return Routing(weights=weights.view(shape), indices=idx.view(shape), probs=probs, active=keep)
+
+    def _keep_index(self, keep: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The unmasked experts' positions on ``device``, made again only when the masks change."""
+        cached = self._kept
+        if cached is None or cached[0] != (keep, str(device)):
+            cached = self._kept = ((keep, str(device)), index_on(device, keep))
+        return cached[1]
 
 
 class CentroidRouter(Router):
@@ -304,10 +312,12 @@ class CentroidRouter(Router):
             raise ValueError(f"CentroidRouter: the spread of {name!r} must be > 0, got {value}")
         self.spreads[self.expert_names.index(name)] = value
 
-    def logits(self, emb: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, emb: torch.Tensor, visible: torch.Tensor | None = None,
+               visible_list: list[int] | None = None) -> torch.Tensor:
         """(B, E) ``-||x_b - c_k||^2 / (2 sigma^2 s)`` for embeddings (B, D). ``visible`` (B,): sample b
         sees only the first ``visible[b]`` experts (in the order added), with ``s`` their mean spread:
-        the routing as it was when that many experts existed; the others get ``-inf``."""
+        the routing as it was when that many experts existed; the others get ``-inf``. ``visible_list``:
+        the same counts on the host, checked there (read from ``visible`` when not given)."""
         c = torch.stack([self.centroids[n] for n in self.expert_names])  # (E, D)
         dist = (emb.to(c.dtype)[:, None, :] - c[None]).square().sum(-1)  # (B, E)
         spreads = self.spreads.to(dist.dtype)
@@ -315,8 +325,9 @@ class CentroidRouter(Router):
             return -dist / (2 * self.sigma ** 2 * spreads.mean())
         E = len(self.expert_names)
         n = visible.to(dist.device).long()
-        if bool((n < 1).any() or (n > E).any()):
-            raise ValueError(f"CentroidRouter: visible_experts must be in 1..{E}, got {n.tolist()}")
+        counts = visible.tolist() if visible_list is None else visible_list
+        if any(v < 1 or v > E for v in counts):
+            raise ValueError(f"CentroidRouter: visible_experts must be in 1..{E}, got {list(counts)}")
         k = torch.arange(E, device=dist.device)
         mean_spread = (spreads.cumsum(0) / (k + 1))[n - 1]  # (B,) the mean over the first n experts
         out = -dist / (2 * self.sigma ** 2 * mean_spread[:, None])
@@ -326,7 +337,9 @@ class CentroidRouter(Router):
         if context is None:
             raise ValueError("CentroidRouter needs `image_embeds` in the routing context; none is active")
         emb = context.require("image_embeds", "CentroidRouter")  # (B, D)
-        w = torch.softmax(self.logits(emb, context.extra.get("visible_experts")), dim=-1)
+        visible = context.extra.get("visible_experts")
+        counts = None if visible is None else context.host_list("visible_experts")  # once per context
+        w = torch.softmax(self.logits(emb, visible, counts), dim=-1)
         return Routing(weights=w.view(w.shape[0], *([1] * (x.dim() - 2)), -1).to(x.dtype), indices=None)
 
     def extra_repr(self) -> str:
@@ -361,7 +374,8 @@ class TaskRouter(Router):
     def forward(self, x: torch.Tensor, context: RoutingContext | None) -> Routing:
         if context is None:
             raise ValueError("TaskRouter needs `task_ids` in the routing context; none is active")
-        task_ids = context.require("task_ids", "TaskRouter").tolist()
+        context.require("task_ids", "TaskRouter")
+        task_ids = context.host_list("task_ids")  # read once per context, not per layer
         positions = []
         for t in task_ids:
             if t < 0:  # a sample of no trained task (a general task): the base model alone
@@ -371,8 +385,9 @@ class TaskRouter(Router):
             if name is None or name not in self.expert_names:
                 raise ValueError(f"TaskRouter has no expert for task id {t}; task -> expert: {self.task_experts}")
             positions.append(self.expert_names.index(name))
-        idx = torch.tensor(positions, device=x.device).view(-1, *([1] * (x.dim() - 1)))  # (B, 1, 1)
-        return Routing(weights=torch.ones(idx.shape, dtype=x.dtype, device=x.device), indices=idx)
+        idx = context.device_index(positions, x.device).view(-1, *([1] * (x.dim() - 1)))  # (B, 1, 1)
+        return Routing(weights=torch.ones(idx.shape, dtype=x.dtype, device=x.device), indices=idx,
+                       active=tuple(sorted({p for p in positions if p >= 0})))
 
 
 class FixedRouter(Router):
@@ -394,8 +409,9 @@ class FixedRouter(Router):
         if name not in self.expert_names:
             raise ValueError(f"FixedRouter expert {name!r} is not among {self.expert_names}")
         shape = (1,) * x.dim()  # broadcasts over every sample and token
-        idx = torch.full(shape, self.expert_names.index(name), device=x.device)
-        return Routing(weights=torch.ones(shape, dtype=x.dtype, device=x.device), indices=idx)
+        i = self.expert_names.index(name)
+        return Routing(weights=torch.ones(shape, dtype=x.dtype, device=x.device),
+                       indices=torch.full(shape, i, device=x.device), active=(i,))
 
 
 class PostHocGateRouter(Router):
@@ -462,10 +478,10 @@ class PostHocGateRouter(Router):
             if not self.gating:  # one expert for the whole batch: a plain LoRA forward
                 shape = (1,) * x.dim()
                 return Routing(weights=torch.ones(shape, dtype=x.dtype, device=x.device),
-                               indices=torch.full(shape, i, device=x.device))
+                               indices=torch.full(shape, i, device=x.device), active=(i,))
             v = self.gates[self.training_expert]
             w = torch.sigmoid(F.linear(x.to(v.dtype), v[None]))  # (B, L, 1)
-            return Routing(weights=w, indices=torch.full(w.shape, i, device=x.device))
+            return Routing(weights=w, indices=torch.full(w.shape, i, device=x.device), active=(i,))
         z = self.scores(x)  # (B, L, E)
         if self.null_expert:
             z = torch.cat([z, z.new_full((*z.shape[:-1], 1), self.null_score)], dim=-1)

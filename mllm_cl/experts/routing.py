@@ -21,6 +21,28 @@ from typing import Any, Iterator, Sequence
 import torch
 
 
+def index_on(device: torch.device | str, values: Sequence[int]) -> torch.Tensor:
+    """``values`` (host integers) as a long tensor made on ``device`` by fills and ranges, one per run of
+    equal or consecutive values: no host-to-device copy, which from pageable memory would make the host
+    wait for the device like a read-back does."""
+    values = [int(v) for v in values]
+    parts, start = [], 0
+    while start < len(values):
+        end, v = start + 1, values[start]
+        if end < len(values) and values[end] == v + 1:
+            while end < len(values) and values[end] == values[end - 1] + 1:
+                end += 1
+            parts.append(torch.arange(v, v + end - start, device=device))
+        else:
+            while end < len(values) and values[end] == v:
+                end += 1
+            parts.append(torch.full((end - start,), v, dtype=torch.long, device=device))
+        start = end
+    if not parts:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 @dataclass
 class Routing:
     """Weights over a router's experts.
@@ -32,11 +54,16 @@ class Routing:
     probs: optional (*lead, E) full router distribution before any top-k
         selection, kept for auxiliary losses (load balancing); E + 1 columns
         (the null expert last) for a router with a null expert.
+    active: the positions (ascending) of the only experts that can get a nonzero weight,
+        known on the host without reading the weights (a fixed expert, the unmasked experts,
+        the experts of the batch's task ids); the expert layer then computes those alone.
+        ``None``: decided by the weights on the device (top-k, dense routing).
     """
 
     weights: torch.Tensor
     indices: torch.Tensor | None = None
     probs: torch.Tensor | None = None
+    active: tuple[int, ...] | None = None
 
     def dense(self, num_experts: int) -> torch.Tensor:
         """Weights scattered to (*lead, num_experts); null-expert mass is dropped."""
@@ -72,6 +99,11 @@ class RoutingContext:
         selects their rows); keep tables that are not per sample elsewhere.
     cache: per-layer state kept while the context is active, e.g. routing
         computed from the prompt at prefill and reused while decoding.
+
+    Expert layers read nothing back from the device per layer: what routing needs on the host
+    (``host_list``: the task ids, a per-sample count) is fetched once per context and kept,
+    and index tensors made from host values (``device_index``, ``router_rows``) are made once
+    per context and shared by every layer.
     """
 
     task_ids: torch.Tensor | None = None
@@ -82,10 +114,49 @@ class RoutingContext:
     disable_adapters: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
+    # Host copies of per-sample signals (``host_list``); a subset's come from its parent's by row.
+    host_lists: dict[str, list] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _parent: tuple["RoutingContext", list[int]] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def subset(self, rows: torch.Tensor) -> "RoutingContext":
-        """The context restricted to the samples ``rows`` (a 1-D index tensor)."""
-        pick = rows.tolist()
+    def host_list(self, name: str) -> list:
+        """``task_ids`` or ``extra[name]`` (a 1-D tensor) as a Python list, for routing decisions made on
+        the host (which expert a task id names, a bad value refused by name). Fetched from the device
+        once per context, the one host round trip of the forward for it, not once per layer; a method
+        that made the tensor from a list may put the list in ``host_lists`` first (no round trip)."""
+        if name not in self.host_lists:
+            if self._parent is not None:
+                parent, pick = self._parent
+                values = parent.host_list(name)
+                self.host_lists[name] = [values[i] for i in pick]
+            else:
+                value = self.task_ids if name == "task_ids" else self.extra.get(name)
+                if value is None:
+                    raise KeyError(f"the routing context has no {name!r}")
+                self.host_lists[name] = value.tolist() if isinstance(value, torch.Tensor) else list(value)
+        return self.host_lists[name]
+
+    def device_index(self, values: Sequence[int], device: torch.device) -> torch.Tensor:
+        """``values`` as a long tensor on ``device``, made once per context (kept in ``cache``) and shared
+        by every layer that asks for the same values."""
+        key = ("device_index", tuple(values), str(device))
+        if key not in self.cache:
+            self.cache[key] = index_on(device, values)
+        return self.cache[key]
+
+    def router_rows(self, device: torch.device) -> dict[str, tuple[list[int], torch.Tensor]]:
+        """Per router named in ``router_choice`` (first-seen order): its samples, as a list and as an index
+        tensor on ``device``, made once per context."""
+        choice = tuple(self.router_choice)
+        key = ("router_rows", choice, str(device))
+        if key not in self.cache:
+            rows = {name: [b for b, c in enumerate(choice) if c == name] for name in dict.fromkeys(choice)}
+            self.cache[key] = {name: (pick, self.device_index(pick, device)) for name, pick in rows.items()}
+        return self.cache[key]
+
+    def subset(self, rows: torch.Tensor, pick: Sequence[int] | None = None) -> "RoutingContext":
+        """The context restricted to the samples ``rows`` (a 1-D index tensor); ``pick``: the same rows
+        as a list, when the caller has them (otherwise read from ``rows``)."""
+        pick = rows.tolist() if pick is None else list(pick)
 
         def take(v: Any) -> Any:
             if isinstance(v, torch.Tensor):
@@ -94,7 +165,7 @@ class RoutingContext:
                 return [v[i] for i in pick]
             return v
 
-        return replace(
+        sub = replace(
             self,
             task_ids=take(self.task_ids),
             image_embeds=take(self.image_embeds),
@@ -106,6 +177,8 @@ class RoutingContext:
             # own samples across decoding steps (keys are per router).
             cache=self.cache,
         )
+        sub._parent = (self, pick)
+        return sub
 
     def require(self, name: str, who: str) -> Any:
         value = getattr(self, name, None)
@@ -130,6 +203,9 @@ class ContextSlot:
     def __init__(self) -> None:
         self.current: RoutingContext | None = None
         self.recomputing = False
+        # The layers whose experts' use since the last optimizer step is only known on the device
+        # (``ExpertLayer.drop_unrouted_gradients`` reads all of them back at once).
+        self.routed: dict[int, Any] = {}
 
     @contextlib.contextmanager
     def use(self, context: RoutingContext | None, *, recomputing: bool = False) -> Iterator[RoutingContext | None]:

@@ -95,8 +95,8 @@ class Method:
     #: evaluation routes each task's samples by its true task alone, to one expert or a fixed mixture
     #: in every layer (no locator, gate or top-k): ``mllm-cl export`` writes one exact adapter per task
     fixed_routing: bool = False
-    #: a training step can leave a trainable parameter without a gradient (sparse top-k routing over
-    #: trainable experts or routers): DDP must look for unused parameters after every backward
+    #: a training step can leave a trainable parameter out of its backward (an expert kept out of the
+    #: forward): DDP must look for unused parameters after every backward
     unused_parameters: bool = False
     #: why a run of this method cannot resume from a checkpoint taken within a task (None: it can)
     in_task_refusal: str | None = None

@@ -81,7 +81,6 @@ def layers_to_grow(frequencies: dict[str, float], alpha: float) -> list[str]:
 
 class LLaVACMoE(Method):
     name = "cmoe"
-    unused_parameters = True  # top-k routing over the task's trainable experts: a step can leave an expert out
     state_kind = "locator"  # stored parameters: what ``state()`` keeps to route
 
     def __init__(self, experts: ExpertSetup, *, top_k: int = 2, probe_experts: int = 1, probe_fraction: float = 0.1,

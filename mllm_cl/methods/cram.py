@@ -84,9 +84,10 @@ from torch import nn
 
 from mllm_cl.distributed import all_reduce_sum
 from mllm_cl.experts import CentroidRouter, ExpertLayer, ExpertSetup, FixedRouter, RoutingContext, expert_layers
+from mllm_cl.experts.routing import index_on
 from mllm_cl.methods.base import ORACLE_ROUTER, Method, Phase, add_oracle_route, oracle_context
 from mllm_cl.methods.cram_slots import (assign_group, instantiate_slot, novelty_threshold, orthogonality_penalty,
-                                        standardize)
+                                        penalty_basis, standardize)
 from mllm_cl.methods.routing_encoder import RoutingEncoder
 
 CHOICES = {"threshold": ("relative", "absolute"), "bandwidth": ("spread", "absolute"),
@@ -165,6 +166,7 @@ class CRAM(Method):
         self._phase = ""
         self._hits: dict[int, list[float]] = {}  # task -> [group right, samples, own-slot weight sum]
         self._chosen: dict[tuple[int, int], int] = {}  # (true task, chosen group) -> samples
+        self._bases: dict[str, tuple] = {}  # layer -> (its older slots' state, the penalty's basis)
         self._model: nn.Module | None = None
 
     # --------------------------------------------------------------- structure
@@ -201,6 +203,10 @@ class CRAM(Method):
                 layer.experts[f"t{task}"].requires_grad_(True)
                 for p in layer.routers[f"group{group}"].expert_parameters(f"t{task}"):
                     p.requires_grad_(True)
+        if phase.name != "warmup" and self.orth_weight:  # the penalty's bases, once for the phase
+            for name, layer in expert_layers(model).items():
+                if len(layer.routers[layer.active_router].expert_names) > 1:
+                    self._older_basis(name, layer)
 
     def on_phase_end(self, model: nn.Module, task: int, phase: Phase) -> None:
         if phase.name != "warmup":
@@ -318,14 +324,15 @@ class CRAM(Method):
             choice.append(ORACLE_ROUTER if t < 0 else f"group{group}")
             visible.append(1 if t < 0 else sum(1 for u, s in self.slots.items() if s["group"] == group and u <= t))
         device = task_ids.device
-        return RoutingContext(task_ids=torch.tensor(ids, dtype=torch.long, device=device), image_embeds=image,
-                              router_choice=choice,
-                              extra={"visible_experts": torch.tensor(visible, dtype=torch.long, device=device)})
+        context = RoutingContext(task_ids=index_on(device, ids), image_embeds=image, router_choice=choice,
+                                 extra={"visible_experts": index_on(device, visible)})
+        context.host_lists.update(task_ids=ids, visible_experts=visible)  # the routers read these, not the device
+        return context
 
     def _accumulate(self, image: torch.Tensor, instruction: torch.Tensor, has: torch.Tensor) -> None:
-        img = image[has].double()
-        add = {"instruction": instruction.double().sum(0), "instruction_count": instruction.new_tensor(
-                   float(len(instruction))).double(),
+        img = image.double() * has.to(image.device, torch.float64)[:, None]  # the samples with an image (masked)
+        add = {"instruction": instruction.double().sum(0),
+               "instruction_count": instruction.new_full((), float(len(instruction)), dtype=torch.float64),
                "image": img.sum(0), "image_sq": img.square().sum(), "image_count": has.sum().double()}
         if "first" not in self._sums:  # the task's first micro-batch (per process; summed at warm-up end)
             add["first"], add["first_count"] = add["instruction"], add["instruction_count"]
@@ -343,11 +350,17 @@ class CRAM(Method):
             rows = [b for b, (t, c) in enumerate(zip(tasks, groups)) if c == g and right[b]]
             if not rows:
                 continue
+            picked = image.index_select(0, index_on(image.device, rows))
+            weights, columns = [], {}
             for layer in layers:
                 router = layer.routers[f"group{g}"]
-                w = torch.softmax(router.logits(image[rows]), -1)  # (n, E)
-                cols = torch.tensor([router.expert_names.index(f"t{tasks[b]}") for b in rows], device=w.device)
-                for b, v in zip(rows, w.gather(1, cols[:, None])[:, 0].tolist()):
+                w = torch.softmax(router.logits(picked), -1)  # (n, E)
+                cols = tuple(router.expert_names.index(f"t{tasks[b]}") for b in rows)
+                if cols not in columns:
+                    columns[cols] = index_on(w.device, cols)
+                weights.append(w.gather(1, columns[cols][:, None])[:, 0])
+            for per_layer in torch.stack(weights).tolist():  # one read-back for every layer
+                for b, v in zip(rows, per_layer):
                     own[b] += v / len(layers)
         for t, g, r, o in zip(tasks, groups, right, own):
             if t < 0:  # a general task's sample: no true task to find
@@ -361,26 +374,41 @@ class CRAM(Method):
     def extra_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | None:
         if self._phase != "stable" or not self.orth_weight:
             return None
-        counts = batch["image_mask"].to(batch["input_ids"].device).sum(1)  # (B,)
-        if not bool(counts.any()):
-            return None
+        # The penalty's mean runs over the samples with an image, masked on the device (a batch without
+        # any image gets a zero penalty): nothing is read back to the host per layer.
+        keep = batch["image_mask"].to(batch["input_ids"].device).sum(1) > 0  # (B,)
         losses = []
-        for layer in expert_layers(model).values():
+        for name, layer in expert_layers(model).items():
             group_router = layer.routers[layer.active_router]
             slot = group_router.expert_names[-1]
             older = group_router.expert_names[:-1]
             h = layer.observed.get("image_mean")  # (B, d_in), taken in this step's forward
             if not older or h is None or layer.last_routing is None:
                 continue
-            keep = counts > 0
             gamma = 1 - layer.last_routing.weights.reshape(h.shape[0], -1)[:, -1]  # mass on older slots
             if self.detach_gamma:
                 gamma = gamma.detach()
             e = layer.experts[slot]
             pairs = [(layer.experts[o].A, layer.experts[o].B) for o in older]
-            losses.append(orthogonality_penalty(h[keep], e.A, e.B, e.scale, pairs, gamma[keep],
-                                                basis_of=self.penalty_basis))
+            losses.append(orthogonality_penalty(h, e.A, e.B, e.scale, pairs, gamma, basis_of=self.penalty_basis,
+                                                q=self._older_basis(name, layer), rows=keep))
         return self.orth_weight * torch.stack(losses).mean() if losses else None
+
+    def _older_basis(self, name: str, layer: ExpertLayer) -> torch.Tensor | None:
+        """The penalty's basis of the older slots of ``layer``'s active group router (``penalty_basis``),
+        kept while they are unchanged: they are frozen while a slot trains, so their SVD (whose kept rank
+        is read back to the host) runs once per stable phase, at its start, not in every step."""
+        router = layer.routers[layer.active_router]
+        slot, older = router.expert_names[-1], router.expert_names[:-1]
+        pairs = [(layer.experts[o].A, layer.experts[o].B) for o in older]
+        key = (slot, tuple(older), self.penalty_basis,
+               tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in pairs))
+        cached = self._bases.get(name)
+        if cached is None or cached[0] != key:
+            e = layer.experts[slot]
+            cached = self._bases[name] = (key, penalty_basis(pairs, square=e.A.shape[1] == e.B.shape[0],
+                                                             basis_of=self.penalty_basis))
+        return cached[1]
 
     # ------------------------------------------------------------ reporting
     def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:

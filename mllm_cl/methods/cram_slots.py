@@ -9,6 +9,7 @@ gives theirs is named in each docstring.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,26 +110,46 @@ def instantiate_slot(buffer_A: torch.Tensor, buffer_B: torch.Tensor, scale: floa
     return v.T.to(buffer_A.dtype), (delta @ v / own_scale).to(buffer_B.dtype)
 
 
+def penalty_basis(older: list[tuple[torch.Tensor, torch.Tensor]], *, square: bool,
+                  basis_of: str = "output") -> torch.Tensor | None:
+    """Q of ``orthogonality_penalty`` from the group's older slots, (A, B) pairs: a basis of their
+    output space (columns of B), or with ``basis_of: authors`` and a square module (``square``:
+    d_in == d_out) of their input row spaces (rows of A). ``None``: no older slot, or nothing spanned."""
+    if basis_of not in ("output", "authors"):
+        raise ValueError(f"penalty basis must be 'output' or 'authors', got {basis_of!r}")
+    if not older:
+        return None
+    if basis_of == "authors" and square:
+        return basis(torch.cat([a.detach().double() for a, _ in older]).T)  # (d_in, m)
+    return basis(torch.cat([b.detach().double() for _, b in older], dim=1))  # (d_out, m)
+
+
+_UNSET = object()
+
+
 def orthogonality_penalty(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
                           older: list[tuple[torch.Tensor, torch.Tensor]], gamma: torch.Tensor, *,
-                          basis_of: str = "output") -> torch.Tensor:
+                          basis_of: str = "output", q: Any = _UNSET,
+                          rows: torch.Tensor | None = None) -> torch.Tensor:
     """``mean_b gamma_b ||Q^T z_b||^2`` with ``z_b = s B A h_b``; zero without older slots.
 
     ``older``: the group's older slots as (A, B) pairs. ``basis_of: output`` (default, the
     paper's Q_B): Q spans the older slots' output space (columns of B). ``authors``: what
     their code does: for a square module (d_in == d_out) Q spans the older slots' *input*
-    row spaces (rows of A), otherwise their output space.
+    row spaces (rows of A), otherwise their output space. ``q``: that basis when already
+    made (``penalty_basis``: the older slots are frozen while a slot trains, so it is made once
+    per phase, not per step: its SVD reads its rank back to the host). ``rows``: (n,) the rows
+    the mean runs over (a mask; the others weigh nothing), instead of selecting them.
     """
-    if basis_of not in ("output", "authors"):
+    if q is _UNSET:
+        q = penalty_basis(older, square=A.shape[1] == B.shape[0], basis_of=basis_of)
+    elif basis_of not in ("output", "authors"):
         raise ValueError(f"penalty basis must be 'output' or 'authors', got {basis_of!r}")
-    if not older:
-        return h.new_zeros(())
-    square = A.shape[1] == B.shape[0]
-    if basis_of == "authors" and square:
-        q = basis(torch.cat([a.detach().double() for a, _ in older]).T)  # (d_in, m)
-    else:
-        q = basis(torch.cat([b.detach().double() for _, b in older], dim=1))  # (d_out, m)
-    if q is None:
+    if not older or q is None:
         return h.new_zeros(())
     z = scale * (h.to(A.dtype) @ A.T) @ B.T  # (n, d_out)
-    return (gamma.to(z.dtype) * (z @ q.to(z.dtype)).square().sum(-1)).mean()
+    per_row = gamma.to(z.dtype) * (z @ q.to(z.dtype)).square().sum(-1)  # (n,)
+    if rows is None:
+        return per_row.mean()
+    rows = rows.to(per_row.dtype)
+    return (per_row * rows).sum() / rows.sum().clamp(min=1)

@@ -142,8 +142,11 @@ class RoutingEncoder:
         else:
             text = self._backbone_text(batch["instruction"], device)
         image = text.new_zeros(has.shape[0], self.image_dim)
-        if batch.get("pixel_values") is not None and bool(has.any()):
-            image[has] = (self._clip_image(batch) if self.kind == "clip" else self._backbone_image(batch)).float()
+        pixels = batch.get("pixel_values")
+        if pixels is not None and pixels.shape[0]:  # the images of the samples with one, in sample order
+            feats = (self._clip_image(batch) if self.kind == "clip" else self._backbone_image(batch)).float()
+            row = (has.long().cumsum(0) - 1).clamp(min=0)  # sample b's image: found on the device, not the host
+            image = torch.where(has[:, None], feats.index_select(0, row), image)
         return RoutingFeatures(image=image, text=text, has_image=has)
 
     def _model_dtype(self) -> torch.dtype:
@@ -154,11 +157,10 @@ class RoutingEncoder:
             raise RuntimeError("routing_encoder kind backbone needs the backbone's tokenizer: bind(model, tokenizer)")
         rows = self.tokenizer(list(instructions), add_special_tokens=False)["input_ids"]  # one call per batch
         width = max(1, max(len(r) for r in rows))
-        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = True
+        padded = torch.tensor([list(r) + [-1] * (width - len(r)) for r in rows], dtype=torch.long)  # -1: padding
+        padded = padded.view(len(rows), width).to(device)  # the instructions' tokens: one copy to the device
+        mask = padded >= 0
+        ids = padded.clamp(min=0)
         tokens = self.model.get_input_embeddings()(ids).float()  # (B, W, D)
         return (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 

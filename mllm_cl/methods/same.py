@@ -81,9 +81,14 @@ from torch import nn
 
 from mllm_cl.distributed import all_gather_rows, all_reduce_sum
 from mllm_cl.experts import BatchMeanRouter, CovarianceSketch, ExpertLayer, ExpertSetup, RoutingContext, expert_layers
+from mllm_cl.experts.routing import index_on
 from mllm_cl.experts.spectral import expert_rewrite, kept_directions, router_rewrite
 from mllm_cl.methods.base import Method
 from mllm_cl.methods.routing_encoder import RoutingEncoder, RoutingFeatures
+
+
+#: ``RoutingContext.cache`` key of a training forward's statistics rows (``SAME.statistics_rows``).
+STAT_ROWS = "same_statistics_rows"
 
 
 def minmax(v: torch.Tensor) -> torch.Tensor:
@@ -96,7 +101,7 @@ def activation_sums(tokens: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     token count, over (N, d) tokens routed by (N, E) probabilities; summed over processes, they give
     the utilization and importance EMAs' batch values."""
     norms = tokens.square().sum(-1, keepdim=True)  # (N, 1)
-    return torch.cat([probs.sum(0), (probs * norms).sum(0), probs.new_tensor([probs.shape[0]])])
+    return torch.cat([probs.sum(0), (probs * norms).sum(0), probs.new_full((1,), probs.shape[0])])
 
 
 class SAMEStatistics(nn.Module):
@@ -116,6 +121,27 @@ class SAMEStatistics(nn.Module):
         self.router_sigma: torch.Tensor | None = None
         self.utilization_seen = False
         self.masks_final = False
+        self._snapshot_host: tuple | None = None  # (the buffers' versions, k, mean sigma)
+
+    def snapshot(self) -> tuple[int, float]:
+        """(k, mean of the kept sigmas) of the previous task's snapshot on the host, read from the device
+        again only after the buffers changed (a new snapshot, a loaded state), not in every step."""
+        if self._snapshot_host is None or self._snapshot_host[0] != self._snapshot_key():
+            k = int(self.snapshot_k)
+            self._snapshot_host = (self._snapshot_key(), k, float(self.snapshot_sigma[:k].mean()) if k else 0.0)
+        return self._snapshot_host[1:]
+
+    def set_snapshot(self, directions: torch.Tensor, sigma: torch.Tensor) -> None:
+        """The snapshot's k kept directions (d, k) and their sigmas (k,), kept on the host too (``snapshot``)."""
+        k = sigma.numel()
+        self.snapshot_directions.zero_()[:, :k] = directions
+        self.snapshot_sigma.zero_()[:k] = sigma
+        self.snapshot_k.fill_(k)
+        self._snapshot_host = (self._snapshot_key(), k, float(self.snapshot_sigma[:k].mean()) if k else 0.0)
+
+    def _snapshot_key(self) -> tuple:
+        return (self.snapshot_k._version, self.snapshot_k.data_ptr(), self.snapshot_sigma._version,
+                self.snapshot_sigma.data_ptr())
 
 
 class SAME(Method):
@@ -146,7 +172,7 @@ class SAME(Method):
     """
 
     name = "same"
-    unused_parameters = True  # top-k routing over the trainable experts: a step can leave an expert out
+    unused_parameters = True  # experts its masks close stay out of the forward: DDP must look for them
     in_task_refusal = ("its statistics between refreshes (the router's directions, the masks that have closed, the "
                        "step count) live outside its tensors, and an in-task checkpoint does not hold them")
     state_kind = "prior"  # stored parameters: what ``state()`` keeps to route
@@ -251,9 +277,7 @@ class SAME(Method):
             stats = layer.same
             vecs, vals, trace = stats.covariance.eig()
             k = kept_directions(vals, trace, self.delta, self.max_directions)
-            stats.snapshot_directions.zero_()[:, :k] = vecs[:, :k]
-            stats.snapshot_sigma.zero_()[:k] = vals[:k].sqrt()
-            stats.snapshot_k.fill_(k)
+            stats.set_snapshot(vecs[:, :k], vals[:k].sqrt())
             layer.routers["default"].masked = set()
 
     # ------------------------------------------------------------------- steps
@@ -262,21 +286,41 @@ class SAME(Method):
             if self.prior != "none":
                 self._accumulate(batch["task_ids"], self.routing_encoder(batch))
             # Training routes on the micro-batch's tokens, the answer too, not only the prompt.
-            return RoutingContext(extra={"attention_mask": self._train_mask(batch["attention_mask"])})
+            mask = self._train_mask(batch["attention_mask"])
+            context = RoutingContext(extra={"attention_mask": mask})
+            context.cache[STAT_ROWS] = self.statistics_rows(mask)
+            return context
         if self.route_by == "task_id":  # the oracle: the true task's prior; the prototype prior still scored
             if self.prior != "none" and self.anchors:
-                self._count_hits(batch["task_ids"], self.task_prior(self.routing_encoder(batch)))
+                seen = self.seen_tasks()
+                self._count_hits(batch["task_ids"], self.task_prior(self.routing_encoder(batch), seen), seen)
             ids = batch["task_ids"]
             ids = torch.where((ids >= 0) & (ids <= self.task), ids, -1)  # trained tasks; the rest: none
             return RoutingContext(task_ids=ids, extra={"prior": self.oracle_prior(ids)})
         if self.prior == "none" or not self.anchors:
             return None
-        prior = self.task_prior(self.routing_encoder(batch))  # (B, T_seen)
-        self._count_hits(batch["task_ids"], prior)
-        return RoutingContext(extra={"prior": self.expert_prior(prior)})
+        seen = self.seen_tasks()
+        prior = self.task_prior(self.routing_encoder(batch), seen)  # (B, T_seen)
+        self._count_hits(batch["task_ids"], prior, seen)
+        return RoutingContext(extra={"prior": self.expert_prior(prior, seen)})
 
     def _train_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(attention_mask) if self.train_tokens == "all" else attention_mask
+
+    def statistics_rows(self, mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Flat row indices into a training forward's (B * L) tokens, the same for every layer: the real
+        tokens (``None``: every position, ``train_tokens: all``) and at most ``stat_tokens`` evenly spaced
+        of them, the covariance's rows. With ``train_tokens: real`` the number of real tokens is read back
+        once here, per forward (the rows' count), instead of by every layer's statistics."""
+        flat = mask.reshape(-1)
+        real = None if self.train_tokens == "all" else flat.bool().nonzero().flatten()
+        n = flat.numel() if real is None else real.numel()
+        if n <= self.stat_tokens:
+            picked = torch.arange(n, device=flat.device) if real is None else real
+        else:
+            picked = torch.linspace(0, n - 1, self.stat_tokens, device=flat.device).long()
+            picked = picked if real is None else real.index_select(0, picked)
+        return real, picked
 
     # -------------------------------------------------------------- task prior
     def _empty_sums(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -300,9 +344,9 @@ class SAME(Method):
         return sorted(t for t, a in self.anchors.items() if float(a["text_count"]) > 0)
 
     @torch.no_grad()
-    def task_prior(self, feats: RoutingFeatures) -> torch.Tensor:
+    def task_prior(self, feats: RoutingFeatures, seen: list[int] | None = None) -> torch.Tensor:
         """(B, T_seen) softmax over the seen tasks (``seen_tasks()`` order) of the anchor scores."""
-        seen = self.seen_tasks()
+        seen = self.seen_tasks() if seen is None else seen
         dev = feats.text.device
 
         def anchor(t: int, kind: str) -> torch.Tensor:
@@ -320,25 +364,25 @@ class SAME(Method):
     def task_experts(self, task: int, names: list[str]) -> list[str]:
         return [n for n in names if n == f"e{min(task, self.num_experts - 1)}"]
 
-    def expert_prior(self, prior: torch.Tensor) -> torch.Tensor:
+    def expert_prior(self, prior: torch.Tensor, seen: list[int] | None = None) -> torch.Tensor:
         """(B, E): a task's prior on its expert ``min(t, E - 1)`` (tasks past E share the last one)."""
+        seen = self.seen_tasks() if seen is None else seen
         out = prior.new_zeros(prior.shape[0], self.num_experts)
-        idx = torch.tensor([min(t, self.num_experts - 1) for t in self.seen_tasks()], device=prior.device)
+        idx = index_on(prior.device, [min(t, self.num_experts - 1) for t in seen])
         return out.index_add(1, idx, prior)
 
     def oracle_prior(self, task_ids: torch.Tensor) -> torch.Tensor:
         """(B, E) the oracle's prior: uniform over the experts sample b's task trained (``task_experts``),
         zero for a general task (id -1) and for a task not trained yet (after ``self.task``)."""
         names = [f"e{i}" for i in range(self.num_experts)]
-        out = torch.zeros(task_ids.shape[0], self.num_experts, device=task_ids.device)
-        for b, t in enumerate(task_ids.tolist()):
+        rows = []
+        for t in task_ids.tolist():  # once per batch
             own = [names.index(n) for n in self.task_experts(t, names)] if 0 <= t <= self.task else []
-            if own:
-                out[b, own] = 1.0 / len(own)
-        return out
+            rows.append([1.0 / len(own) if i in own else 0.0 for i in range(self.num_experts)])
+        return torch.tensor(rows, dtype=torch.float32, device=task_ids.device).view(len(rows), self.num_experts)
 
-    def _count_hits(self, task_ids: torch.Tensor, prior: torch.Tensor) -> None:
-        seen = self.seen_tasks()
+    def _count_hits(self, task_ids: torch.Tensor, prior: torch.Tensor, seen: list[int] | None = None) -> None:
+        seen = self.seen_tasks() if seen is None else seen
         chosen = [seen[i] for i in prior.argmax(-1).tolist()]
         for true, c in zip(task_ids.tolist(), chosen):
             if true >= 0:  # a general task's sample has no true task to find
@@ -382,10 +426,10 @@ class SAME(Method):
                 new = router_rewrite(grad, dirs, stats.router_sigma.to(grad.dtype))
                 for n, g in zip(names, new):
                     router.rows[n].grad = g.clone()
-        k = int(stats.snapshot_k)
+        k, mean_sigma = stats.snapshot()
         if self.curvature_scaling and k > 0:
             sigma = stats.snapshot_sigma[:k]
-            mu = self.mu * float(sigma.mean()) if self.mu_relative else self.mu
+            mu = self.mu * mean_sigma if self.mu_relative else self.mu
             for expert in layer.experts.values():
                 if expert.A.grad is not None:
                     g = expert.A.grad
@@ -397,13 +441,15 @@ class SAME(Method):
         activation sums (per expert: routing mass, mass times the token's squared norm; the token count)."""
         if routing is None or routing.probs is None or context is None or "attention_mask" not in context.extra:
             return None
-        real = context.extra["attention_mask"].reshape(-1).bool()
-        tokens = x.reshape(-1, x.shape[-1])[real]  # (N, d)
-        probs = routing.probs.detach().reshape(-1, routing.probs.shape[-1])[real].double()  # (N, E)
-        rows = tokens
-        if rows.shape[0] > self.stat_tokens:
-            rows = rows[torch.linspace(0, rows.shape[0] - 1, self.stat_tokens, device=rows.device).long()]
-        return {"rows": rows.double(), "sums": activation_sums(tokens.double(), probs)}
+        if STAT_ROWS not in context.cache:  # a context not made by ``routing_context``
+            context.cache[STAT_ROWS] = self.statistics_rows(context.extra["attention_mask"])
+        real, picked = context.cache[STAT_ROWS]  # index tensors on the device: nothing read back per layer
+        tokens = x.reshape(-1, x.shape[-1])  # (B * L, d)
+        probs = routing.probs.detach().reshape(-1, routing.probs.shape[-1])  # (B * L, E)
+        rows = tokens.index_select(0, picked)
+        if real is not None:
+            tokens, probs = tokens.index_select(0, real), probs.index_select(0, real)  # (N, d), (N, E)
+        return {"rows": rows.double(), "sums": activation_sums(tokens.double(), probs.double())}
 
     @torch.no_grad()
     def observe(self, model: nn.Module) -> None:

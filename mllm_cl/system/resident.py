@@ -15,7 +15,7 @@ way per rank per phase, and 7B parameters on the wire per phase. Here:
   method's buffers are either deterministic (rotary tables) or computed from
   statistics summed or gathered over all processes, so they agree already;
 - ``find_unused_parameters`` only for methods that can leave a trainable parameter
-  without a gradient in a step (``Method.unused_parameters``: sparse top-k routing).
+  out of a step's backward (``Method.unused_parameters``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import mllm_cl.experts.layer as layer_mod
-from mllm_cl.experts import ExpertLayer, FixedRouter, PostHocGateRouter, Routing, TopKRouter, routing_context
+from mllm_cl.experts import ExpertLayer, FixedRouter, PostHocGateRouter, Router, Routing, TopKRouter, routing_context
 from mllm_cl.experts.injection import inject_experts
 from mllm_cl.experts.layer import _dispatch
 
@@ -140,16 +140,36 @@ def test_wraps_only_linear():
         ExpertLayer(nn.Conv1d(3, 3, 1))
 
 
-def test_unrouted_experts_get_no_gradient_in_every_dispatch_path(monkeypatch):
+class _Given(Router):
+    """Routes by a given ``Routing``, whatever the input."""
+
+    def __init__(self, in_features: int, routing: Routing) -> None:
+        super().__init__(in_features)
+        self.routing = routing
+
+    def forward(self, x, context):
+        return self.routing
+
+
+@pytest.mark.parametrize("pool", [16, 3], ids=["dispatch", "concatenated"])
+def test_unrouted_experts_get_no_gradient_in_every_dispatch_path(monkeypatch, pool):
+    """Only the weights on the device say which experts top-k routing chose: the forward notes it there,
+    and the step's gradient hook (``apply_gradient_transforms``, before the optimizer) drops the gradient
+    of every expert that got no weight, so AdamW cannot move it."""
     for grouped in (True, False):
         monkeypatch.setattr(layer_mod, "_grouped_mm_ok", lambda x, dims, g=grouped: g)
-        layer = _pool(16)
+        layer = _pool(pool)
         x = torch.randn(2, 3, 16)
         idx = torch.zeros(2, 3, 2, dtype=torch.long)
         idx[..., 1] = 1  # every token goes to e0 and e1 only
-        _dispatch(x, Routing(weights=torch.full((2, 3, 2), 0.5), indices=idx), list(layer.experts.values()), 32).sum().backward()
-        assert layer.experts["e0"].A.grad is not None
-        assert all(layer.experts[f"e{i}"].A.grad is None for i in range(2, 16)), f"grouped={grouped}"
+        layer.add_router("given", _Given(16, Routing(weights=torch.full((2, 3, 2), 0.5), indices=idx)),
+                         experts=layer.expert_names)
+        layer.active_router = "given"
+        layer(x).sum().backward()
+        layer.apply_gradient_transforms()
+        assert layer.experts["e0"].A.grad is not None and layer.experts["e1"].B.grad is not None
+        assert all(p.grad is None for i in range(2, pool) for p in layer.experts[f"e{i}"].parameters()), \
+            f"grouped={grouped}"
 
 
 def test_mixed_expert_dtypes_in_a_large_pool():
