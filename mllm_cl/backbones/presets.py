@@ -34,6 +34,8 @@ class Preset:
     patch_size: int = 8
     vision_width: int = 64
     vision_layers: int = 2
+    vision_mlp: int | None = None  # the vision tower's MLP width (None: twice vision_width)
+    vision_heads: int = 2
     llm_width: int = 128
     llm_layers: int = 2
     heads: int = 4
@@ -58,9 +60,9 @@ PRESETS: dict[str, Preset] = {
 def _vision(p: Preset) -> VisionTower:
     common = dict(
         hidden_size=p.vision_width,
-        intermediate_size=2 * p.vision_width,
+        intermediate_size=p.vision_mlp or 2 * p.vision_width,
         num_hidden_layers=p.vision_layers,
-        num_attention_heads=2,
+        num_attention_heads=p.vision_heads,
         image_size=p.image_size,
         patch_size=p.patch_size,
     )
@@ -74,7 +76,9 @@ def _vision(p: Preset) -> VisionTower:
         return HFVisionTower(SiglipVisionModel(SiglipVisionConfig(**common)), feature_layer=-2, drop_cls=False)
     if p.vision == "timm":
         args = dict(img_size=p.image_size, patch_size=p.patch_size, embed_dim=p.vision_width,
-                    depth=p.vision_layers, num_heads=2)
+                    depth=p.vision_layers, num_heads=p.vision_heads)
+        if p.vision_mlp is not None:  # else timm's own ratio (4)
+            args["mlp_ratio"] = p.vision_mlp / p.vision_width
         return TimmVisionTower("vit_tiny_patch16_224", args)
     raise ValueError(f"unknown preset vision {p.vision!r}")
 
