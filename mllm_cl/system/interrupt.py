@@ -19,11 +19,14 @@ class Interrupted(KeyboardInterrupt):
     """A KeyboardInterrupt whose message says where the run stopped and how to resume it."""
 
 
-def interrupted_message(task: int | None, activity: str, done: int) -> str:
+def interrupted_message(task: int | None, activity: str, done: int, within: tuple[str, int] | None = None) -> str:
     """``task``: 1-based task number being trained or evaluated (``None`` before the first task);
-    ``activity``: what it was doing (``phase expert``, ``evaluation``, ...); ``done``: tasks finished."""
+    ``activity``: what it was doing (``phase expert``, ``evaluation``, ...); ``done``: tasks finished;
+    ``within``: (phase, optimizer step) of the last checkpoint taken within task ``done + 1``, if any."""
     where = f"task {task} ({activity})" if task is not None else activity
     resume = f"resume after task {done}" if done else "resume (no task was finished: it starts with task 1)"
+    if within is not None:
+        resume = f"resume in task {done + 1} (phase {within[0]}) after step {within[1]}"
     return f"interrupted during {where}; rerun the same command to {resume}"
 
 

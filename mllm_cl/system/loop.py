@@ -100,7 +100,9 @@ class ContinualLoop:
         try:
             return self._run()
         except KeyboardInterrupt:
-            raise Interrupted(interrupted_message(*self._at, self._done))
+            last = Resume.read(self.run) if self.checkpoint_every else None  # the checkpoint a rerun resumes from
+            within = (last.phase_name, last.step) if last is not None and last.task == self._done else None
+            raise Interrupted(interrupted_message(*self._at, self._done, within))
 
     def _run(self) -> dict:
         module, dm, method = self.module, self.dm, self.module.method

@@ -41,12 +41,13 @@ def test_ctrl_c_names_task_and_phase_exits_130_and_the_rerun_resumes_to_the_same
             break
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, "".join(seen) + out + err[-3000:]
-    assert "mllm-cl: interrupted during task 2 (phase train); rerun the same command to resume after task 1" in err
     assert "Traceback" not in err
     partial = json.loads((run / "results.json").read_text())
     assert partial["completed_tasks"] == 1 and partial["matrix"][1] == [None, None]
     saved = json.loads((run / "checkpoints/in_task/structure.json").read_text())["in_task"]  # within task 2
     assert saved["task"] == 1 and saved["step"] % 10 == 0 and 0 < saved["step"] < 400
+    assert (f"mllm-cl: interrupted during task 2 (phase train); rerun the same command to resume in task 2 "
+            f"(phase train) after step {saved['step']}") in err
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -58,6 +59,8 @@ def test_ctrl_c_names_task_and_phase_exits_130_and_the_rerun_resumes_to_the_same
 
 
 def test_the_message_says_how_far_the_run_got():
+    assert interrupted_message(2, "phase gate", 1, ("gate", 40)) == \
+        "interrupted during task 2 (phase gate); rerun the same command to resume in task 2 (phase gate) after step 40"
     assert interrupted_message(2, "phase expert", 1) == \
         "interrupted during task 2 (phase expert); rerun the same command to resume after task 1"
     assert interrupted_message(None, "the zero-shot evaluation", 0) == ("interrupted during the zero-shot evaluation; "
