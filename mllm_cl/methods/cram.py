@@ -204,8 +204,8 @@ class CRAM(Method):
                 for p in layer.routers[f"group{group}"].expert_parameters(f"t{task}"):
                     p.requires_grad_(True)
         if phase.name != "warmup" and self.orth_weight:  # the penalty's bases, once for the phase
-            for name, layer in expert_layers(model).items():
-                if len(layer.routers[layer.active_router].expert_names) > 1:
+            for name, layer in expert_layers(model).items():  # (a model on the meta device has no values)
+                if len(layer.routers[layer.active_router].expert_names) > 1 and not layer.base_layer.weight.is_meta:
                     self._older_basis(name, layer)
 
     def on_phase_end(self, model: nn.Module, task: int, phase: Phase) -> None:

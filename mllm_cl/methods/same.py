@@ -19,7 +19,28 @@ expert stays trainable; three parts stabilize it, each switchable for ablations:
 
 Statistics (``SAMEStatistics``, one per adapted layer, registered on the layer
 as ``same``) are buffers: they are saved with the adapters, and under ``ddp``
-every process adds the rows and sums of all processes, so they stay identical.
+they stay identical on every process.
+
+**The covariance** (``covariance: local``, the authors' code): every ``refresh_every``
+steps, in the forward of the step's first micro-batch (never in a checkpoint's
+recomputation), one randomized range finder on the layer's centred inputs in float32
+(a random ``d x max_directions`` test matrix, one product with ``X^T X``, a QR, the
+standard deviations along the columns). The router's directions come from it, and the
+last one of a task is the snapshot the next task's curvature rule uses (the authors'
+``save_task_covariance_snapshot`` copies the current estimate), with k from ``delta``
+of the energy it captured. ``covariance: running`` (the paper's description) folds every
+refresh into a float32 Frequent Directions sketch of the covariance over all tasks so
+far; router directions and snapshot come from it, k from ``delta`` of its trace.
+[choice] The estimate is over every process's rows at that step: the test matrix is
+shared and ``X^T X Omega`` (d x k), the rows' sum and k squared norms are summed over
+processes, no row crosses them. The authors' hooks rewrite each process's own gradient
+before DDP averages it; here the rewrites run on the averaged gradient, so every
+process must hold the same directions. [choice] At most ``stat_tokens`` rows per
+process (evenly spaced; the authors: every token; ``stat_tokens: null``). [choice] The
+directions are the principal ones inside the found range (the k x k covariance there,
+diagonalized), where the authors take the QR's columns as they come with the norm of
+the rows along each: a column of Q mixes directions, so a cut by ``delta`` over them
+keeps a span that is not the covariance's top one.
 
 **Task prior** (``prior: prototype``, the authors' code: ``RouterIntegration`` in
 their ``method/custom/specialized_integration.py``, outside the SAME layer). While
@@ -62,27 +83,24 @@ every task, unseen ones at random anchors, each with a weight about exp(-28 s) o
 an evaluation sample is fixed at prefill from its prompt, prior included (theirs
 re-pools the router on each decoded token, the prior fixed); per sample, where theirs
 takes the max cosine over the evaluation batch (their evaluation batch is 1 sample,
-so the two agree). The covariance is centred; ``covariance: running`` accumulates it
-over all tasks (the paper), ``batch`` re-estimates the router's directions from the
-current batch at each refresh (the public code; the expert snapshot still uses the
-running one); ``mu`` is absolute unless ``mu_relative``. At most ``stat_tokens``
-tokens per process and step feed the covariance (evenly spaced). The public code's
+so the two agree); ``mu`` is absolute unless ``mu_relative``. The public code's
 ``mixing="factorized"`` is not built (with one-hot training routing and a sharp prior
 the two mixings nearly agree).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm_cl.distributed import all_gather_rows, all_reduce_sum
+from mllm_cl.distributed import all_reduce_sum
 from mllm_cl.experts import BatchMeanRouter, CovarianceSketch, ExpertLayer, ExpertSetup, RoutingContext, expert_layers
 from mllm_cl.experts.routing import index_on
-from mllm_cl.experts.spectral import expert_rewrite, kept_directions, router_rewrite
+from mllm_cl.experts.spectral import expert_rewrite, kept_directions, kept_mask, range_finder, router_rewrite
 from mllm_cl.methods.base import Method
 from mllm_cl.methods.routing_encoder import RoutingEncoder, RoutingFeatures
 
@@ -105,20 +123,27 @@ def activation_sums(tokens: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 
 
 class SAMEStatistics(nn.Module):
-    """One adapted layer's statistics: input covariance, the previous task's snapshot, activation EMAs."""
+    """One adapted layer's statistics: the input covariance's directions, the previous task's snapshot,
+    activation EMAs. ``running``: the covariance over every task so far, a float32 Frequent Directions
+    sketch (``covariance``); otherwise only the last local estimate is kept."""
 
-    def __init__(self, dim: int, num_experts: int, rank: int) -> None:
+    def __init__(self, dim: int, num_experts: int, rank: int, *, running: bool = False, seed: int = 0) -> None:
         super().__init__()
-        self.covariance = CovarianceSketch(dim, rank)
+        if running:
+            self.covariance = CovarianceSketch(dim, rank, dtype=torch.float32, shrink=True)
         f64 = dict(dtype=torch.float64)
-        self.register_buffer("snapshot_directions", torch.zeros(dim, rank, **f64))
-        self.register_buffer("snapshot_sigma", torch.zeros(rank, **f64))
+        self.register_buffer("snapshot_directions", torch.zeros(dim, rank))
+        self.register_buffer("snapshot_sigma", torch.zeros(rank))
         self.register_buffer("snapshot_k", torch.zeros((), dtype=torch.long))
         self.register_buffer("utilization", torch.zeros(num_experts, **f64))
         self.register_buffer("importance", torch.zeros(num_experts, **f64))
         self.register_buffer("importance_seen", torch.zeros((), dtype=torch.bool))
         self.router_directions: torch.Tensor | None = None  # (d, k) refreshed from the covariance
         self.router_sigma: torch.Tensor | None = None
+        self.router_kept: torch.Tensor | None = None  # (K,) which of the router's directions count
+        self.local: tuple[torch.Tensor, torch.Tensor] | None = None  # the last local estimate: (d, K), (K,)
+        self.seed = seed  # this layer's test matrices: the same on every process
+        self.refreshed_at, self.refreshes = -1, 0  # the step of the last refresh; refreshes so far
         self.utilization_seen = False
         self.masks_final = False
         self._snapshot_host: tuple | None = None  # (the buffers' versions, k, mean sigma)
@@ -153,10 +178,14 @@ class SAME(Method):
         refresh_every: steps between refreshes of the router's directions.
         warmup_steps: steps of each task before the router rewrite starts.
         mu: the curvature scaling's damping (absolute, or times mean(S) with ``mu_relative``).
-        covariance: ``running`` (across tasks) or ``batch`` (the current batch) for the router.
+        covariance: ``local`` (the authors': every ``refresh_every`` steps, a randomized estimate from
+            that step's micro-batches, for the router and, the last one of a task, for the next task's
+            curvature snapshot) or ``running`` (the paper: every refresh folded into a Frequent
+            Directions sketch of the covariance over all tasks so far, for both).
         ema_decay: decay of the utilization / importance EMAs.
         mask_threshold: experts scoring below it are masked.
-        stat_tokens: real tokens per process and step added to the covariance.
+        stat_tokens: tokens per process a refresh estimates the covariance from (evenly spaced;
+            ``null``: every token of the micro-batch, the authors').
         spectral_routing, curvature_scaling, adaptive_activation: the three parts (ablations).
         routing_encoder: the frozen features the task prior compares (``backbone`` or ``clip``).
         prior: ``prototype`` (the authors' task prior at evaluation) or ``none``.
@@ -179,8 +208,8 @@ class SAME(Method):
 
     def __init__(self, experts: ExpertSetup, *, num_experts: int = 4, delta: float = 0.9, max_directions: int = 64,
                  refresh_every: int = 20, warmup_steps: int = 10, mu: float = 0.9, mu_relative: bool = False,
-                 covariance: str = "running", ema_decay: float = 0.95, mask_threshold: float = 0.1,
-                 stat_tokens: int = 256, spectral_routing: bool = True, curvature_scaling: bool = True,
+                 covariance: str = "local", ema_decay: float = 0.95, mask_threshold: float = 0.1,
+                 stat_tokens: int | None = 256, spectral_routing: bool = True, curvature_scaling: bool = True,
                  adaptive_activation: bool = True, routing_encoder: RoutingEncoder | None = None,
                  prior: str = "prototype", prior_scale: float = 28.0, prior_image_weight: float = 0.2,
                  expert_init: str = "normal", init_std: float = 0.01, ema_init: str = "uniform",
@@ -190,8 +219,10 @@ class SAME(Method):
                              "experts.initial_experts unset")
         if num_experts < 2:
             raise ValueError(f"same: num_experts must be >= 2, got {num_experts}")
-        if covariance not in ("running", "batch"):
-            raise ValueError(f"same: covariance must be 'running' or 'batch', got {covariance!r}")
+        if covariance not in ("local", "running"):
+            raise ValueError(f"same: covariance must be 'local' or 'running', got {covariance!r}")
+        if stat_tokens is not None and stat_tokens < 2:
+            raise ValueError(f"same: stat_tokens must be >= 2 or null, got {stat_tokens}")
         if not 0 < delta <= 1 or max_directions < 1 or refresh_every < 1 or mu <= 0:
             raise ValueError("same: need 0 < delta <= 1, max_directions >= 1, refresh_every >= 1 and mu > 0")
         for key, value, allowed in (("prior", prior, ("prototype", "none")), ("expert_init", expert_init, ("normal", "kaiming")),
@@ -223,13 +254,14 @@ class SAME(Method):
     # --------------------------------------------------------------- structure
     def build(self, model: nn.Module):
         report = super().build(model)
-        for layer in expert_layers(model).values():
-            stats = SAMEStatistics(layer.in_features, self.num_experts, self.max_directions)
+        for index, layer in enumerate(expert_layers(model).values()):
+            stats = SAMEStatistics(layer.in_features, self.num_experts, self.max_directions,
+                                   running=self.covariance == "running", seed=index)
             if self.ema_init == "uniform":  # importance starts at 1/E once and is carried across tasks
                 stats.importance.fill_(1.0 / self.num_experts)
                 stats.importance_seen.fill_(True)
             layer.add_module("same", stats.to(layer.base_layer.weight.device))
-            layer.register_observer("same", self.take_statistics)
+            layer.register_observer("same", partial(self.take_statistics, stats=stats))
             layer.register_gradient_transform(self.rewrite_gradients)
         if self.prior != "none":
             self.routing_encoder.bind(model, self.tokenizer)
@@ -256,7 +288,8 @@ class SAME(Method):
             stats = layer.same
             stats.utilization.fill_(1.0 / self.num_experts if self.ema_init == "uniform" else 0.0)
             stats.utilization_seen, stats.masks_final = self.ema_init == "uniform", False
-            stats.router_directions = stats.router_sigma = None
+            stats.router_directions = stats.router_sigma = stats.local = None
+            stats.refreshed_at = -1
             layer.routers["default"].masked = set()
             layer.requires_grad_(True)
             layer.base_layer.requires_grad_(False)
@@ -275,9 +308,9 @@ class SAME(Method):
         self._pending = {}
         for layer in expert_layers(model).values():
             stats = layer.same
-            vecs, vals, trace = stats.covariance.eig()
-            k = kept_directions(vals, trace, self.delta, self.max_directions)
-            stats.set_snapshot(vecs[:, :k], vals[:k].sqrt())
+            directions, sigma = self._estimate(stats)
+            if directions is not None:
+                stats.set_snapshot(directions, sigma)
             layer.routers["default"].masked = set()
 
     # ------------------------------------------------------------------- steps
@@ -315,7 +348,7 @@ class SAME(Method):
         flat = mask.reshape(-1)
         real = None if self.train_tokens == "all" else flat.bool().nonzero().flatten()
         n = flat.numel() if real is None else real.numel()
-        if n <= self.stat_tokens:
+        if self.stat_tokens is None or n <= self.stat_tokens:
             picked = torch.arange(n, device=flat.device) if real is None else real
         else:
             picked = torch.linspace(0, n - 1, self.stat_tokens, device=flat.device).long()
@@ -423,7 +456,7 @@ class SAME(Method):
             if names:
                 grad = torch.stack([router.rows[n].grad for n in names])  # (E', d)
                 dirs = stats.router_directions.to(grad.dtype)
-                new = router_rewrite(grad, dirs, stats.router_sigma.to(grad.dtype))
+                new = router_rewrite(grad, dirs, stats.router_sigma.to(grad.dtype), kept=stats.router_kept)
                 for n, g in zip(names, new):
                     router.rows[n].grad = g.clone()
         k, mean_sigma = stats.snapshot()
@@ -433,47 +466,80 @@ class SAME(Method):
             for expert in layer.experts.values():
                 if expert.A.grad is not None:
                     g = expert.A.grad
-                    expert.A.grad = expert_rewrite(g.double(), stats.snapshot_directions[:, :k], sigma, mu).to(g.dtype)
+                    expert.A.grad = expert_rewrite(g.float(), stats.snapshot_directions[:, :k], sigma, mu).to(g.dtype)
 
-    def take_statistics(self, x: torch.Tensor, routing, context: RoutingContext | None) -> dict | None:
-        """A layer observer (``ExpertLayer.register_observer``), in the training forward: at most
-        ``stat_tokens`` evenly spaced rows of the input's real tokens for the covariance, and the
-        activation sums (per expert: routing mass, mass times the token's squared norm; the token count)."""
+    def take_statistics(self, x: torch.Tensor, routing, context: RoutingContext | None, *,
+                        stats: SAMEStatistics | None = None) -> dict | None:
+        """A layer observer (``ExpertLayer.register_observer``), in the training forward (never in a
+        checkpoint's recomputation): the activation sums (per expert: routing mass, mass times the
+        token's squared norm; the token count), and on a refresh step (every ``refresh_every`` steps,
+        the first micro-batch of the step) the covariance's new estimate from ``stat_tokens`` rows of
+        this micro-batch (``refresh``). Nothing of the input is kept."""
         if routing is None or routing.probs is None or context is None or "attention_mask" not in context.extra:
             return None
         if STAT_ROWS not in context.cache:  # a context not made by ``routing_context``
             context.cache[STAT_ROWS] = self.statistics_rows(context.extra["attention_mask"])
         real, picked = context.cache[STAT_ROWS]  # index tensors on the device: nothing read back per layer
         tokens = x.reshape(-1, x.shape[-1])  # (B * L, d)
+        if stats is not None and stats.refreshed_at != self.steps and self.steps % self.refresh_every == 0 \
+                and (self.spectral_routing or self.curvature_scaling):
+            self.refresh(stats, tokens.index_select(0, picked))
         probs = routing.probs.detach().reshape(-1, routing.probs.shape[-1])  # (B * L, E)
-        rows = tokens.index_select(0, picked)
         if real is not None:
             tokens, probs = tokens.index_select(0, real), probs.index_select(0, real)  # (N, d), (N, E)
-        return {"rows": rows.double(), "sums": activation_sums(tokens.double(), probs.double())}
+        return {"sums": activation_sums(tokens.double(), probs.double())}
+
+    @torch.no_grad()
+    def refresh(self, stats: SAMEStatistics, rows: torch.Tensor) -> None:
+        """A new estimate of the layer's input covariance from ``rows`` (n, d) of every process
+        (``range_finder``: one d x k all-reduce, no rows cross), in float32: ``local`` keeps it as it
+        is, ``running`` folds it into the Frequent Directions sketch over all tasks (weighted by
+        ``refresh_every``: the steps it stands for). The router's directions follow."""
+        running = self.covariance == "running"
+        seed = (stats.seed * 1_000_003 + self.task * 65_537 + self.steps) % (2 ** 62)
+        directions, sigma, moments = range_finder(rows, self.max_directions, seed, centered=not running,
+                                                  reduce=all_reduce_sum)
+        if running:  # the rows' second moment along the directions, their sum and squares, refresh_every times
+            weight = float(self.refresh_every)
+            n = moments["count"]
+            energy = sigma.square() * (n - 1).clamp(min=1) * weight
+            stats.covariance.update(energy.sqrt()[:, None] * directions.T, count=float(n) * weight,
+                                    total=moments["total"] * weight, squares=moments["squares"] * weight)
+        else:
+            stats.local = (directions, sigma)
+        stats.refreshed_at, stats.refreshes = self.steps, stats.refreshes + 1
+        if self.spectral_routing:  # every direction, the kept ones marked: k stays on the device
+            vecs, vals, trace = self._spectrum(stats)
+            stats.router_kept = kept_mask(vals, trace, self.delta, self.max_directions, at_least_one=True)
+            stats.router_directions, stats.router_sigma = vecs, vals.sqrt()
+
+    def _spectrum(self, stats: SAMEStatistics):
+        """(directions (d, K), variances (K,), the trace ``delta`` cuts against) of the current estimate:
+        ``local``, the last refresh's, against the energy it captured (the authors' rule); ``running``,
+        the sketch's, against the covariance's trace."""
+        if self.covariance == "running":
+            return stats.covariance.eig()
+        vecs, sigma = stats.local
+        return vecs, sigma.square(), sigma.square().sum()
+
+    def _estimate(self, stats: SAMEStatistics):
+        """The kept directions (d, k) and their standard deviations (k,) of the current estimate, the
+        next task's snapshot (``_spectrum``, k by ``delta``); (None, None) before any estimate."""
+        if self.covariance != "running" and stats.local is None:
+            return None, None
+        vecs, vals, trace = self._spectrum(stats)
+        k = kept_directions(vals, trace, self.delta, self.max_directions)
+        return (vecs[:, :k], vals[:k].sqrt()) if k else (None, None)
 
     @torch.no_grad()
     def observe(self, model: nn.Module) -> None:
-        """After an optimizer step: covariance, router directions, activation EMAs and masks, from what
-        ``take_statistics`` took in the step's forward."""
+        """After an optimizer step: the activation EMAs and masks, from the sums ``take_statistics``
+        took in the step's forward (summed over processes: 2E + 1 numbers per layer)."""
         for layer in expert_layers(model).values():
             taken = layer.observed.get("same")
-            if taken is None:
-                continue
-            self._covariance(layer.same, taken["rows"])
-            self._activation(layer, taken["sums"])
+            if taken is not None:
+                self._activation(layer, taken["sums"])
         self.steps += 1
-
-    def _covariance(self, stats: SAMEStatistics, tokens: torch.Tensor) -> None:
-        rows = all_gather_rows(tokens)
-        stats.covariance.update(rows)
-        if self.spectral_routing and self.steps % self.refresh_every == 0:
-            sketch = stats.covariance
-            if self.covariance == "batch":
-                sketch = CovarianceSketch(rows.shape[1], self.max_directions).to(rows.device)
-                sketch.update(rows)
-            vecs, vals, trace = sketch.eig()
-            k = max(1, kept_directions(vals, trace, self.delta, self.max_directions))
-            stats.router_directions, stats.router_sigma = vecs[:, :k], vals[:k].sqrt()
 
     def _activation(self, layer: ExpertLayer, sums: torch.Tensor) -> None:
         stats, router = layer.same, layer.routers["default"]

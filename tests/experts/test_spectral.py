@@ -5,8 +5,10 @@ import torch
 
 from mllm_cl.experts.spectral import (
     CovarianceSketch,
+    range_finder,
     expert_rewrite,
     kept_directions,
+    kept_mask,
     router_rewrite,
     smoothed,
 )
@@ -92,3 +94,44 @@ def test_expert_rewrite_equals_the_dense_preconditioner():
     dense = U @ torch.diag(1 / (S + mu)) @ U.T + (torch.eye(10, dtype=torch.float64) - U @ U.T) / mu
     G = torch.randn(8, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(expert_rewrite(G, U, S, mu), G @ dense, atol=1e-12, rtol=1e-12)
+
+
+def test_frequent_directions_stays_within_its_error_bound():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 40, generator=g) * torch.linspace(5, 0.2, 40)  # a decaying spectrum, no exact low rank
+    sketch = CovarianceSketch(40, rank=8, centered=False, dtype=torch.float32, shrink=True)
+    for chunk in x.split(50):
+        sketch.update(chunk)
+    approx = (sketch.basis * sketch.moments) @ sketch.basis.T  # B^T B
+    error = torch.linalg.matrix_norm(x.T @ x - approx, ord=2)
+    assert error <= x.square().sum() / 8  # ||A^T A - B^T B||_2 <= ||A||_F^2 / rank
+    assert torch.all(torch.linalg.eigvalsh(x.T @ x - approx) >= -1e-2 * error)  # it never overestimates
+
+
+def test_range_finder_is_exact_on_data_of_lower_rank():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(200, 5, generator=g) @ torch.randn(5, 30, generator=g) + 3.0  # rank 5 after centring
+    directions, sigma, moments = range_finder(x, 8, seed=0)
+    vals, vecs = torch.linalg.eigh(_dense_covariance(x.double()))
+    unbiased = vals.flip(0)[:5] * 200 / 199  # range_finder divides by N - 1
+    torch.testing.assert_close(sigma[:5].double(), unbiased.sqrt(), rtol=1e-4, atol=1e-4)
+    overlap = torch.linalg.svdvals(directions[:, :5].double().T @ vecs[:, -5:])
+    torch.testing.assert_close(overlap, torch.ones(5, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    assert float(moments["count"]) == 200 and torch.allclose(moments["total"], x.sum(0))
+    torch.testing.assert_close(directions.T @ directions, torch.eye(8), rtol=0, atol=1e-5)
+
+
+def test_a_kept_mask_is_the_slice_it_marks():
+    g = torch.Generator().manual_seed(5)
+    vals = torch.tensor([9.0, 4.0, 2.0, 1.0, 0.5, 0.25])
+    trace = vals.sum() + 1.0
+    for delta in (0.3, 0.6, 0.9, 1.0):
+        k = kept_directions(vals, trace, delta, 5)
+        assert kept_mask(vals, trace, delta, 5).tolist() == [i < k for i in range(6)]
+    assert not kept_mask(vals, torch.tensor(0.0), 0.9, 5).any()
+    assert kept_mask(vals, torch.tensor(0.0), 0.9, 5, at_least_one=True).tolist() == [True] + [False] * 5
+    dirs, _ = torch.linalg.qr(torch.randn(12, 6, generator=g))
+    grad, sigma = torch.randn(3, 12, generator=g), vals.sqrt()
+    mask = kept_mask(vals, trace, 0.8, 6)
+    k = int(mask.sum())
+    torch.testing.assert_close(router_rewrite(grad, dirs, sigma, kept=mask), router_rewrite(grad, dirs[:, :k], sigma[:k]))

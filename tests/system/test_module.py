@@ -131,6 +131,31 @@ def test_observers_run_once_per_step_under_checkpointing():
     assert len(calls) == 4
 
 
+@pytest.mark.parametrize("covariance", ["local", "running"])
+def test_same_refreshes_its_statistics_as_often_with_checkpointing_as_without(covariance):
+    from mllm_cl.experts import expert_layers
+    from mllm_cl.methods import SAME
+
+    counts, snapshots = [], []
+    for checkpointing in (False, True):
+        method = SAME(ExpertSetup(["up_proj", "down_proj"], rank=4), num_experts=3, refresh_every=2, prior="none",
+                      covariance=covariance, max_directions=8)
+        module = ContinualMLLM(method, gradient_checkpointing=checkpointing)
+        method.on_task_start(module.model, 0)
+        module.train()
+        for step in range(5):  # refreshes at steps 0, 2 and 4
+            loss, _ = module.forward_batch(_micro_batch(module, seed=step), training=True)
+            loss.backward()
+            method.observe(module.model)
+            module.model.zero_grad()
+        layers = list(expert_layers(module.model).values())
+        counts.append([layer.same.refreshes for layer in layers])
+        method.on_task_end(module.model, 0)
+        snapshots.append(torch.cat([layer.same.snapshot_sigma for layer in layers]))
+    assert counts[0] == counts[1] == [3] * 4  # 2 layers x (up_proj, down_proj), once per refresh step
+    torch.testing.assert_close(snapshots[0], snapshots[1])
+
+
 def test_the_load_device_follows_the_trainers_accelerator(monkeypatch):
     from mllm_cl.system.module import load_device_for
 
