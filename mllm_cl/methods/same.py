@@ -103,6 +103,7 @@ from mllm_cl.experts.routing import index_on
 from mllm_cl.experts.spectral import expert_rewrite, kept_directions, kept_mask, range_finder, router_rewrite
 from mllm_cl.methods.base import Method
 from mllm_cl.methods.routing_encoder import RoutingEncoder, RoutingFeatures
+from mllm_cl.methods.same_drift import DriftMeter
 
 
 #: ``RoutingContext.cache`` key of a training forward's statistics rows (``SAME.statistics_rows``).
@@ -250,6 +251,7 @@ class SAME(Method):
         self.anchors: dict[int, dict[str, torch.Tensor]] = {}
         self._pending: dict[int, dict[str, torch.Tensor]] = {}  # this process, the task in training
         self._hits: dict[tuple[int, int], int] = {}  # (true task, the prior's top-1 task) -> samples
+        self.drift, self._drift_report = DriftMeter(), None  # what a task does to earlier experts
 
     # --------------------------------------------------------------- structure
     def build(self, model: nn.Module):
@@ -293,6 +295,8 @@ class SAME(Method):
             layer.routers["default"].masked = set()
             layer.requires_grad_(True)
             layer.base_layer.requires_grad_(False)
+        self.drift.begin(model, self.current_expert())
+        self._drift_report = None
 
     def current_expert(self) -> str:
         return f"e{min(self.task, self.num_experts - 1)}"
@@ -306,6 +310,7 @@ class SAME(Method):
                 for k, v in sums.items():
                     total[k] += v.to(total[k])
         self._pending = {}
+        self._drift_report = self.drift.report(model, self.mu, self.mu_relative)  # under this task's snapshot
         for layer in expert_layers(model).values():
             stats = layer.same
             directions, sigma = self._estimate(stats)
@@ -422,8 +427,14 @@ class SAME(Method):
                 self._hits[(true, c)] = self._hits.get((true, c), 0) + 1
 
     def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:
+        out = {"drift": self._drift_report} if self._drift_report is not None else {}
+        self._drift_report = None
+        prior = self._prior_metrics(task_names)
+        return {**out, **prior} if out or prior else None
+
+    def _prior_metrics(self, task_names: list[str]) -> dict[str, Any]:
         if self.prior == "none" or not self.anchors:
-            return None
+            return {}
         T = len(task_names)
         confusion = torch.zeros(T, T, dtype=torch.float64)  # [true task, the prior's top-1 task]
         for (true, chosen), n in self._hits.items():
@@ -535,13 +546,14 @@ class SAME(Method):
     def observe(self, model: nn.Module) -> None:
         """After an optimizer step: the activation EMAs and masks, from the sums ``take_statistics``
         took in the step's forward (summed over processes: 2E + 1 numbers per layer)."""
-        for layer in expert_layers(model).values():
+        for name, layer in expert_layers(model).items():
             taken = layer.observed.get("same")
             if taken is not None:
-                self._activation(layer, taken["sums"])
+                self._activation(layer, taken["sums"], name)
         self.steps += 1
+        self.drift.steps += 1
 
-    def _activation(self, layer: ExpertLayer, sums: torch.Tensor) -> None:
+    def _activation(self, layer: ExpertLayer, sums: torch.Tensor, name: str = "") -> None:
         stats, router = layer.same, layer.routers["default"]
         sums = all_reduce_sum(sums)  # every process's tokens
         E = (sums.shape[0] - 1) // 2
@@ -559,3 +571,5 @@ class SAME(Method):
         router.masked = {n for n, s in zip(router.expert_names, score.tolist()) if s < self.mask_threshold
                          and n != current}
         stats.masks_final = len(router.masked) == len(router.expert_names) - 1
+        if stats.masks_final:
+            self.drift.masks_closed(name, layer, self.steps)

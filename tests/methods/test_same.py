@@ -203,3 +203,34 @@ def test_options_are_checked():
         SAME(ExpertSetup(["up_proj"]), covariance="sometimes")
     with pytest.raises(ValueError, match="builds its own router"):
         SAME(ExpertSetup(["up_proj"], router=BatchMeanRouter))
+
+
+def test_drift_reports_what_a_task_did_to_the_other_experts():
+    model, method = _setup(spectral_routing=False, adaptive_activation=False, refresh_every=1)
+    for seed in range(2):
+        _step(model, method, _batch(seed))
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+        method.observe(model)
+        model.zero_grad()
+    method.on_task_end(model, 0)
+    assert method.stage_metrics(["a", "b"])["drift"]["mask_close_step"] == {"median": None, "last": None,
+                                                                             "never": 4}
+    method.on_task_start(model, 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts.e0." in n}
+    for seed in range(2, 4):
+        _step(model, method, _batch(seed))
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+        method.observe(model)
+        model.zero_grad()
+    method.on_task_end(model, 1)
+    drift = method.stage_metrics(["a", "b"])["drift"]
+    assert set(drift["experts"]) == {"e0", "e2"}  # every expert but task 2's own (e1)
+    after = dict(model.named_parameters())
+    total = sum(float((after[n] - before[n]).square().sum()) for n in before) ** 0.5
+    e0 = drift["experts"]["e0"]
+    assert total > 0 and e0["update_before_close"] == pytest.approx(total, rel=1e-4)  # the masks never closed
+    assert e0["update_after_close"] == 0
+    moved_a = sum(float((after[n] - before[n]).square().sum()) for n in before if n.endswith(".A")) ** 0.5
+    assert (e0["A_inside_snapshot"] ** 2 + e0["A_outside_snapshot"] ** 2) ** 0.5 == pytest.approx(moved_a, rel=1e-4)
+    assert 0 < drift["inside_over_outside_scale"] < 1  # mu / (sigma + mu) over the snapshot's directions
+    assert method.stage_metrics(["a", "b"]) is None  # reported once
