@@ -197,6 +197,10 @@ class SAME(Method):
         ema_init: ``uniform`` (utilization and importance start at 1/E, the authors') or ``first_batch``.
         train_tokens: ``all`` (every position of the micro-batch, the authors') or ``real`` (no padding):
             the tokens the training batch mean, the activation EMAs and the covariance see.
+        masks_at_start: from the second task on, apply the adaptive-activation rule once before the
+            task's first step, to the statistics earlier tasks left (the utilization reset to uniform,
+            the importance carried), instead of only after each step (the authors'): no step trains the
+            experts it masks. An extension, off by default.
         route_by: ``router`` (the method: its router times its prior) or ``task_id`` (the oracle: the
             prior is the true task's, on the experts it trained; see the module docstring).
     """
@@ -214,7 +218,7 @@ class SAME(Method):
                  adaptive_activation: bool = True, routing_encoder: RoutingEncoder | None = None,
                  prior: str = "prototype", prior_scale: float = 28.0, prior_image_weight: float = 0.2,
                  expert_init: str = "normal", init_std: float = 0.01, ema_init: str = "uniform",
-                 train_tokens: str = "all", route_by: str = "router") -> None:
+                 train_tokens: str = "all", route_by: str = "router", masks_at_start: bool = False) -> None:
         if experts.router is not None or experts.initial_experts:
             raise ValueError("same builds its own router and experts: leave experts.router and "
                              "experts.initial_experts unset")
@@ -245,7 +249,7 @@ class SAME(Method):
         self.routing_encoder = routing_encoder or RoutingEncoder()
         self.prior, self.prior_scale, self.prior_image_weight = prior, prior_scale, prior_image_weight
         self.expert_init, self.init_std, self.ema_init, self.train_tokens = expert_init, init_std, ema_init, train_tokens
-        self.route_by = route_by
+        self.route_by, self.masks_at_start = route_by, masks_at_start
         self.task, self.steps = 0, 0
         # Per seen task: sums and counts of its training samples' features (anchor = sum / count).
         self.anchors: dict[int, dict[str, torch.Tensor]] = {}
@@ -297,6 +301,9 @@ class SAME(Method):
             layer.base_layer.requires_grad_(False)
         self.drift.begin(model, self.current_expert())
         self._drift_report = None
+        if self.masks_at_start and self.adaptive_activation and task > 0:  # before the task's first step
+            for name, layer in expert_layers(model).items():
+                self._update_masks(layer, name)
 
     def current_expert(self) -> str:
         return f"e{min(self.task, self.num_experts - 1)}"
@@ -564,8 +571,13 @@ class SAME(Method):
         stats.importance.copy_(d * stats.importance + (1 - d) * f if bool(stats.importance_seen) else f)
         stats.utilization_seen = True
         stats.importance_seen.fill_(True)
-        if not self.adaptive_activation or stats.masks_final:
-            return
+        if self.adaptive_activation and not stats.masks_final:
+            self._update_masks(layer, name)
+
+    def _update_masks(self, layer: ExpertLayer, name: str) -> None:
+        """The adaptive-activation rule: experts scoring ``minmax(u) - minmax(f)`` below ``mask_threshold``
+        are masked (never the current task's); once every other expert is, the masks stay until the task ends."""
+        stats, router = layer.same, layer.routers["default"]
         score = minmax(stats.utilization) - minmax(stats.importance)
         current = self.current_expert()
         router.masked = {n for n, s in zip(router.expert_names, score.tolist()) if s < self.mask_threshold

@@ -234,3 +234,17 @@ def test_drift_reports_what_a_task_did_to_the_other_experts():
     assert (e0["A_inside_snapshot"] ** 2 + e0["A_outside_snapshot"] ** 2) ** 0.5 == pytest.approx(moved_a, rel=1e-4)
     assert 0 < drift["inside_over_outside_scale"] < 1  # mu / (sigma + mu) over the snapshot's directions
     assert method.stage_metrics(["a", "b"]) is None  # reported once
+
+
+def test_masks_at_start_close_the_other_experts_before_the_first_step():
+    model, method = _setup(masks_at_start=True, refresh_every=1)
+    layer = next(iter(expert_layers(model).values()))
+    assert layer.routers["default"].masked == set()  # the first task: nothing to protect
+    _step(model, method, _batch(0))
+    method.observe(model)
+    model.zero_grad()
+    method.on_task_end(model, 0)
+    method.on_task_start(model, 1)
+    assert layer.routers["default"].masked == {"e0", "e2"} and layer.same.masks_final
+    _step(model, method, _batch(1))  # the first step of task 2 trains its own expert only
+    assert layer.experts["e0"].A.grad is None and layer.experts["e1"].A.grad is not None
