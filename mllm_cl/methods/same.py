@@ -199,8 +199,9 @@ class SAME(Method):
             the tokens the training batch mean, the activation EMAs and the covariance see.
         masks_at_start: from the second task on, apply the adaptive-activation rule once before the
             task's first step, to the statistics earlier tasks left (the utilization reset to uniform,
-            the importance carried), instead of only after each step (the authors'): no step trains the
-            experts it masks. An extension, off by default.
+            the importance carried), as well as after each step. [choice] On by default: with the
+            authors' rule alone (``false``) the first steps of every task train the experts the masks
+            close a few steps later, and that is where the old experts drift (docs/results.md).
         route_by: ``router`` (the method: its router times its prior) or ``task_id`` (the oracle: the
             prior is the true task's, on the experts it trained; see the module docstring).
     """
@@ -218,7 +219,7 @@ class SAME(Method):
                  adaptive_activation: bool = True, routing_encoder: RoutingEncoder | None = None,
                  prior: str = "prototype", prior_scale: float = 28.0, prior_image_weight: float = 0.2,
                  expert_init: str = "normal", init_std: float = 0.01, ema_init: str = "uniform",
-                 train_tokens: str = "all", route_by: str = "router", masks_at_start: bool = False) -> None:
+                 train_tokens: str = "all", route_by: str = "router", masks_at_start: bool = True) -> None:
         if experts.router is not None or experts.initial_experts:
             raise ValueError("same builds its own router and experts: leave experts.router and "
                              "experts.initial_experts unset")

@@ -118,7 +118,7 @@ def test_masked_experts_get_no_gradient_and_do_not_move():
 
 
 def test_masks_never_take_the_current_tasks_expert_and_freeze_once_complete():
-    model, method = _setup(spectral_routing=False, curvature_scaling=False)
+    model, method = _setup(spectral_routing=False, curvature_scaling=False, masks_at_start=False)  # the authors' rule
     layer = next(iter(expert_layers(model).values()))
     stats, router = layer.same, layer.routers["default"]
     tokens = torch.randn(10, layer.in_features, dtype=torch.float64)
