@@ -16,6 +16,9 @@ expert stays trainable; three parts stabilize it, each switchable for ablations:
   ``minmax(u) - minmax(f)`` is below ``mask_threshold``, except the current
   task's; masks are recomputed after every step until every other expert is
   masked, then kept until the task ends. Masked experts get no gradient.
+  ``masks_at_start`` (default) also applies the rule before a task's first step
+  (from the second task), so no step trains the experts it masks; ``false`` is
+  the authors' rule alone.
 
 Statistics (``SAMEStatistics``, one per adapted layer, registered on the layer
 as ``same``) are buffers: they are saved with the adapters, and under ``ddp``
@@ -24,16 +27,16 @@ they stay identical on every process.
 **The covariance** (``covariance: local``, the authors' code): every ``refresh_every``
 steps, in the forward of the step's first micro-batch (never in a checkpoint's
 recomputation), one randomized range finder on the layer's centred inputs in float32
-(a random ``d x max_directions`` test matrix, one product with ``X^T X``, a QR, the
-standard deviations along the columns). The router's directions come from it, and the
+(a random ``d x max_directions`` test matrix, one product with ``X^T X``, a QR, and
+the covariance inside the range it finds). The router's directions come from it, and the
 last one of a task is the snapshot the next task's curvature rule uses (the authors'
 ``save_task_covariance_snapshot`` copies the current estimate), with k from ``delta``
 of the energy it captured. ``covariance: running`` (the paper's description) folds every
 refresh into a float32 Frequent Directions sketch of the covariance over all tasks so
 far; router directions and snapshot come from it, k from ``delta`` of its trace.
 [choice] The estimate is over every process's rows at that step: the test matrix is
-shared and ``X^T X Omega`` (d x k), the rows' sum and k squared norms are summed over
-processes, no row crosses them. The authors' hooks rewrite each process's own gradient
+shared and ``X^T X Omega`` (d x k), the k x k covariance inside its range and the rows'
+sum are summed over processes, no row crosses them. The authors' hooks rewrite each process's own gradient
 before DDP averages it; here the rewrites run on the averaged gradient, so every
 process must hold the same directions. [choice] At most ``stat_tokens`` rows per
 process (evenly spaced; the authors: every token; ``stat_tokens: null``). [choice] The
@@ -522,7 +525,7 @@ class SAME(Method):
             weight = float(self.refresh_every)
             n = moments["count"]
             energy = sigma.square() * (n - 1).clamp(min=1) * weight
-            stats.covariance.update(energy.sqrt()[:, None] * directions.T, count=float(n) * weight,
+            stats.covariance.update(energy.sqrt()[:, None] * directions.T, count=n * weight,
                                     total=moments["total"] * weight, squares=moments["squares"] * weight)
         else:
             stats.local = (directions, sigma)
