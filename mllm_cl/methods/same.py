@@ -259,7 +259,8 @@ class SAME(Method):
         self.anchors: dict[int, dict[str, torch.Tensor]] = {}
         self._pending: dict[int, dict[str, torch.Tensor]] = {}  # this process, the task in training
         self._hits: dict[tuple[int, int], int] = {}  # (true task, the prior's top-1 task) -> samples
-        self.drift, self._drift_report = DriftMeter(), None  # what a task does to earlier experts
+        self.drift = DriftMeter()  # what a task does to earlier experts
+        self.drift_reports: dict[int, dict[str, Any]] = {}  # per finished task (kept in the method's state)
 
     # --------------------------------------------------------------- structure
     def build(self, model: nn.Module):
@@ -304,7 +305,6 @@ class SAME(Method):
             layer.requires_grad_(True)
             layer.base_layer.requires_grad_(False)
         self.drift.begin(model, self.current_expert())
-        self._drift_report = None
         if self.masks_at_start and self.adaptive_activation and task > 0:  # before the task's first step
             for name, layer in expert_layers(model).items():
                 self._update_masks(layer, name)
@@ -321,7 +321,9 @@ class SAME(Method):
                 for k, v in sums.items():
                     total[k] += v.to(total[k])
         self._pending = {}
-        self._drift_report = self.drift.report(model, self.mu, self.mu_relative)  # under this task's snapshot
+        report = self.drift.report(model, self.mu, self.mu_relative)  # under this task's snapshot
+        if report is not None:  # (a replay trains nothing: the state's report stays)
+            self.drift_reports[task] = report
         for layer in expert_layers(model).values():
             stats = layer.same
             directions, sigma = self._estimate(stats)
@@ -438,8 +440,8 @@ class SAME(Method):
                 self._hits[(true, c)] = self._hits.get((true, c), 0) + 1
 
     def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:
-        out = {"drift": self._drift_report} if self._drift_report is not None else {}
-        self._drift_report = None
+        drift = self.drift_reports.get(self.task) if self.drift_reports else None  # the task just finished
+        out = {"drift": drift} if drift is not None else {}
         prior = self._prior_metrics(task_names)
         return {**out, **prior} if out or prior else None
 
@@ -461,11 +463,13 @@ class SAME(Method):
     # ------------------------------------------------------------------- state
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         tensors = {f"anchor.{t}.{k}": v.cpu() for t, a in self.anchors.items() for k, v in a.items()}
-        return {"anchor_tasks": sorted(self.anchors)}, tensors
+        drift = {str(t): r for t, r in sorted(self.drift_reports.items())}
+        return {"anchor_tasks": sorted(self.anchors), "drift": drift}, tensors
 
     def load_state(self, facts: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         keys = ("image_sum", "image_count", "text_sum", "text_count")
         self.anchors = {int(t): {k: tensors[f"anchor.{t}.{k}"] for k in keys} for t in facts.get("anchor_tasks", [])}
+        self.drift_reports = {int(t): r for t, r in facts.get("drift", {}).items()}
 
     def rewrite_gradients(self, layer: ExpertLayer) -> None:
         """Between backward and the optimizer step (``ExpertLayer.apply_gradient_transforms``)."""

@@ -1,5 +1,7 @@
 """SAME on a tiny backbone: the gradient rewrites in place, masking, statistics buffers, routing modes."""
 
+import json
+
 import pytest
 import torch
 
@@ -233,7 +235,11 @@ def test_drift_reports_what_a_task_did_to_the_other_experts():
     moved_a = sum(float((after[n] - before[n]).square().sum()) for n in before if n.endswith(".A")) ** 0.5
     assert (e0["A_inside_snapshot"] ** 2 + e0["A_outside_snapshot"] ** 2) ** 0.5 == pytest.approx(moved_a, rel=1e-4)
     assert 0 < drift["inside_over_outside_scale"] < 1  # mu / (sigma + mu) over the snapshot's directions
-    assert method.stage_metrics(["a", "b"]) is None  # reported once
+    facts, tensors = method.state()  # kept with the task's checkpoint: a re-evaluation reports it again
+    again = _setup(spectral_routing=False, adaptive_activation=False, refresh_every=1)[1]
+    again.load_state(json.loads(json.dumps(facts)), tensors)
+    again.task = 1
+    assert again.stage_metrics(["a", "b"])["drift"] == json.loads(json.dumps(drift))
 
 
 def test_masks_at_start_close_the_other_experts_before_the_first_step():
