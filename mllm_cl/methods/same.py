@@ -321,7 +321,7 @@ class SAME(Method):
                 for k, v in sums.items():
                     total[k] += v.to(total[k])
         self._pending = {}
-        report = self.drift.report(model, self.mu, self.mu_relative)  # under this task's snapshot
+        report = self.drift.report(model, self.mu, self.mu_relative, self.steps)  # under this task's snapshot
         if report is not None:  # (a replay trains nothing: the state's report stays)
             self.drift_reports[task] = report
         for layer in expert_layers(model).values():
@@ -566,10 +566,9 @@ class SAME(Method):
             if taken is not None:
                 self._activation(layer, taken["sums"], name)
         self.steps += 1
-        self.drift.steps += 1
 
     def _activation(self, layer: ExpertLayer, sums: torch.Tensor, name: str = "") -> None:
-        stats, router = layer.same, layer.routers["default"]
+        stats = layer.same
         sums = all_reduce_sum(sums)  # every process's tokens
         E = (sums.shape[0] - 1) // 2
         n = sums[-1].clamp(min=1)

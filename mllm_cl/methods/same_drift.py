@@ -25,12 +25,11 @@ class DriftMeter:
     def __init__(self) -> None:
         self.start: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.closed: dict[str, tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
-        self.steps = 0  # optimizer steps seen since ``begin`` (none: a replay, nothing to report)
 
     @torch.no_grad()
     def begin(self, model: nn.Module, own: str) -> None:
         """At a task's start: every other expert's A and B, copied."""
-        self.closed, self.steps = {}, 0
+        self.closed = {}
         self.start = {(name, e): (layer.experts[e].A.detach().clone(), layer.experts[e].B.detach().clone())
                       for name, layer in expert_layers(model).items() for e in layer.expert_names if e != own}
 
@@ -42,9 +41,10 @@ class DriftMeter:
                                         for n, e in self.start if n == name})
 
     @torch.no_grad()
-    def report(self, model: nn.Module, mu: float, mu_relative: bool) -> dict[str, Any] | None:
-        """The task's drift (see the module docstring); ``None`` when no step trained since ``begin``."""
-        if not self.steps:
+    def report(self, model: nn.Module, mu: float, mu_relative: bool, steps: int) -> dict[str, Any] | None:
+        """The task's drift (see the module docstring) after ``steps`` optimizer steps; ``None`` for none
+        (a replay of a finished task trains nothing)."""
+        if not steps:
             return None
         layers = expert_layers(model)
         closing = [self.closed[name][0] for name in layers if name in self.closed]
