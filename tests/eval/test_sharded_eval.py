@@ -1,20 +1,10 @@
 """Evaluation under two processes (gloo, CPU): every test sample scored exactly once, in order."""
 
 import json
-import os
-import socket
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from two_processes import spawn_two
 
 from mllm_cl.eval.sharding import ShardSampler
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _predict_all(bench: str, batch_size: int):
@@ -31,16 +21,10 @@ def _predict_all(bench: str, batch_size: int):
     return [(r["question_id"], r["text"]) for r in rows]
 
 
-def _worker(rank: int, world: int, port: int, bench: str, out: str) -> None:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        rows = _predict_all(bench, batch_size=2)
-        with open(f"{out}.{rank}", "w") as f:
-            json.dump(rows, f)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, bench: str, out: str) -> None:
+    rows = _predict_all(bench, batch_size=2)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(rows, f)
 
 
 def test_shards_partition_without_padding():
@@ -55,7 +39,7 @@ def test_two_processes_score_each_sample_once(tmp_path):
 
     generate(tmp_path / "bench", tasks=["color"], train_size=1, test_size=7, progress=False)  # odd: 4 + 3
     single = _predict_all(str(tmp_path / "bench"), batch_size=3)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "bench"), str(tmp_path / "rows")), nprocs=2, join=True)
+    spawn_two(_worker, str(tmp_path / "bench"), str(tmp_path / "rows"), store=tmp_path / "store")
     for rank in range(2):
         rows = [tuple(r) for r in json.loads((tmp_path / f"rows.{rank}").read_text())]
         assert rows == single  # all 7, each once, in dataset order, identical answers

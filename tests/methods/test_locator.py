@@ -3,8 +3,7 @@ diagonal distance cannot tell apart; state round trips; two processes equal one 
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from two_processes import spawn_two
 
 from mllm_cl.experts import ExpertSetup
 from mllm_cl.methods import LLaVACMoE
@@ -75,17 +74,13 @@ def test_locator_state_round_trips(kind):
     assert torch.equal(fresh.locator.scores(probe), method.locator.scores(probe))
 
 
-def _worker(rank, kind, init_file, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        train, _ = clouds(n=60, dtype=torch.float64)
-        locator = TaskLocator(steps=40) if kind == "vae" else GaussianLocator()
-        for t in train:
-            index = torch.arange(rank, t.shape[0], 2)  # this process's share, as the fitter splits the data
-            locator.fit_task(t[index], index, seed=5)
-        torch.save(locator.state_dict(), f"{out}/{kind}{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, kind, out):
+    train, _ = clouds(n=60, dtype=torch.float64)
+    locator = TaskLocator(steps=40) if kind == "vae" else GaussianLocator()
+    for t in train:
+        index = torch.arange(rank, t.shape[0], 2)  # this process's share, as the fitter splits the data
+        locator.fit_task(t[index], index, seed=5)
+    torch.save(locator.state_dict(), f"{out}/{kind}{rank}.pt")
 
 
 @pytest.mark.parametrize("kind", ["vae", "gaussian"])
@@ -94,7 +89,7 @@ def test_two_processes_fit_the_locator_one_process_fits(tmp_path, kind):
     locator = TaskLocator(steps=40) if kind == "vae" else GaussianLocator()
     for t in train:
         locator.fit_task(t, torch.arange(t.shape[0]), seed=5)
-    mp.spawn(_worker, args=(kind, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn_two(_worker, kind, str(tmp_path), store=tmp_path / "store")
     for rank in (0, 1):
         got = torch.load(tmp_path / f"{kind}{rank}.pt")
         expected = locator.state_dict()

@@ -10,8 +10,8 @@ process of the whole batch, by the method's definition.)
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+from two_processes import spawn_two
 
 from mllm_cl.experts import ExpertSetup
 from mllm_cl.methods import SAME
@@ -62,8 +62,7 @@ def feed(method, layer, rows, probs):
     method.on_task_end(layer, 0)
 
 
-def _worker(rank, init_file, out_dir, covariance):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+def _worker(rank, out_dir, covariance):
     sent = []
     original = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "broadcast", "all_gather_object")}
 
@@ -74,19 +73,16 @@ def _worker(rank, init_file, out_dir, covariance):
             return original[name](tensor, *args, **kwargs)
         return call
 
-    try:
-        method, layer = _layer(covariance)
-        rows, probs, _ = data()
-        half = slice(rank * ROWS // 2, (rank + 1) * ROWS // 2)  # each process sees its half of every step
-        for name in original:
-            setattr(dist, name, counting(name))
-        feed(method, layer, rows[:, half], probs[:, half])
-        for name, fn in original.items():
-            setattr(dist, name, fn)
-        torch.save({"state": layer.same.state_dict(), "masked": sorted(layer.routers["default"].masked),
-                    "current": current(method, layer), "sent": sent}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    method, layer = _layer(covariance)
+    rows, probs, _ = data()
+    half = slice(rank * ROWS // 2, (rank + 1) * ROWS // 2)  # each process sees its half of every step
+    for name in original:
+        setattr(dist, name, counting(name))
+    feed(method, layer, rows[:, half], probs[:, half])
+    for name, fn in original.items():
+        setattr(dist, name, fn)
+    torch.save({"state": layer.same.state_dict(), "masked": sorted(layer.routers["default"].masked),
+                "current": current(method, layer), "sent": sent}, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.parametrize("covariance", ["local", "running"])
@@ -98,7 +94,7 @@ def test_statistics_agree_with_one_process_find_the_subspace_and_send_no_rows(tm
     k = int(expected["snapshot_k"])  # delta = 0.9 of the energy: the signal's top directions
     assert 1 <= k <= RANK and largest_angle(expected["snapshot_directions"][:, :k], basis) < 5
     assert largest_angle(current(method, layer)[:, :RANK], basis) < 5  # the estimate's top 8: the signal's span
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), covariance), nprocs=2, join=True)
+    spawn_two(_worker, str(tmp_path), covariance, store=tmp_path / "store")
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["state"].keys() == expected.keys()

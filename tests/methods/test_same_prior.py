@@ -8,9 +8,8 @@ sample per batch as their inference runs it (batch size 1).
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from two_processes import spawn_two
 
 from mllm_cl.backbones import build_preset
 from mllm_cl.experts import BatchMeanRouter, ExpertSetup, RoutingContext, expert_layers
@@ -193,18 +192,14 @@ def test_anchors_survive_save_and_resume_bit_exactly(tmp_path):
             assert torch.equal(fresh.anchors[t][k].to(v), v), (t, k)
 
 
-def _ddp_worker(rank, init_file, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        method, model = _method()
-        feats = _feats(10, method.routing_encoder.image_dim, 5)
-        half = slice(5 * rank, 5 * rank + 5)
-        part = RoutingFeatures(image=feats.image[half].double(), text=feats.text[half].double(),
-                               has_image=feats.has_image[half])
-        _train_task(method, model, 0, [part])
-        torch.save(method.anchors, f"{out}/anchors{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank, out):
+    method, model = _method()
+    feats = _feats(10, method.routing_encoder.image_dim, 5)
+    half = slice(5 * rank, 5 * rank + 5)
+    part = RoutingFeatures(image=feats.image[half].double(), text=feats.text[half].double(),
+                           has_image=feats.has_image[half])
+    _train_task(method, model, 0, [part])
+    torch.save(method.anchors, f"{out}/anchors{rank}.pt")
 
 
 def test_anchors_under_two_processes_equal_one_process(tmp_path):
@@ -212,7 +207,7 @@ def test_anchors_under_two_processes_equal_one_process(tmp_path):
     feats = _feats(10, method.routing_encoder.image_dim, 5)
     _train_task(method, model, 0, [RoutingFeatures(image=feats.image.double(), text=feats.text.double(),
                                                    has_image=feats.has_image)])
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn_two(_ddp_worker, str(tmp_path), store=tmp_path / "store")
     for rank in (0, 1):
         got = torch.load(tmp_path / f"anchors{rank}.pt")
         for k, v in method.anchors[0].items():
