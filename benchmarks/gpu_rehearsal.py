@@ -334,7 +334,7 @@ def method_config(name: str, work: Path) -> Path:
 
 
 #: Per method: options that keep a rehearsal step a training step of the method's usual shape.
-METHOD_OPTIONS = {"routing": ["--model.method.init_args.gate_accumulation", "1"]}
+METHOD_OPTIONS = {"routing": ["--model.method.init_args.gate_batch", "null"]}
 
 
 def fit_args(name: str, args, device: torch.device, work: Path) -> list[str]:

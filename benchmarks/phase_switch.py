@@ -79,7 +79,7 @@ def run(code: Path, bench: Path, out: Path, args) -> dict:
     cmd = [sys.executable, "-m", "mllm_cl.cli", "fit", "--config", "configs/micro.yaml",
            "--config", "configs/methods/routing.yaml", "--data.benchmark", str(bench),
            "--trainer.default_root_dir", str(out), "--model.steps_per_task", str(args.steps),
-           "--model.method.init_args.gate_steps", str(args.steps), "--model.method.init_args.gate_accumulation", "1",
+           "--model.method.init_args.gate_steps", str(args.steps), "--model.method.init_args.gate_batch", "null",
            "--model.backbone_overrides", overrides, "--data.test_limit", "2",
            "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.callbacks+", "phase_switch.PhaseClock"]
     env = {**os.environ, OUT_ENV: str(clock), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",

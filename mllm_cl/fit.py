@@ -34,7 +34,7 @@ from mllm_cl.system.module import ContinualMLLM
 
 # Trainer options the loop sets itself for every phase.
 _LOOP_OWNED = ("max_steps", "max_epochs", "callbacks", "logger", "enable_checkpointing", "default_root_dir",
-               "limit_val_batches", "num_sanity_val_steps")
+               "limit_val_batches", "num_sanity_val_steps", "use_distributed_sampler")
 
 
 class RunFinished(Exception):
@@ -106,7 +106,7 @@ class ContinualCLI(LightningCLI):
 
         seed = int(cfg["seed_everything"])
         self.run_dir = cfg["trainer"].get("default_root_dir") or f"runs/{cfg['experiment']}-{method_name}-s{seed}"
-        self.config_text = self._parser("fit").dump(cfg, skip_link_targets=False)
+        self.config_text = self._parser("fit").dump(cfg, skip_link_targets=False, skip_none=False)
         run = RunDir(self.run_dir)
         if run.check_config(self.config_text) and (results := run.finished()) is not None:
             raise RunFinished(f"mllm-cl: {self.run_dir} holds a finished run of this config "
@@ -156,9 +156,15 @@ class ContinualCLI(LightningCLI):
 
         wraps = []  # the phases fitted in this process: the first DDP wrap also broadcasts the frozen base
 
-        def make_trainer(steps: int, accumulation: int = 1, *, configured: bool = False, extra_callbacks=()) -> L.Trainer:
+        configured_accumulation = int(base.get("accumulate_grad_batches") or 1)
+        if model.budget.samples_per_step is not None and configured_accumulation != 1:
+            raise UserError(f"model.samples_per_step ({model.budget.samples_per_step}) sets the accumulation of every "
+                            f"phase; trainer.accumulate_grad_batches ({configured_accumulation}) would too: give one")
+
+        def make_trainer(steps: int, accumulation: int | None = None, *, configured: bool = False,
+                         extra_callbacks=()) -> L.Trainer:
             options = dict(base)
-            if accumulation > 1:  # a phase's own (the routing gate phase's); else the configured one
+            if accumulation is not None:  # the phase's plan (mllm_cl.system.budget); else the configured one
                 options["accumulate_grad_batches"] = accumulation
             if not configured:  # a fresh strategy per Trainer (Lightning binds one to one), keeping the model in place
                 strategy = phase_strategy(first, unused_parameters=model.method.unused_parameters,
@@ -168,7 +174,7 @@ class ContinualCLI(LightningCLI):
             phase_callbacks = with_phase_progress(callbacks, options, trainer_cfg.get("callbacks")) + list(extra_callbacks)
             trainer = L.Trainer(**options, max_steps=steps, max_epochs=-1, callbacks=phase_callbacks, logger=loggers,
                              enable_checkpointing=False, default_root_dir=run_dir, limit_val_batches=0,
-                             num_sanity_val_steps=0)
+                             num_sanity_val_steps=0, use_distributed_sampler=False)  # the data module shards
             # One Trainer per phase: say the device line once, not once per phase.
             logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
             return trainer
@@ -183,7 +189,8 @@ class ContinualCLI(LightningCLI):
                           experiment=cfg["experiment"], seed=seed,
                           callbacks=[c for c in callbacks if isinstance(c, ContinualCallback)],
                           eval_future_tasks=cfg["eval_future_tasks"], score_mode=cfg["score_mode"], loggers=loggers,
-                          device=first.strategy.root_device, checkpoint_every_n_steps=cfg["checkpoint_every_n_steps"])()
+                          device=first.strategy.root_device, checkpoint_every_n_steps=cfg["checkpoint_every_n_steps"],
+                          accumulation=configured_accumulation)()
 
         if first.world_size > 1:
             first.strategy.launcher.launch(run, trainer=first)

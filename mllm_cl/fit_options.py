@@ -53,11 +53,15 @@ REFUSED = {
 
 #: Trainer options the loop sets for every phase, and what to set instead.
 LOOP_OWNED = {
-    "max_steps": "each phase's steps come from --model.steps_per_task (and --model.max_phase_steps)",
-    "max_epochs": "each phase runs for its steps (--model.steps_per_task), however many epochs that takes",
+    "max_steps": "each phase's steps come from --model.steps_per_task or --model.epochs_per_task (and "
+                 "--model.max_phase_steps)",
+    "max_epochs": "give --model.epochs_per_task (with --model.steps_per_task null); each phase runs for the steps "
+                  "its budget gives",
     "enable_checkpointing": "the loop saves adapters-only checkpoints per task in RUN/checkpoints/",
     "limit_val_batches": "there is no validation loop: every stage evaluates the test sets",
     "num_sanity_val_steps": "there is no validation loop: every stage evaluates the test sets",
+    "use_distributed_sampler": "the data module gives each process its share itself (a DistributedSampler "
+                               "seeded by the task)",
 }
 
 #: Help group titles by option prefix (the model's and the data's would be their docstrings' first line).

@@ -17,7 +17,7 @@ HELP = "run the canonical synthetic sequence with lora_ft and routing and compar
 #: Per method, options that keep the quickstart to minutes. routing's own config trains each gate as
 #: PHATGOOSE does (100 steps of 32 x 32 samples: about ten times its expert phase on a CPU); here the
 #: gates train 100 steps of one batch at the sequence's lr.
-QUICK = {"routing": ["--model.method.init_args.gate_accumulation", "1", "--model.method.init_args.gate_lr", "null",
+QUICK = {"routing": ["--model.method.init_args.gate_batch", "null", "--model.method.init_args.gate_lr", "null",
                      "--model.method.init_args.gate_warmup", "null"]}
 ROOT = Path(__file__).resolve().parents[1]
 

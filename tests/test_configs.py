@@ -35,7 +35,7 @@ def test_tiny_config_instantiates_model_and_data(tmp_path):
                        args=["--config", str(ROOT / "configs/tiny.yaml"), "--data.benchmark", str(tmp_path / "synth")])
     assert cli.datamodule.task_names == ["color", "classify"]
     assert (tmp_path / "synth/benchmark.json").exists()  # generated on first use
-    assert cli.model.method.name == "lora_ft" and cli.model.steps_per_task == 150
+    assert cli.model.method.name == "lora_ft" and cli.model.budget.default.steps == 150
 
 
 def test_pretrain_config_parses():

@@ -45,7 +45,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
                                           "--model.method.init_args.experts.rank", "9"]),
     # Routing-based CL: the cheaper gate budget (the sequence's lr, 32 samples a step), PHATGOOSE's
     # expert scale (1/16 of ours), the null expert.
-    "routing_gate_fast": ("routing", ["--model.method.init_args.gate_accumulation", "1",
+    "routing_gate_fast": ("routing", ["--model.method.init_args.gate_batch", "null",
                                       "--model.method.init_args.gate_lr", "null",
                                       "--model.method.init_args.gate_warmup", "null"]),
     "routing_scale16": ("routing", ["--model.method.init_args.expert_scale", "0.0625"]),

@@ -56,16 +56,19 @@ class Phase:
 
     Args:
         name: shown in logs and timings (``train``, ``expert``, ``gate``, ...).
-        steps: optimizer steps; ``None``: the experiment's ``steps_per_task`` times
-            the number of tasks trained on (so joint training gets the sequence's budget).
+        steps: optimizer steps; ``None``: the budget of the tasks it trains on (the experiment's
+            ``steps_per_task`` or ``epochs_per_task``; joint training gets the sum of its tasks').
         fraction: share of the task's training data (probe phases use < 1).
         tasks: train on these task indices (``None``: the current task only).
-        share: instead of ``steps``, this share of the task's budget (``steps_per_task``),
-            at least one step (CRAM's warm-up is the first 5% of a task's steps).
+        share: instead of ``steps``, this share of the task's budget, at least one step (CRAM's
+            warm-up is the first 5% of a task's steps); consecutive share phases run one
+            learning-rate schedule over the task.
         lr: the phase's learning rate (``None``: the model's ``lr``).
         warmup: the phase's linear learning-rate warm-up, as a share of its steps (``None``: the
-            model's ``warmup_steps``); constant after it.
-        accumulation: micro-batches per optimizer step (Lightning's ``accumulate_grad_batches``).
+            model's ``warmup_steps`` / ``warmup_ratio``).
+        schedule: ``constant`` or ``cosine`` after the warm-up (``None``: the model's ``schedule``).
+        samples_per_step: samples per optimizer step over all processes; the accumulation follows
+            from the per-process batch and the process count (``None``: the model's ``samples_per_step``).
     """
 
     name: str = "train"
@@ -75,7 +78,8 @@ class Phase:
     share: float | None = None
     lr: float | None = None
     warmup: float | None = None
-    accumulation: int = 1
+    schedule: str | None = None
+    samples_per_step: int | None = None
 
 
 class Method:

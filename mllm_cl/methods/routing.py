@@ -16,10 +16,11 @@ load-balancing loss. The gate phase takes its own steps on top of the
 experiment's ``steps_per_task``.
 
 The gate phase trains as PHATGOOSE does (``r-three/phatgoose``: ``train_gate.sh``,
-``train.gin``): 100 optimizer steps of ~1024 samples (batch 32 x ``gate_accumulation`` 32),
-``gate_lr`` 5e-3, a linear warm-up over ``gate_warmup`` = 6% of the steps, then constant;
-``gate_accumulation: 1`` with ``gate_lr: null`` and ``gate_warmup: null`` is the cheaper
-budget (the sequence's lr and warm-up, ~3 epochs of a 1000-sample task instead of ~100).
+``train.gin``): 100 optimizer steps of 1024 samples (``gate_batch``; batch 32 x 32 accumulated
+there, here whatever per-process batch and process count give 1024), ``gate_lr`` 5e-3, a linear
+warm-up over ``gate_warmup`` = 6% of the steps, then constant; ``gate_batch``, ``gate_lr`` and
+``gate_warmup`` all ``null`` is the cheaper budget (the sequence's samples per step, lr and
+schedule: ~3 epochs of a 1000-sample task at batch 32 instead of ~100).
 ``expert_scale`` multiplies each expert's LoRA scale (alpha / r = 2 here): PHATGOOSE's
 experts are 1/16 of ours (``expert_scale: 0.0625``), so mixing several does less harm to
 the base layer's output.
@@ -47,7 +48,7 @@ class RoutingCL(Method):
     name = "routing"
 
     def __init__(self, experts: ExpertSetup, *, top_k: int = 2, gate_steps: int = 100, gate_lr: float | None = 5e-3,
-                 gate_warmup: float | None = 0.06, gate_accumulation: int = 32, expert_scale: float = 1.0,
+                 gate_warmup: float | None = 0.06, gate_batch: int | None = 1024, expert_scale: float = 1.0,
                  null_expert: bool = False, null_score: float = 0.0, route_by: str = "gates") -> None:
         """Args:
             experts: targets and rank of the per-task experts (the router is built here).
@@ -55,16 +56,17 @@ class RoutingCL(Method):
             gate_steps: optimizer steps of the gate phase (0: no gate phase).
             gate_lr: the gate phase's learning rate (``null``: the model's ``lr``).
             gate_warmup: the gate phase's linear warm-up as a share of its steps (``null``: the model's).
-            gate_accumulation: micro-batches per gate step (PHATGOOSE: 32 x 32 = 1024 samples a step).
+            gate_batch: samples per gate step over all processes (PHATGOOSE: 1024); the accumulation
+                follows from the per-process batch and process count (``null``: the model's samples per step).
             expert_scale: multiplies each expert's LoRA scale (PHATGOOSE's is 1/16 of ours).
             null_expert, null_score: a "no adapter" choice with a constant score.
             route_by: ``gates`` (the method) or ``task_id`` (the oracle: each sample to its task's expert).
         """
         if experts.router is not None:
             raise ValueError("routing builds its own post-hoc gate router: leave experts.router unset")
-        if gate_steps < 0 or gate_accumulation < 1 or expert_scale <= 0:
-            raise ValueError(f"routing: need gate_steps >= 0, gate_accumulation >= 1 and expert_scale > 0, got "
-                             f"{gate_steps}, {gate_accumulation} and {expert_scale}")
+        if gate_steps < 0 or (gate_batch is not None and gate_batch < 1) or expert_scale <= 0:
+            raise ValueError(f"routing: need gate_steps >= 0, gate_batch >= 1 (or null) and expert_scale > 0, got "
+                             f"{gate_steps}, {gate_batch} and {expert_scale}")
         if gate_warmup is not None and not 0 <= gate_warmup < 1:
             raise ValueError(f"routing: gate_warmup is a share of the gate steps in [0, 1), got {gate_warmup}")
         if route_by not in ("gates", "task_id"):
@@ -72,14 +74,15 @@ class RoutingCL(Method):
         experts.router = partial(PostHocGateRouter, top_k=top_k, null_expert=null_expert, null_score=null_score)
         super().__init__(experts)
         self.top_k, self.gate_steps = top_k, gate_steps
-        self.gate_lr, self.gate_warmup, self.gate_accumulation = gate_lr, gate_warmup, gate_accumulation
+        self.gate_lr, self.gate_warmup, self.gate_batch = gate_lr, gate_warmup, gate_batch
         self.expert_scale = expert_scale
         self.route_by = route_by
         self.tasks = 0  # tasks whose expert exists (the oracle routes only those)
 
     def phases(self, task: int, num_tasks: int) -> list[Phase]:
-        gate = Phase("gate", steps=self.gate_steps, lr=self.gate_lr, warmup=self.gate_warmup,
-                     accumulation=self.gate_accumulation)
+        constant = None if self.gate_lr is None and self.gate_warmup is None else "constant"  # PHATGOOSE's
+        gate = Phase("gate", steps=self.gate_steps, lr=self.gate_lr, warmup=self.gate_warmup, schedule=constant,
+                     samples_per_step=self.gate_batch)
         return [Phase("expert")] + ([gate] if self.gate_steps else [])
 
     def on_task_start(self, model: nn.Module, task: int) -> None:

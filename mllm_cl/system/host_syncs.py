@@ -309,7 +309,7 @@ def make_method(name: str):
     if kind == "individual":
         return Individual(ExpertSetup(targets, rank=8))
     if kind == "routing":
-        return RoutingCL(ExpertSetup(targets, rank=8), gate_steps=1, gate_accumulation=1, **route)
+        return RoutingCL(ExpertSetup(targets, rank=8), gate_steps=1, gate_batch=None, **route)
     if kind == "same":
         return SAME(ExpertSetup(targets, rank=8), num_experts=4, **route)
     if kind == "cram":

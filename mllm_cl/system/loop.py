@@ -32,7 +32,7 @@ from typing import Callable
 import lightning as L
 
 from mllm_cl.data.errors import BadSampleError
-from mllm_cl.distributed import broadcast, is_writer
+from mllm_cl.distributed import broadcast, is_writer, world
 from mllm_cl.eval.continual_metrics import continual_metrics, final_row_metrics
 from mllm_cl.eval.evaluate import predict, score, write_predictions
 from mllm_cl.eval.sharding import gather_messages
@@ -66,6 +66,7 @@ class ContinualLoop:
             (step = stage) and the final metrics as ``final/METRIC``.
         device: where the model trains, evaluates and the method's hooks run (it is moved there once,
             if it was loaded elsewhere); ``None``: where it is.
+        accumulation: ``trainer.accumulate_grad_batches``, for phases without samples per step.
         checkpoint_every_n_steps: a checkpoint within the task every this many optimizer steps of a
             phase (0: only after each task).
 
@@ -77,8 +78,9 @@ class ContinualLoop:
     def __init__(self, module, datamodule, make_trainer: Callable[[int, int], L.Trainer], run_dir, *, config_text: str,
                  experiment: str, seed: int, callbacks=(), eval_future_tasks: bool = False,
                  score_mode: str = "official", loggers=(), print_fn=print, device=None,
-                 checkpoint_every_n_steps: int = 0) -> None:
+                 checkpoint_every_n_steps: int = 0, accumulation: int = 1) -> None:
         self.module, self.dm, self.make_trainer = module, datamodule, make_trainer
+        self.accumulation = accumulation
         self.run = RunDir(run_dir, writer=is_writer())
         self.device = device
         if checkpoint_every_n_steps < 0:
@@ -110,6 +112,7 @@ class ContinualLoop:
         spec = module.model.data_spec()
         dm.connect(module.tokenizer, module.image_processor(), spec.pop("num_image_tokens"), **spec)
         dm.check_files()  # every task's files before the zero-shot row (done already, and kept, under mllm-cl fit)
+        module.budget.check_tasks(dm.task_names)
         module.sequence = dm  # callbacks that need a task's data at task end (a task locator) read it here
         self._to_device()
         resuming, results = broadcast(self._claim())  # rank 0 reads and writes; every rank gets its answer
@@ -141,6 +144,20 @@ class ContinualLoop:
         self.print(f"mllm-cl: finished; results in {self.run.results_path}")
         return results
 
+    def _plan(self, t: int, phases: list) -> list:
+        """Task ``t``'s phases' steps, accumulation and schedules (``mllm_cl.system.budget``)."""
+        dm = self.dm
+
+        def batches(tasks: list[int], fraction: float) -> int:
+            dm.set_task(t, fraction=fraction, tasks=tasks)
+            return dm.batches_per_epoch()
+
+        try:
+            return self.module.budget.plan_task(t, phases, dm.task_names, batches, batch_size=dm.batch_size,
+                                                world_size=world()[1], configured_accumulation=self.accumulation)
+        finally:
+            dm.set_task(t)
+
     def _task(self, t: int, results: dict) -> None:
         module, dm, method = self.module, self.dm, self.module.method
         T = dm.num_tasks
@@ -158,25 +175,26 @@ class ContinualLoop:
         phases, trainable, timings = method.phases(t, T), {}, {}
         if resume is not None:
             trainable, timings = resume.trainable(), resume.timings()
-        for k, phase in enumerate(phases):
+        plans = self._plan(t, phases)
+        for k, (phase, plan) in enumerate(zip(phases, plans)):
             if resume is not None and k < resume.phase:
                 continue  # ended before the checkpoint: what it did is in the method's state and the tensors
             if resume is not None and k == resume.phase and k:
                 L.seed_everything(dm.task_seed(t) + k, workers=True, verbose=False)  # as after phase k - 1
-            budget = module.steps_per_task * len(phase.tasks or [t])
-            steps = phase.steps or (max(1, round(phase.share * budget)) if phase.share is not None else budget)
-            steps = min(steps, module.max_phase_steps or steps)
+            steps = plan.steps
             method.on_phase_start(module.model, t, phase)
             self._hook("on_phase_start", t, phase)
             dm.set_task(t, fraction=phase.fraction, tasks=phase.tasks)
             module.log_prefix = f"task{t + 1}_{dm.tasks[t].name}/{phase.name}"
-            module.phase_optim = (phase.lr, None if phase.warmup is None else round(phase.warmup * steps))
+            module.phase_schedule = plan.schedule
             module.progress_label = f"task {t + 1}/{T} {dm.tasks[t].name} · {phase.name}"  # system/progress.py
             for name, p in module.model.named_parameters():
                 if p.requires_grad:
                     trainable[name] = p
             t0 = time.time()
-            self.print(f"mllm-cl: task {t + 1}/{T} {dm.tasks[t].name}: phase {phase.name}, {steps} steps")
+            self.print(f"mllm-cl: task {t + 1}/{T} {dm.tasks[t].name}: phase {phase.name}, {steps} steps "
+                       f"({plan.rule}; {plan.samples_per_step} samples a step, {plan.batches_per_epoch} "
+                       f"micro-batches an epoch per process)")
             self._at = (t + 1, f"phase {phase.name}")
             here = resume if resume is not None and k == resume.phase else None
             if here is not None:
@@ -190,7 +208,7 @@ class ContinualLoop:
                                            method=method, backbone_info=module.backbone_info, resume=here,
                                            progress={"trainable": trainable, "timings": timings,
                                                      "skips": copy.deepcopy(dm.skips[dm.tasks[t].name])})]
-            fit_phase(self.make_trainer(steps, phase.accumulation, extra_callbacks=extra), module, dm)
+            fit_phase(self.make_trainer(steps, plan.accumulation, extra_callbacks=extra), module, dm)
             timings[phase.name] = round(time.time() - t0, 3)
             # What the method creates after a fit (cmoe's grown routers) must not depend on how many random
             # draws the fit made: that differs between one process and ddp (Lightning's own samplers).

@@ -18,7 +18,9 @@ from mllm_cl.backbones import build_backbone
 from mllm_cl.data.images import ImageProcessor
 from mllm_cl.experts import RoutingContext, checkpoint_contexts, expert_layers, routing_context
 from mllm_cl.methods import Method
+from mllm_cl.system.budget import Budget
 from mllm_cl.system.lm_loss import final_norm_deferred, supervised_lm_loss
+from mllm_cl.system.schedule import PhaseSchedule
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32, "float64": torch.float64}
@@ -114,12 +116,23 @@ class ContinualMLLM(L.LightningModule):
             (docs/memory.md); the tiny CPU models do not need it.
         image_size: Qwen2-VL checkpoints only: the fixed square image side (a multiple of 28;
             ``null``: from the image processor, at most 448).
-        steps_per_task: optimizer steps per task (a phase may set its own).
+        steps_per_task: optimizer steps per task (a phase may set its own); ``null`` with
+            ``epochs_per_task`` set. Exactly one of the two is set (``mllm_cl.system.budget``).
+        epochs_per_task: passes over each task's training data instead (CoIN and MCITlib train one);
+            an epoch is ``ceil(micro-batches per process / accumulation)`` optimizer steps.
+        task_budgets: per-task overrides by task name: ``{ScienceQA: {epochs: 2}, VQAv2: {steps: 3000}}``.
+        samples_per_step: samples per optimizer step over all processes (the effective batch): the
+            gradient accumulation is ``samples_per_step / (data.batch_size x processes)``, rounded,
+            so a config means the same on 1 GPU and on 8. ``null``: ``trainer.accumulate_grad_batches``.
         max_phase_steps: cap on every phase's steps, its own ones included (a method's
             gate or probe phase); for smoke runs. ``None``: no cap.
-        lr: AdamW learning rate.
+        lr: AdamW learning rate (the peak, after the warm-up).
         weight_decay: AdamW weight decay (only trainable parameters are in the optimizer).
-        warmup_steps: linear learning-rate warm-up at the start of every phase.
+        schedule: the learning rate after the warm-up: ``constant`` or ``cosine`` (down to
+            ``min_lr_ratio`` x lr at the phase's end; LLaVA's and MCITlib's recipe).
+        min_lr_ratio: the cosine's floor as a share of ``lr`` (0: down to zero).
+        warmup_steps: linear learning-rate warm-up at the start of every phase, in steps.
+        warmup_ratio: the warm-up as a share of every phase's steps instead (MCITlib: 0.03).
         grad_clip: clip the gradient norm to this (0: off).
     """
 
@@ -139,14 +152,23 @@ class ContinualMLLM(L.LightningModule):
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
         image_size: int | None = None,
-        steps_per_task: int = 100,
+        steps_per_task: int | None = 100,
+        epochs_per_task: float | None = None,
+        task_budgets: dict[str, dict[str, float]] | None = None,
+        samples_per_step: int | None = None,
         max_phase_steps: int | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        schedule: str = "constant",
+        min_lr_ratio: float = 0.0,
         warmup_steps: int = 0,
+        warmup_ratio: float = 0.0,
         grad_clip: float = 1.0,
     ) -> None:
         super().__init__()
+        self.budget = Budget(steps_per_task=steps_per_task, epochs_per_task=epochs_per_task, task_budgets=task_budgets,
+                             samples_per_step=samples_per_step, lr=lr, schedule=schedule, min_lr_ratio=min_lr_ratio,
+                             warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, max_phase_steps=max_phase_steps)
         base_dtype = base_dtype_for(backbone_dtype, precision)
         device = load_device_for(load_device, accelerator if isinstance(accelerator, str) else None)
         built = build_backbone(backbone, path=backbone_path, seed=backbone_seed, dtype=base_dtype, image_size=image_size,
@@ -167,13 +189,9 @@ class ContinualMLLM(L.LightningModule):
                               "overrides": backbone_overrides, "dtype": str(base_dtype).removeprefix("torch.")
                               if base_dtype is not None else None, "expert_dtype": expert_dtype,
                               "image_size": image_size, "attn_implementation": attn_implementation}
-        if max_phase_steps is not None and max_phase_steps < 1:
-            raise ValueError(f"model.max_phase_steps must be >= 1 or null, got {max_phase_steps}")
-        self.steps_per_task, self.max_phase_steps = steps_per_task, max_phase_steps
-        self.lr, self.weight_decay = lr, weight_decay
-        self.warmup_steps, self.grad_clip = warmup_steps, grad_clip
+        self.lr, self.weight_decay, self.grad_clip = lr, weight_decay, grad_clip
         self.log_prefix = "train"  # the loop sets "taskN_NAME/PHASE": every phase restarts the step count
-        self.phase_optim: tuple[float | None, int | None] = (None, None)  # the loop sets a phase's (lr, warm-up steps)
+        self.phase_schedule: PhaseSchedule | None = None  # the loop sets each phase's (budget.PhasePlan)
         self.fast_forward = 0  # micro-batches to draw without training (system/in_task.py sets it on resume)
 
     def image_processor(self) -> ImageProcessor:
@@ -230,12 +248,16 @@ class ContinualMLLM(L.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise RuntimeError(f"method {self.method.name}: nothing is trainable in this phase")
-        lr, warmup = self.phase_optim
-        optimizer = torch.optim.AdamW(params, lr=self.lr if lr is None else lr, weight_decay=self.weight_decay)
-        warmup = self.warmup_steps if warmup is None else warmup
-        if warmup <= 0:
+        plan = self.phase_schedule
+        if plan is None:  # a Trainer of its own, outside the continual loop: the model's options over its steps
+            b = self.budget
+            total = max(1, self._trainer.max_steps) if self._trainer is not None else 1
+            plan = PhaseSchedule(lr=self.lr, total=total, warmup=b.warmup_steps or round(b.warmup_ratio * total),
+                                 schedule=b.schedule, floor=b.min_lr_ratio)
+        optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=self.weight_decay)
+        if plan.warmup <= 0 and plan.schedule == "constant":
             return optimizer
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, plan.factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):

@@ -68,7 +68,7 @@ def restore(run_dir: str | Path, stage: int | None = None, *, device: str | None
 
     class _Build(ContinualCLI):
         def _check_run_dir(self, cfg, method_name):  # reading the run, not resuming it: finished is fine
-            self.config_text = self._parser("fit").dump(cfg, skip_link_targets=False)
+            self.config_text = self._parser("fit").dump(cfg, skip_link_targets=False, skip_none=False)
 
         def fit(self, model, datamodule, **_):  # build only: no loop
             self.built = (model, datamodule)

@@ -52,11 +52,12 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: str, now: str) -> list[str]:
-    """``KEY: SAVED -> NOW`` for every full key whose value differs between two YAML configs."""
+    """``KEY: SAVED -> NOW`` for every full key whose value differs between two YAML configs. A key
+    that is absent equals one that is null (a config written without its null values)."""
     a, b = _flatten(yaml.safe_load(saved) or {}), _flatten(yaml.safe_load(now) or {})
     show = lambda v: "(absent)" if v is _ABSENT else json.dumps(v, default=str)  # noqa: E731
     return [f"{k}: {show(a.get(k, _ABSENT))} -> {show(b.get(k, _ABSENT))}"
-            for k in [*a, *(k for k in b if k not in a)] if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+            for k in [*a, *(k for k in b if k not in a)] if a.get(k) != b.get(k)]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -140,7 +140,7 @@ def _check_oracle(method, model, batch, own: dict[int, str]) -> torch.Tensor:
 
 # ----------------------------------------------------------------------- routing-based CL
 def _routing(**kwargs):
-    method, model = _build(RoutingCL, ["q_proj", "up_proj"], gate_steps=2, gate_accumulation=1, **kwargs)
+    method, model = _build(RoutingCL, ["q_proj", "up_proj"], gate_steps=2, gate_batch=None, **kwargs)
     _train(method, model, tasks=2)
     return method, model
 

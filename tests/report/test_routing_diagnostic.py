@@ -24,7 +24,7 @@ def run(tmp_path_factory, make_bench):
     run = tmp_path_factory.mktemp("runs") / "routing"
     fit_main(["--config", str(ROOT / "configs/micro.yaml"), "--config", str(ROOT / "configs/methods/routing.yaml"),
               "--data.benchmark", str(bench), "--trainer.default_root_dir", str(run),
-              "--model.method.init_args.gate_steps", "3", "--model.method.init_args.gate_accumulation", "1"])
+              "--model.method.init_args.gate_steps", "3", "--model.method.init_args.gate_batch", "null"])
     return run
 
 

@@ -13,7 +13,7 @@ import pytest
 from mllm_cl.fit import main as fit_main
 
 ROOT = Path(__file__).resolve().parents[2]
-EXTRA = {"routing": ["--model.method.init_args.gate_steps", "2", "--model.method.init_args.gate_accumulation", "1"],
+EXTRA = {"routing": ["--model.method.init_args.gate_steps", "2", "--model.method.init_args.gate_batch", "null"],
          "cmoe": ["--model.method.init_args.probe_steps", "2", "--model.method.init_args.vae_steps", "20"],
          "same": ["--model.method.init_args.warmup_steps", "1", "--model.method.init_args.refresh_every", "2"]}
 # routing-CL's oracle is left out: in its training phases nothing trainable lies on the oracle's path (the

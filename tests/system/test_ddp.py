@@ -23,7 +23,7 @@ EXTRA = {"cmoe": ["--model.method.init_args.probe_steps", "2", "--model.method.i
                   # the balance loss is a per-process statistic under ddp (as in every data-parallel MoE)
                   "--model.method.init_args.balance_weight", "0"]}
 
-EXTRA_ONE = {"routing": ["--model.method.init_args.gate_steps", "2", "--model.method.init_args.gate_accumulation", "1"]}
+EXTRA_ONE = {"routing": ["--model.method.init_args.gate_steps", "2", "--model.method.init_args.gate_batch", "null"]}
 
 
 @pytest.fixture(scope="module")

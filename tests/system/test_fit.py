@@ -17,7 +17,7 @@ from mllm_cl.system.run_dir import ConfigMismatch
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["zero_shot", "lora_ft", "moelora", "multitask", "individual", "routing", "cmoe", "same", "cram"]
-EXTRA = {"routing": ["--model.method.init_args.gate_steps", "2", "--model.method.init_args.gate_accumulation", "1"],
+EXTRA = {"routing": ["--model.method.init_args.gate_steps", "2", "--model.method.init_args.gate_batch", "null"],
          "cmoe": ["--model.method.init_args.probe_steps", "2", "--model.method.init_args.vae_steps", "20"],
          "same": ["--model.method.init_args.warmup_steps", "1", "--model.method.init_args.refresh_every", "2"]}
 
@@ -194,7 +194,7 @@ def test_the_gate_phase_trains_with_its_own_lr_warmup_and_accumulation(bench, tm
     recording_callback.OPTIM.clear()
     _fit(bench, tmp_path / "gates", "routing", "--model.method.init_args.gate_steps", "4",
          "--model.method.init_args.gate_lr", "0.05", "--model.method.init_args.gate_warmup", "0.5",
-         "--model.method.init_args.gate_accumulation", "3", "--model.warmup_steps", "0",
+         "--model.method.init_args.gate_batch", "12", "--model.warmup_steps", "0",
          "--trainer.callbacks+", "recording_callback.OptimizerRecorder")
     steps = recording_callback.OPTIM
     expert = [s for s in steps if s["phase"] == "expert"]

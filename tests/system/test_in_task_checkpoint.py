@@ -12,7 +12,7 @@ from mllm_cl.system.in_task import FAULT_STEP_ENV, InjectedStepFault
 
 ROOT = Path(__file__).resolve().parents[2]
 # Two phases each for routing (expert, gate), cmoe (probe, train; from task 2) and cram (warmup, stable).
-EXTRA = {"routing": ["--model.method.init_args.gate_steps", "4", "--model.method.init_args.gate_accumulation", "2"],
+EXTRA = {"routing": ["--model.method.init_args.gate_steps", "4", "--model.method.init_args.gate_batch", "8"],
          "cmoe": ["--model.method.init_args.probe_steps", "4", "--model.method.init_args.vae_steps", "20"],
          "cram": ["--model.method.init_args.warmup_share", "0.5"]}
 

@@ -14,7 +14,7 @@ from mllm_cl.methods.base import ORACLE_ROUTER
 from mllm_cl.system.restore import restore
 
 ROOT = Path(__file__).resolve().parents[2]
-EXTRA = {"routing": ["--model.method.init_args.gate_steps", "3", "--model.method.init_args.gate_accumulation", "1"],
+EXTRA = {"routing": ["--model.method.init_args.gate_steps", "3", "--model.method.init_args.gate_batch", "null"],
          "same": [], "cram": ["--model.method.init_args.join_cosine", "0.0"]}
 
 

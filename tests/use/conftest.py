@@ -10,7 +10,7 @@ from mllm_cl.fit import main as fit_main
 
 ROOT = Path(__file__).resolve().parents[2]
 COLOURS = {"red": (210, 30, 30), "blue": (30, 40, 210), "green": (30, 180, 50)}
-EXTRA = {"routing": ["--model.method.init_args.gate_steps", "2", "--model.method.init_args.gate_accumulation", "1"],
+EXTRA = {"routing": ["--model.method.init_args.gate_steps", "2", "--model.method.init_args.gate_batch", "null"],
          "cmoe": ["--model.method.init_args.probe_steps", "2", "--model.method.init_args.vae_steps", "20"]}
 
 

@@ -12,7 +12,7 @@ from mllm_cl.errors import UserError
 from mllm_cl.system.run_dir import ConfigMismatch, config_differences
 from mllm_cl.use.evaluate import reevaluate
 
-EXTRA = {"routing": ["--model.method.init_args.gate_steps", "3", "--model.method.init_args.gate_accumulation", "1"],
+EXTRA = {"routing": ["--model.method.init_args.gate_steps", "3", "--model.method.init_args.gate_batch", "null"],
          "same": [], "cram": ["--model.method.init_args.join_cosine", "0.0"],
          "cmoe": ["--model.method.init_args.probe_steps", "2", "--model.method.init_args.vae_steps", "20"]}
 ORACLE = ["--model.method.init_args.route_by", "task_id"]
