@@ -25,6 +25,7 @@ nothing of experts or routers.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import lightning as L
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
 from mllm_cl.data import benchmarks
 from mllm_cl.data.collate import Collator
@@ -40,6 +41,7 @@ from mllm_cl.data.datasets import ConversationDataset, PromptDataset
 from mllm_cl.data.errors import BadSampleError, OnBadSample, SkipLog
 from mllm_cl.data.formats import load_conversations, load_test_records, read_annotation
 from mllm_cl.data.images import ImageProcessor
+from mllm_cl.data.loaders import KeptWorkers, check_pin_memory, check_workers, resolve_pin_memory, resolve_workers
 from mllm_cl.data.shards import EpochDataLoader, ShardDataset, shard_list
 from mllm_cl.data.tasks import TaskSpec, load_manifest
 from mllm_cl.data.encoding import ConversationEncoder
@@ -64,9 +66,15 @@ class TaskSequence(L.LightningDataModule):
         test_limit: at most this many test samples per task (``None``: all).
         batch_size: training samples per step.
         eval_batch_size: prompts per generation batch.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes of every loader (training, shards, test); ``auto``: with
+            CUDA, ``min(8, CPUs / processes on the node - 1)`` (at least 1), without CUDA 0, resolved when a
+            loader is built (``mllm_cl.data.loaders``). With workers, a task's phases that train on the same
+            data (same task, fraction and union) share one training loader and its workers; every phase
+            still draws the order a fresh loader would.
+        pin_memory: pin batches in page-locked memory for faster copies to the GPU; ``auto``: with CUDA.
         seed: the run seed; each task's seed derives from it.
-        template: chat template: ``vicuna_v1`` (LLaVA-1.5), ``short`` or ``hf``.
+        template: chat template: ``auto`` (the backbone's own: LLaVA-1.5 ``vicuna_v1``, Qwen2/2.5/3-VL and
+            InternVL ``hf``), ``vicuna_v1``, ``short`` or ``hf`` (the tokenizer's ``chat_template``).
         max_length: longest token sequence kept.
         on_bad_sample: ``raise`` (stop with an error naming file and record) or
             ``skip`` (leave it out, count it, report the counts at task end).
@@ -99,9 +107,10 @@ class TaskSequence(L.LightningDataModule):
         test_limit: int | None = None,
         batch_size: int = 16,
         eval_batch_size: int = 32,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
+        pin_memory: bool | str = "auto",
         seed: int = 0,
-        template: str = "vicuna_v1",
+        template: str = "auto",
         max_length: int = 2048,
         on_bad_sample: OnBadSample = "raise",
         synthesize: dict | None = None,
@@ -157,7 +166,9 @@ class TaskSequence(L.LightningDataModule):
             all_tasks = [by_name[n] for n in order]
         self.tasks = all_tasks
         self.train_limit, self.test_limit = train_limit, test_limit
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.workers_option, self.pin_memory_option = check_workers(num_workers), check_pin_memory(pin_memory)
+        self._kept: tuple[tuple, list[Dataset], KeptWorkers] | None = None  # the training loader phases share
         self.seed, self.template, self.max_length, self.on_bad_sample = seed, template, max_length, on_bad_sample
         self.shuffle_buffer, self.resample_steps = shuffle_buffer, resample_steps
         self.skips = {t.name: SkipLog() for t in self.tasks}  # training samples skipped, per task
@@ -180,16 +191,32 @@ class TaskSequence(L.LightningDataModule):
     def num_tasks(self) -> int:
         return len(self.tasks)
 
+    @property
+    def num_workers(self) -> int:
+        """DataLoader workers per loader in this process (``num_workers``, ``auto`` resolved)."""
+        return resolve_workers(self.workers_option)
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether loaders pin their batches in this process (``pin_memory``, ``auto`` resolved)."""
+        return resolve_pin_memory(self.pin_memory_option)
+
     def connect(self, tokenizer, images: ImageProcessor, num_image_tokens: int, *, image_token_id: int | None = None,
-                image_wrap: tuple[list[int], list[int]] = ([], []), model_inputs=None) -> None:
+                image_wrap: tuple[list[int], list[int]] = ([], []), model_inputs=None,
+                template: str | None = None) -> None:
         """Attach the model's tokenizer and image geometry (called once, before any loader).
 
         The keyword arguments are what a backbone's ``data_spec()`` gives: its image
-        placeholder id, the tokens around each image, and the object that adds the
-        backbone's own inputs to every batch (``mllm_cl.data.model_inputs``)."""
+        placeholder id, the tokens around each image, the object that adds the
+        backbone's own inputs to every batch (``mllm_cl.data.model_inputs``), and its
+        chat template, used when ``template`` is ``auto``."""
+        if self.template == "auto" and template is None:
+            raise ValueError("data.template is 'auto' but the backbone names no chat template; "
+                             "set data.template to vicuna_v1, short or hf")
         self.tokenizer = tokenizer
         self.images = images
-        self._encoder = ConversationEncoder(tokenizer, num_image_tokens=num_image_tokens, template=self.template,
+        self._encoder = ConversationEncoder(tokenizer, num_image_tokens=num_image_tokens,
+                                            template=template if self.template == "auto" else self.template,
                                             max_length=self.max_length, image_token_id=image_token_id,
                                             image_wrap=image_wrap)
         image_token_id = self._encoder.image_token_id
@@ -242,6 +269,14 @@ class TaskSequence(L.LightningDataModule):
             self._records["train", index] = convs
         return self._records["train", index]
 
+    def train_count(self, index: int) -> int | None:
+        """Training records of task ``index`` (read and checked; ``None`` for a task streamed from shards)."""
+        return None if self.tasks[index].train_shards is not None else len(self._train_records(index))
+
+    def test_count(self, index: int) -> int:
+        """Test prompts of task ``index`` (``-1 - j``: general task ``j``)."""
+        return len(self._test_records(index))
+
     def task_spec(self, index: int) -> TaskSpec:
         """Task ``index`` of the sequence; ``-1 - j``: general task ``j``."""
         return self.tasks[index] if index >= 0 else self.general_tasks[-1 - index]
@@ -280,38 +315,83 @@ class TaskSequence(L.LightningDataModule):
         return self._test_cache[index]
 
     # ------------------------------------------------------------- dataloaders
-    def train_dataloader(self) -> DataLoader:
-        indices = self.union or [self.current]
+    def _streamed(self, indices: list[int]) -> bool:
+        """Whether tasks ``indices`` train from shards (all of them) or from JSON files (none)."""
         streamed = [self.tasks[i].train_shards is not None for i in indices]
-        if any(streamed):
-            if not all(streamed):
-                names = [self.tasks[i].name for i in indices]
-                raise ValueError(f"joint training over {names} mixes shards and JSON files: give shards for all "
-                                 "of them or for none")
+        if any(streamed) and not all(streamed):
+            names = [self.tasks[i].name for i in indices]
+            raise ValueError(f"joint training over {names} mixes shards and JSON files: give shards for all "
+                             "of them or for none")
+        return all(streamed)
+
+    def train_dataloader(self) -> DataLoader:
+        """The current phase's training batches (as ``set_task`` set it), in the task seed's order.
+
+        Under several processes, a ``DistributedSampler`` seeded by the task gives each process its
+        share (Lightning keeps a loader's own ``DistributedSampler``). With workers, the loader of the
+        previous call is handed out again, rewound, when the phase trains on the same data."""
+        indices = self.union or [self.current]
+        if self._streamed(indices):
             return self.shard_dataloader(indices)
-        if self.union:
-            data = ConcatDataset([self.train_dataset(i) for i in self.union])
-        else:
-            data = self.train_dataset(self.current)
+        datasets = [self.train_dataset(i) for i in indices]
+        workers, pin = self.num_workers, self.pin_memory
+        rank, size = world()
+        key = (tuple(indices), self.current, self.fraction, self.batch_size, workers, pin, rank, size)
+        if self._kept is not None:
+            kept_key, kept_data, loader = self._kept
+            if kept_key == key and all(a is b for a, b in zip(kept_data, datasets)):
+                return loader.rewind()
+            self._kept = None
+            loader.close()
+        data = ConcatDataset(datasets) if self.union else datasets[0]
         generator = torch.Generator().manual_seed(self.task_seed(self.current))
         if self.fraction < 1:
             n = max(1, round(self.fraction * len(data)))
             data = Subset(data, torch.randperm(len(data), generator=generator)[:n].tolist())
-        return DataLoader(data, batch_size=self.batch_size, shuffle=True, generator=generator,
-                          num_workers=self.num_workers, collate_fn=self.train_collate, drop_last=False,
-                          persistent_workers=False)
+        order = {"shuffle": True}
+        if size > 1:
+            order = {"sampler": DistributedSampler(data, num_replicas=size, rank=rank, shuffle=True,
+                                                   seed=self.task_seed(self.current))}
+        loader = KeptWorkers(data, batch_size=self.batch_size, generator=generator, num_workers=workers,
+                             pin_memory=pin, collate_fn=self.train_collate, drop_last=False, **order)
+        if workers > 0:
+            self._kept = (key, datasets, loader)
+        return loader
 
-    def shard_dataloader(self, indices: list[int]) -> DataLoader:
-        """The current phase's training stream from the shards of tasks ``indices``."""
-        encoder = self._need_model()
+    def batches_per_epoch(self, world_size: int | None = None) -> int:
+        """Micro-batches this process draws in one epoch of the current phase's training data.
+
+        JSON files: the samples (after ``fraction``; all tasks of a union), this process's share
+        (``ceil(n / processes)``, as ``DistributedSampler`` pads), in batches; no image is decoded and
+        no model needs to be connected. Shards: ``resample_steps``, else what the manifests' counts
+        give the loader (``ShardDataset.epoch_batches``). ``world_size``: count for that many processes
+        instead of this run's (``mllm-cl plan``)."""
+        indices = self.union or [self.current]
+        if self._streamed(indices):
+            return self._shard_data(indices, None).epoch_batches(self.num_workers)
+        n = sum(len(self._train_records(i)) for i in indices)
+        if self.fraction < 1:
+            n = max(1, round(self.fraction * n))
+        size = world()[1] if world_size is None else world_size
+        return math.ceil(math.ceil(n / size) / self.batch_size)
+
+    def _shard_data(self, indices: list[int], encoder: ConversationEncoder | None) -> ShardDataset:
         _, size = world()
-        data = ShardDataset([self.tasks[i].train_shards for i in indices], encoder, self.images, task_ids=indices,
+        return ShardDataset([self.tasks[i].train_shards for i in indices], encoder,
+                            self.images if encoder is not None else None, task_ids=indices,
                             on_bad_sample=self.on_bad_sample, shuffle=True, shuffle_buffer=self.shuffle_buffer,
                             seed=self.task_seed(self.current), resample_batches=self.resample_steps,
                             batch_size=self.batch_size, fraction=self.fraction, limit=self.train_limit,
                             equal_ranks=size > 1 and self.resample_steps is None)
+
+    def shard_dataloader(self, indices: list[int]) -> DataLoader:
+        """The current phase's training stream from the shards of tasks ``indices``.
+
+        Built anew for every phase: its workers hold a copy of the stream made when a pass starts,
+        and each pass needs the epoch set before that copy (``EpochDataLoader``)."""
+        data = self._shard_data(indices, self._need_model())
         return EpochDataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers,
-                               collate_fn=self.train_collate, persistent_workers=False)
+                               pin_memory=self.pin_memory, collate_fn=self.train_collate, persistent_workers=False)
 
     def test_dataloader(self, index: int | None = None) -> DataLoader:
         """Task ``index``'s test prompts (``-1 - j``: general task ``j``); under several processes,
@@ -320,7 +400,7 @@ class TaskSequence(L.LightningDataModule):
         data = self.test_dataset(index)
         rank, size = world()
         return DataLoader(data, batch_size=self.eval_batch_size, sampler=ShardSampler(len(data), rank, size),
-                          num_workers=self.num_workers, collate_fn=self.eval_collate)
+                          num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=self.eval_collate)
 
     def test_dataloaders(self, upto: int | None = None) -> dict[str, DataLoader]:
         """Test loaders of tasks 0..upto (all tasks by default), by name."""

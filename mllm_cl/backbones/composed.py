@@ -44,6 +44,8 @@ class ComposedMLLM(nn.Module):
         language_model: any ``AutoModelForCausalLM`` model.
         image_token_id: the prompt placeholder replaced by image features.
         projector_module: maps vision features to the LLM width (default: a fresh 2-layer MLP).
+        template: the chat template ``data.template: auto`` takes (saved in ``mllm_cl.json``;
+            a directory that records none: ``vicuna_v1``, LLaVA-1.5's).
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class ComposedMLLM(nn.Module):
         image_token_id: int,
         projector_module: nn.Module | None = None,
         freeze_vision: bool = True,
+        template: str = "vicuna_v1",
     ) -> None:
         super().__init__()
         self.vision = vision
@@ -61,6 +64,7 @@ class ComposedMLLM(nn.Module):
         hidden = language_model.get_input_embeddings().embedding_dim
         self.projector = projector_module or projector(vision.hidden_size, hidden)
         self.image_token_id = image_token_id
+        self.template = template
         if freeze_vision:
             self.vision.requires_grad_(False)
 
@@ -82,7 +86,8 @@ class ComposedMLLM(nn.Module):
 
     def data_spec(self) -> dict:
         """What the data module needs to know about this model's inputs (``TaskSequence.connect``)."""
-        return {"num_image_tokens": self.num_image_tokens, "image_token_id": self.image_token_id}
+        return {"num_image_tokens": self.num_image_tokens, "image_token_id": self.image_token_id,
+                "template": self.template}
 
     @property
     def config(self):
@@ -208,6 +213,7 @@ class ComposedMLLM(nn.Module):
             "vision": vision_spec,
             "projector": {"vision_size": self.vision.hidden_size, "llm_size": self.projector[-1].out_features},
             "image_token_id": self.image_token_id,
+            "template": self.template,
         }
         (directory / "mllm_cl.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -228,5 +234,6 @@ class ComposedMLLM(nn.Module):
         llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=torch_dtype, **attention)
         proj = projector(meta["projector"]["vision_size"], meta["projector"]["llm_size"])
         proj.load_state_dict(load_file(directory / "projector.safetensors"))
-        model = cls(vision, llm, image_token_id=meta["image_token_id"], projector_module=proj)
+        model = cls(vision, llm, image_token_id=meta["image_token_id"], projector_module=proj,
+                    template=meta.get("template", "vicuna_v1"))
         return model.to(device=device, dtype=torch_dtype)  # the tower and projector (small) follow

@@ -129,7 +129,9 @@ def build_preset(name: str, *, seed: int = 0, tokenizer: PreTrainedTokenizerBase
         torch.manual_seed(seed)
         vision = _vision(p)
         llm = _llm(p, p.vocab_size or len(tokenizer), tokenizer, attn_implementation)
-        model = ComposedMLLM(vision, llm, image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token))
+        # ``short``: the tiny configs' template, which ``mllm-cl pretrain`` trains the tiny bases with.
+        model = ComposedMLLM(vision, llm, image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
+                             template="short")
     return Backbone(model=model, tokenizer=tokenizer)
 
 

@@ -45,6 +45,7 @@ import glob
 import io
 import json
 import logging
+import math
 import random
 import tarfile
 from dataclasses import dataclass
@@ -408,6 +409,27 @@ class ShardDataset(IterableDataset):
             if max(counts) - min(counts) > 1:
                 return "sample"
         return "shard"
+
+    def epoch_batches(self, workers: int = 0) -> int:
+        """Batches one process draws in the next epoch through a DataLoader with ``workers`` worker
+        processes (each worker batches its own share; a bad shard adds one more item). Needs the
+        manifests' sample counts, unless resampling."""
+        if self.resample_batches is not None:
+            return self.resample_batches
+        if not self.batch_size:
+            raise ValueError("counting an epoch's batches needs the batch_size")
+        if self.bases is None:
+            raise ValueError(f"counting an epoch's batches needs the sample counts of a {MANIFEST} manifest "
+                             "(shards written by `mllm-cl data shard`)")
+        pinned = self.rank is not None and self.world_size is not None
+        rank, world = (self.rank, self.world_size) if pinned else process_world()
+        workers = max(1, workers)
+        consumers = world * workers
+        mode = self._split_mode(consumers)
+        counts = [self._owned(slot, consumers, mode) for slot in range(consumers)]
+        if self.equal_ranks:
+            counts = [max(counts)] * consumers
+        return sum(math.ceil(n / self.batch_size) for n in counts[rank * workers:(rank + 1) * workers])
 
     # --------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Any]:

@@ -9,6 +9,9 @@ tokenizer step expands it. An assistant segment ends with the EOS token
   ``{system} USER: {q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>``
 - ``short`` is the same without the system prompt, for tiny models on the CPU.
 - ``hf`` uses the tokenizer's own ``chat_template`` (Qwen2-VL, Llama-3, ...).
+
+``data.template: auto`` (the default) is none of these: the data module takes the
+name the backbone gives in ``data_spec()["template"]``.
 """
 
 from __future__ import annotations
