@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from mllm_cl.data.collate import supervised_positions  # noqa: E402
 from mllm_cl.experts import expert_layers  # noqa: E402
-from mllm_cl.system.memory import SavedBytes, observed_bytes, replay_structure  # noqa: E402
+from mllm_cl.system.memory import SavedBytes, observed_bytes, peak_bytes, replay_structure  # noqa: E402
 
 METHODS = ["lora_ft", "moelora", "individual", "multitask", "routing", "same", "cram", "cmoe"]
 KiB, GiB = 1024, 1024 ** 3
@@ -233,12 +233,11 @@ def _structure_line(row: dict) -> str:
 def estimate(base_params: int, act: dict, struct: dict, args) -> float:
     """Peak bytes per GPU: bf16 base, fp32 trainable weights + gradients + AdamW's two moments, the
     adapters and state, and the activations of ``samples x seq`` tokens over 32 layers plus the head."""
-    tokens = args.samples * args.seq
-    weights = 2 * base_params + struct["checkpoint"]
-    optimizer = 3 * struct["trained_bytes"]  # gradient + exp_avg + exp_avg_sq, fp32
     mode = act["checkpointed"]
-    activations = tokens * (LLAVA_LAYERS * mode["layer"] + act["plain"]["rest"])
-    return weights + optimizer + activations + mode["observed"] * LLAVA_LAYERS
+    return peak_bytes(base_bytes=2 * base_params, adapter_bytes=struct["checkpoint"],
+                      trained_bytes=struct["trained_bytes"], tokens=args.samples * args.seq, layers=LLAVA_LAYERS,
+                      layer_bytes_per_token=mode["layer"], head_bytes_per_token=act["plain"]["rest"],
+                      observed_per_layer=mode["observed"])
 
 
 def main(argv=None) -> None:

@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                                           formatter_class=argparse.RawDescriptionHelpFormatter))
     sub.add_parser("fit", help="run a continual task sequence from YAML configs (see `mllm-cl fit --help`)",
                    add_help=False)
+    sub.add_parser("plan", help="what a fit will cost (steps, parameters, state, evaluation, memory per GPU), on the "
+                   "CPU before it runs; fit's configs and options (see `mllm-cl plan --help`)", add_help=False)
     sub.add_parser("pretrain", help="pretrain the tiny base on synthetic captions (see `mllm-cl pretrain --help`)",
                    add_help=False)
     for name, (summary, issue) in PLANNED.items():
@@ -78,6 +80,10 @@ def _dispatch(argv: list[str]) -> int:
         from mllm_cl.fit import main as fit_main
 
         return fit_main(argv[1:])
+    if argv and argv[0] == "plan":  # fit's parser, options and configs
+        from mllm_cl.plan import main as plan_main
+
+        return plan_main(argv[1:])
     if argv and argv[0] == "pretrain":  # jsonargparse owns pretrain's options (a YAML config)
         from mllm_cl.pretrain import main as pretrain_main
 

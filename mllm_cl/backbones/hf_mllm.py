@@ -11,7 +11,9 @@ same interface as ``ComposedMLLM``:
 - ``image_size`` / ``image_mean`` / ``image_std`` for our image processor
   (LLaVA-1.5's pad-to-square recipe);
 - ``data_spec()``: image placeholders per image, the placeholder id, the tokens
-  around an image, and the collation object for model-specific inputs.
+  around an image, the collation object for model-specific inputs, and the chat
+  template the model was tuned with (``data.template: auto``): LLaVA-1.5
+  ``vicuna_v1``, the others ``hf`` (the tokenizer's own ``chat_template``).
 
 Experts go into the language model only (``hf.model.language_model``); the
 vision tower and projector stay frozen.
@@ -62,6 +64,9 @@ class HFMLLM(nn.Module):
         image_mean, image_std: normalization of the model's image processor.
     """
 
+    #: The chat template ``data.template: auto`` takes: ``hf``, the tokenizer's own ``chat_template``.
+    template = "hf"
+
     def __init__(self, model: nn.Module, *, image_size: int, image_mean, image_std) -> None:
         super().__init__()
         self.hf = model
@@ -83,7 +88,8 @@ class HFMLLM(nn.Module):
         raise NotImplementedError
 
     def data_spec(self) -> dict:
-        return {"num_image_tokens": self.num_image_tokens, "image_token_id": self.image_token_id}
+        return {"num_image_tokens": self.num_image_tokens, "image_token_id": self.image_token_id,
+                "template": self.template}
 
     def get_input_embeddings(self) -> nn.Module:
         return self.hf.get_input_embeddings()
@@ -137,6 +143,8 @@ class HFMLLM(nn.Module):
 
 class LlavaMLLM(HFMLLM):
     """``LlavaForConditionalGeneration`` (LLaVA-1.5: CLIP ViT-L/336, 2-layer MLP projector, Vicuna)."""
+
+    template = "vicuna_v1"  # LLaVA-1.5's conv_vicuna_v1
 
     @property
     def num_image_tokens(self) -> int:
@@ -262,7 +270,9 @@ def _processor_geometry(path: Path, family: str, model: nn.Module, image_size: i
 def load_hf_mllm(path: str | Path, *, dtype: torch.dtype | None = None, image_size: int | None = None,
                  attn_implementation: str | None = None, device: torch.device | str | None = None):
     """(HFMLLM, tokenizer) from a local transformers checkpoint directory; ``device``: where the
-    weights are read to, straight from the files (``device_map``; ``None``: the CPU)."""
+    weights are read to, straight from the files (``device_map``; ``None``: the CPU). On the ``meta``
+    device nothing but ``config.json`` is needed: the model is built from it without weights (what
+    ``mllm-cl plan`` counts), the tokenizer and image processor read only if the folder has them."""
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
@@ -272,6 +282,8 @@ def load_hf_mllm(path: str | Path, *, dtype: torch.dtype | None = None, image_si
     if family not in FAMILIES:
         raise ValueError(f"{path / 'config.json'}: model_type {family!r} is not supported; "
                          f"supported: {', '.join(FAMILIES)} (or a ComposedMLLM directory with mllm_cl.json)")
+    if device is not None and torch.device(device).type == "meta":
+        return _skeleton(path, config, family, dtype=dtype, image_size=image_size)
     attention = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     if device is not None:
         attention["device_map"] = torch.device(device)
@@ -289,5 +301,32 @@ def load_hf_mllm(path: str | Path, *, dtype: torch.dtype | None = None, image_si
             raise ValueError(f"{path}: the tokenizer has no {wrap[0]} / {wrap[1]} tokens that InternVL wraps images in")
         return InternVLMLLM(model, image_size=side, image_mean=mean, image_std=std,
                             image_wrap=([ids[0]], [ids[1]])), tokenizer
+    wrapper = LlavaMLLM if family == "llava" else Qwen2VLMLLM
+    return wrapper(model, image_size=side, image_mean=mean, image_std=std), tokenizer
+
+
+#: CLIP's normalization, for a skeleton whose folder has no image processor file.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _skeleton(path: Path, config, family: str, *, dtype: torch.dtype | None, image_size: int | None):
+    """(HFMLLM on the meta device, tokenizer or None) from ``config.json`` alone."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    with torch.device("meta"):
+        model = getattr(transformers, FAMILIES[family])._from_config(config, dtype=dtype)
+    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    if (path / "preprocessor_config.json").exists():
+        side, mean, std = _processor_geometry(path, family, model, image_size)
+    elif family in ("llava", "internvl"):
+        side, mean, std = _first(model.config.vision_config.image_size), CLIP_MEAN, CLIP_STD
+    else:
+        v = model.config.vision_config
+        step = v.patch_size * v.spatial_merge_size
+        side, mean, std = image_size or QWEN_DEFAULT_SIDE // step * step, CLIP_MEAN, CLIP_STD
+    if family == "internvl":
+        return InternVLMLLM(model, image_size=side, image_mean=mean, image_std=std, image_wrap=([0], [0])), tokenizer
     wrapper = LlavaMLLM if family == "llava" else Qwen2VLMLLM
     return wrapper(model, image_size=side, image_mean=mean, image_std=std), tokenizer

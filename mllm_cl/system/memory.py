@@ -122,17 +122,32 @@ def replay_structure(method, model: nn.Module, finished: int, *, feature_dim: in
     every task: the largest structures their options allow. ``feature_dim``: their routing features'
     width (a LLaVA-7B prompt feature: 4096). ``task_end=False`` skips ``on_task_end`` (SAME's takes a
     covariance snapshot, which the ``meta`` device cannot compute; it adds no structure)."""
-    layers = list(expert_layers(model))
-    name = type(method).__name__
-    if name == "CRAM":
-        method.slots = {t: {"group": 0, "ranks": {n: method.r_max for n in layers}} for t in range(finished + 1)}
-        method.prototypes = [torch.zeros(feature_dim)]
-        method.prototype_counts = [1.0]
-    elif name == "LLaVACMoE":
-        method.grown = {t: layers for t in range(finished + 1)}
-        if finished:
-            method.locator.grow_to(finished, feature_dim)
+    largest_structure(method, model, finished, feature_dim=feature_dim)
     for t in range(finished):
         method.on_task_start(model, t)
         if task_end:
             method.on_task_end(model, t)
+
+
+def largest_structure(method, model: nn.Module, last: int, *, feature_dim: int) -> None:
+    """What CRAM and LLaVA-CMoE decide from data, set for tasks 0..``last`` to the largest their options
+    allow (every CRAM slot at ``r_max`` in one group; a new CMoE expert in every layer every task)."""
+    layers = list(expert_layers(model))
+    name = type(method).__name__
+    if name == "CRAM":
+        method.slots = {t: {"group": 0, "ranks": {n: method.r_max for n in layers}} for t in range(last + 1)}
+        method.prototypes = [torch.zeros(feature_dim)]
+        method.prototype_counts = [1.0]
+    elif name == "LLaVACMoE":
+        method.grown = {t: layers for t in range(last + 1)}
+        if last:
+            method.locator.grow_to(last, feature_dim)
+
+
+def peak_bytes(*, base_bytes: int, adapter_bytes: int, trained_bytes: int, tokens: int, layers: int,
+               layer_bytes_per_token: float, head_bytes_per_token: float, observed_per_layer: int = 0) -> float:
+    """Estimated peak bytes on one GPU: the frozen base and the adapters and state (``adapter_bytes``),
+    fp32 gradient and AdamW's two moments of what trains (3 x ``trained_bytes``), and the activations
+    of ``tokens`` tokens in flight: ``layers`` x the bytes a layer keeps per token, plus the head's."""
+    activations = tokens * (layers * layer_bytes_per_token + head_bytes_per_token)
+    return base_bytes + adapter_bytes + 3 * trained_bytes + activations + observed_per_layer * layers
