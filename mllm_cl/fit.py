@@ -17,6 +17,19 @@ The strategy is checked against the method before anything is built
 there is refused, a finished run is left as it is. Every task's files are
 read and checked before any Trainer is built (``TaskSequence.check_files``).
 Help, refused options and parse errors: ``mllm_cl.fit_options``.
+
+Every option is checked before the zero-shot evaluation: a class given by its
+path (a logger, a callback, the method) that cannot be built is one message
+naming its key, and so is a Trainer option Lightning refuses: one phase Trainer
+is built (and the model's gradient clipping tried on it) before the loop starts.
+Gradient clipping is ``model.grad_clip`` alone (the norm every phase clips to);
+``trainer.gradient_clip_val`` and ``trainer.gradient_clip_algorithm`` are refused.
+
+Logging: a logger given without ``save_dir`` (``--trainer.logger CSVLogger``)
+writes into the run directory; without ``--trainer.logger`` a run logs to CSV in
+RUN/logs. The same logger instances serve every phase: one logger run per
+``mllm-cl fit``, the resolved config as its hyperparameters, and one run-wide
+step (``mllm_cl.system.loop``).
 """
 
 from __future__ import annotations
@@ -24,10 +37,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from callbacks import ContinualCallback
-from data_modules import TaskSequence
+from mllm_cl.callbacks import ContinualCallback
+from mllm_cl.data_modules import TaskSequence
 from mllm_cl import fit_options
 from mllm_cl.errors import UserError
 from mllm_cl.system.module import ContinualMLLM
@@ -35,6 +49,18 @@ from mllm_cl.system.module import ContinualMLLM
 # Trainer options the loop sets itself for every phase.
 _LOOP_OWNED = ("max_steps", "max_epochs", "callbacks", "logger", "enable_checkpointing", "default_root_dir",
                "limit_val_batches", "num_sanity_val_steps", "use_distributed_sampler")
+
+
+#: Trainer options a model option sets instead, and which.
+_MODEL_OWNED = {
+    "gradient_clip_val": "gradient clipping is set by model.grad_clip alone (the gradient norm every phase clips "
+                         "to; 0: off): remove it and give --model.grad_clip {value}",
+    "gradient_clip_algorithm": "gradient clipping is set by model.grad_clip alone, which clips the gradient norm "
+                               "(clipping by value is not offered): remove it",
+}
+
+#: A logger's ``save_dir`` until the run directory is known (it is set before anything is built).
+_RUN_DIR_PLACEHOLDER = "<the run directory>"
 
 
 class RunFinished(Exception):
@@ -57,8 +83,15 @@ class ContinualCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as e:  # one message, no usage dump (parsers are built with exit_on_error=False)
+            message = e.message
+            if _needs_save_dir(message) and isinstance(args, list):
+                # A logger without save_dir writes into the run directory, known once the rest is parsed.
+                try:
+                    return super().parse_arguments(parser, [*args, "--trainer.logger.save_dir", _RUN_DIR_PLACEHOLDER])
+                except ArgumentError as again:
+                    message = message if "save_dir" in again.message else again.message
             fit_parser = getattr(self, "_subcommand_parsers", {}).get("fit", parser)
-            raise fit_options.explain(e.message, fit_parser, list(args or [])) from e
+            raise fit_options.explain(message, fit_parser, list(args or [])) from e
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--experiment", type=str, default="experiment",
@@ -95,7 +128,10 @@ class ContinualCLI(LightningCLI):
             check_strategy(strategy, method)
         except ValueError as e:
             raise UserError(str(e)) from e
-        fit_options.refuse_loop_owned(cfg["trainer"], self._parser(self.subcommand).get_defaults()["trainer"])
+        defaults = self._parser(self.subcommand).get_defaults()["trainer"]
+        fit_options.refuse_loop_owned(cfg["trainer"], defaults)
+        _refuse_model_owned(cfg["trainer"], defaults)
+        _default_save_dirs(cfg["trainer"].get("logger"), _run_dir(cfg, method.name))
         if self.subcommand == "fit":
             self._check_run_dir(cfg, method.name)
 
@@ -104,8 +140,7 @@ class ContinualCLI(LightningCLI):
         (``ConfigMismatch``), a finished run of this one is left as it is (``RunFinished``)."""
         from mllm_cl.system.run_dir import RunDir
 
-        seed = int(cfg["seed_everything"])
-        self.run_dir = cfg["trainer"].get("default_root_dir") or f"runs/{cfg['experiment']}-{method_name}-s{seed}"
+        self.run_dir = _run_dir(cfg, method_name)
         self.config_text = self._parser("fit").dump(cfg, skip_link_targets=False, skip_none=False)
         run = RunDir(self.run_dir)
         if run.check_config(self.config_text) and (results := run.finished()) is not None:
@@ -113,6 +148,18 @@ class ContinualCLI(LightningCLI):
                               f"({results['completed_tasks']} of {len(results['order'])} tasks); nothing to do. "
                               f"Results: {run.results_path} (`mllm-cl report {self.run_dir}` for the tables); "
                               "another --trainer.default_root_dir starts a new run.")
+
+    def instantiate_classes(self) -> None:
+        """The configured classes; one that cannot be built (a logger whose package is missing, a callback
+        refusing its arguments) is a UserError naming its key and class."""
+        try:
+            super().instantiate_classes()
+        except Exception as e:
+            problem = _class_path_problem(e, self.config[self.subcommand] if self.subcommand else self.config,
+                                          own=(self._model_class, self._datamodule_class))
+            if problem is None:
+                raise
+            raise UserError(problem) from e
 
     def instantiate_trainer(self, **kwargs):
         """Every task's files are read and checked first: a malformed file of the last task stops
@@ -180,7 +227,13 @@ class ContinualCLI(LightningCLI):
             return trainer
 
         config_text = self.config_text
-        first = make_trainer(1, configured=True)  # starts the other processes (ddp) and says which device is ours
+        try:  # every Trainer option, checked before the zero-shot evaluation (a phase's Trainer takes the same)
+            first = make_trainer(1, configured=True)  # starts the other processes (ddp), says which device is ours
+            model.check_gradient_clipping(first)  # Lightning checks it at the first optimizer step only
+        except (MisconfigurationException, ValueError) as e:
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"trainer: {' '.join(str(e).split())}") from e
 
         def run() -> None:
             if first.world_size > 1:
@@ -196,6 +249,88 @@ class ContinualCLI(LightningCLI):
             first.strategy.launcher.launch(run, trainer=first)
         else:
             run()
+
+
+def _run_dir(cfg, method_name: str) -> str:
+    """``trainer.default_root_dir``, or ``runs/<experiment>-<method>-s<seed>``."""
+    seed = int(cfg["seed_everything"])
+    return cfg["trainer"].get("default_root_dir") or f"runs/{cfg['experiment']}-{method_name}-s{seed}"
+
+
+def _refuse_model_owned(trainer_cfg, defaults) -> None:
+    """A UserError naming every Trainer option that a model option sets instead, when it is set."""
+    given = [k for k in _MODEL_OWNED if trainer_cfg.get(k) != defaults.get(k)]
+    if given:
+        raise UserError("\n".join(f"trainer.{k} ({trainer_cfg[k]!r}): {_MODEL_OWNED[k].format(value=trainer_cfg[k])}"
+                                  for k in given))
+
+
+def _needs_save_dir(message: str) -> bool:
+    """Whether a parse error is only a ``trainer.logger`` class given without its required ``save_dir``."""
+    import re
+
+    return ('"trainer.logger"' in message
+            and re.search(r"Problem with given class_path '[^']+':\s+the following arguments are required: save_dir\b",
+                          message) is not None)
+
+
+def _default_save_dirs(logger, run_dir: str) -> None:
+    """Each configured logger's ``save_dir`` left out or null becomes ``run_dir``."""
+    from jsonargparse import Namespace
+
+    for spec in logger if isinstance(logger, list) else [logger]:
+        init = spec.get("init_args") if isinstance(spec, (Namespace, dict)) else None
+        if isinstance(init, (Namespace, dict)) and "save_dir" in init \
+                and init["save_dir"] in (None, _RUN_DIR_PLACEHOLDER):
+            init["save_dir"] = run_dir
+
+
+def _class_path_problem(error: BaseException, cfg, own: tuple[type, ...]) -> str | None:
+    """``KEY: CLASS could not be built (TYPE): why`` when ``error`` came from the ``__init__`` of a class
+    jsonargparse built from the config (a logger, a callback, the method), or None (another error, or
+    one of the ``own`` classes: the model and the data module say what is wrong themselves)."""
+    chain, e = [], error
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    built = [(x, cls) for x in chain if (cls := _class_being_built(x)) is not None]
+    if not built:
+        return None
+    root, cls = built[-1]  # the innermost: what the class's __init__ raised
+    if cls in own:
+        return None
+    keys = _keys_of(cfg, cls)
+    key, class_path = keys[0] if keys else (None, f"{cls.__module__}.{cls.__qualname__}")
+    why = " ".join(str(root).split()) or "(no message)"
+    return f"{key + ': ' if key else ''}{class_path} could not be built ({type(root).__name__}): {why}"
+
+
+def _class_being_built(error: BaseException) -> type | None:
+    """The class jsonargparse was building where ``error`` was raised (the innermost one), or None."""
+    cls, tb = None, error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if "jsonargparse" in frame.f_code.co_filename and isinstance(frame.f_locals.get("class_type"), type):
+            cls = frame.f_locals["class_type"]
+        tb = tb.tb_next
+    return cls
+
+
+def _keys_of(value, cls: type, prefix: str = "") -> list[tuple[str, str]]:
+    """(config key, class path) of each ``class_path`` in the config that names ``cls``
+    (``trainer.callbacks[1]``, ``lightning.pytorch.callbacks.EarlyStopping``)."""
+    from jsonargparse import Namespace
+
+    if isinstance(value, Namespace):
+        value = value.__dict__
+    if isinstance(value, dict):
+        path = value.get("class_path")
+        here = [(prefix, path)] if isinstance(path, str) and prefix and path.rpartition(".")[2] == cls.__name__ else []
+        return here + [k for name, v in value.items()
+                       for k in _keys_of(v, cls, f"{prefix}.{name}" if prefix else str(name))]
+    if isinstance(value, list):
+        return [k for i, v in enumerate(value) for k in _keys_of(v, cls, f"{prefix}[{i}]")]
+    return []
 
 
 def run_cli(args: list[str], cli_class: type[ContinualCLI] = None) -> ContinualCLI:
@@ -216,8 +351,8 @@ def run_cli(args: list[str], cli_class: type[ContinualCLI] = None) -> ContinualC
         # Parse errors are raised (and explained in one message by parse_arguments), not printed after the
         # usage of every option; jsonargparse gives a subcommand its parent's formatter.
         parser_kwargs={"prog": "mllm-cl", "exit_on_error": False, "formatter_class": fit_options.HelpFormatter,
-                       "fit": {"default_config_files": [], "exit_on_error": False, "usage": fit_options.USAGE,
-                               "description": fit_options.DESCRIPTION}},
+                       "fit": {"default_config_files": [], "exit_on_error": False, "allow_abbrev": False,
+                               "usage": fit_options.USAGE, "description": fit_options.DESCRIPTION}},
         seed_everything_default=0,
         auto_configure_optimizers=False,  # ContinualMLLM gives the optimizer only trainable parameters
     )

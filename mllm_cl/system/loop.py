@@ -20,16 +20,27 @@ Ctrl-C raises ``Interrupted`` naming the task and phase it stopped in (``interru
 Bad input skipped under ``on_bad_sample: skip`` is counted per task (training) and per
 task and stage (evaluation: each score is over the rows that could be read) in the log
 and in ``results.json``'s ``bad_samples``.
+
+Logging: the loggers are the same instances for every phase's Trainer, so a run is one logger
+run (one version folder, one metrics.csv; ``finalize`` is called once, when the loop ends). The
+resolved config is logged as its hyperparameters once. Every phase logs on one run-wide step,
+the optimizer steps the run took before the phase plus the phase's own (the loss as
+``taskN_NAME/PHASE/loss``); an evaluation logs its scores at the run-wide step it ran at, with
+its stage as ``eval/stage``. ``results.json``'s ``global_step`` keeps the steps of the finished
+tasks, so a resumed run's steps go on from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
+from collections.abc import Iterator
 from typing import Callable
 
 import lightning as L
+import yaml
 
 from mllm_cl.data.errors import BadSampleError
 from mllm_cl.distributed import broadcast, is_writer, world
@@ -62,8 +73,9 @@ class ContinualLoop:
         callbacks: continual callbacks whose task/phase hooks the loop calls.
         eval_future_tasks: also evaluate task t+1 after task t (fills what FWT needs).
         score_mode: scorer mode (``official`` or ``clean``).
-        loggers: Lightning loggers that receive each stage's scores as ``eval/TASK``
-            (step = stage) and the final metrics as ``final/METRIC``.
+        loggers: Lightning loggers, given to every phase's Trainer: they receive the resolved config
+            as hyperparameters, the training losses, each stage's scores as ``eval/TASK`` with
+            ``eval/stage``, and the final metrics as ``final/METRIC``, all at the run-wide step.
         device: where the model trains, evaluates and the method's hooks run (it is moved there once,
             if it was loaded elsewhere); ``None``: where it is.
         accumulation: ``trainer.accumulate_grad_batches``, for phases without samples per step.
@@ -94,13 +106,15 @@ class ContinualLoop:
         self.callbacks = list(callbacks)
         self.eval_future_tasks, self.score_mode = eval_future_tasks, score_mode
         self.loggers = list(loggers)
+        self.global_step = 0  # the run's optimizer steps so far: the step every log entry is made at
         self.print = print_fn if self.run.writer else (lambda *args, **kwargs: None)
 
     # -------------------------------------------------------------------- run
     def __call__(self) -> dict:
         self._at, self._done = (None, "setup"), 0  # where a Ctrl-C stops the run, and the tasks finished
         try:
-            return self._run()
+            with self._one_logger_run():
+                return self._run()
         except KeyboardInterrupt:
             last = Resume.read(self.run) if self.checkpoint_every else None  # the checkpoint a rerun resumes from
             within = (last.phase_name, last.step) if last is not None and last.task == self._done else None
@@ -114,6 +128,8 @@ class ContinualLoop:
         dm.check_files()  # every task's files before the zero-shot row (done already, and kept, under mllm-cl fit)
         module.budget.check_tasks(dm.task_names)
         module.sequence = dm  # callbacks that need a task's data at task end (a task locator) read it here
+        if hasattr(dm, "_log_hyperparams"):
+            dm._log_hyperparams = False  # the loop logs the resolved config once; Lightning would at every fit
         self._to_device()
         resuming, results = broadcast(self._claim())  # rank 0 reads and writes; every rank gets its answer
         if isinstance(resuming, Exception):
@@ -123,6 +139,8 @@ class ContinualLoop:
             results = new_results(method=method.name, experiment=self.experiment, seed=self.seed, tasks=tasks,
                                   one_row=method.one_row)
         done = self._done = results["completed_tasks"]
+        self.global_step = results.setdefault("global_step", 0)
+        self._log_config()
         self.bad_samples = results.setdefault("bad_samples", {"train": {}, "eval": {}})  # results.json's counts
         self.print(f"mllm-cl: run directory {self.run.path} ({'resuming after task ' + str(done) if done else 'new run'})")
         self.print(f"mllm-cl: {record_environment(results, self.device)}")  # results.json's environment block
@@ -140,7 +158,7 @@ class ContinualLoop:
             self._task(t, results)
         self.finish(results)
         self.run.save_results(results)
-        self._log({f"final/{k}": v for k, v in results["metrics"].items() if v is not None}, step=T)
+        self._log({f"final/{k}": v for k, v in results["metrics"].items() if v is not None})
         self.print(f"mllm-cl: finished; results in {self.run.results_path}")
         return results
 
@@ -178,6 +196,7 @@ class ContinualLoop:
         plans = self._plan(t, phases)
         for k, (phase, plan) in enumerate(zip(phases, plans)):
             if resume is not None and k < resume.phase:
+                self.global_step += plan.steps  # its steps were taken (each phase runs to its budget)
                 continue  # ended before the checkpoint: what it did is in the method's state and the tensors
             if resume is not None and k == resume.phase and k:
                 L.seed_everything(dm.task_seed(t) + k, workers=True, verbose=False)  # as after phase k - 1
@@ -186,6 +205,7 @@ class ContinualLoop:
             self._hook("on_phase_start", t, phase)
             dm.set_task(t, fraction=phase.fraction, tasks=phase.tasks)
             module.log_prefix = f"task{t + 1}_{dm.tasks[t].name}/{phase.name}"
+            module.step_offset = self.global_step  # the phase logs at the run's steps so far + its own
             module.phase_schedule = plan.schedule
             module.progress_label = f"task {t + 1}/{T} {dm.tasks[t].name} · {phase.name}"  # system/progress.py
             for name, p in module.model.named_parameters():
@@ -208,14 +228,17 @@ class ContinualLoop:
                                            method=method, backbone_info=module.backbone_info, resume=here,
                                            progress={"trainable": trainable, "timings": timings,
                                                      "skips": copy.deepcopy(dm.skips[dm.tasks[t].name])})]
-            fit_phase(self.make_trainer(steps, plan.accumulation, extra_callbacks=extra), module, dm)
+            trainer = self.make_trainer(steps, plan.accumulation, extra_callbacks=extra)
+            fit_phase(trainer, module, dm)
+            self.global_step += trainer.global_step
             timings[phase.name] = round(time.time() - t0, 3)
             # What the method creates after a fit (cmoe's grown routers) must not depend on how many random
             # draws the fit made: that differs between one process and ddp (Lightning's own samplers).
             L.seed_everything(dm.task_seed(t) + k + 1, workers=True, verbose=False)
             method.on_phase_end(module.model, t, phase)
             self._hook("on_phase_end", t, phase)
-            self.print(dm.skip_report(t))
+        if report := dm.skip_report(t):  # the task's skips, once, when there are any
+            self.print(report)
         skips = dm.skips[dm.tasks[t].name]
         self.bad_samples["train"][dm.tasks[t].name] = {"skipped": skips.total, "reasons": dict(skips.counts)}
         method.on_task_end(module.model, t)
@@ -234,6 +257,7 @@ class ContinualLoop:
                                                        "method_state": facts}, tensors)
         self.run.drop_in_task()
         results["completed_tasks"] = self._done = t + 1
+        results["global_step"] = self.global_step
         self.run.save_results(results)
         if os.environ.get(FAULT_ENV) == str(t + 1):
             raise InjectedFault(f"{FAULT_ENV}={t + 1}: stopping after task {t + 1} as asked")
@@ -285,12 +309,43 @@ class ContinualLoop:
         if own:
             results.setdefault("method_metrics", {})[f"stage_{stage:02d}"] = own
             self._log({f"method/{k}/{task}": v for k, d in own.items() if isinstance(d, dict)
-                       for task, v in d.items() if isinstance(v, (int, float))}, step=stage)
+                       for task, v in d.items() if isinstance(v, (int, float))}, stage=stage)
 
-    def _log(self, metrics: dict, step: int) -> None:
+    def _log(self, metrics: dict, stage: int | None = None) -> None:
+        """``metrics`` to every logger at the run-wide step (with ``eval/stage``, given a stage)."""
+        if not metrics:
+            return
+        if stage is not None:
+            metrics = {**metrics, "eval/stage": stage}
         for logger in self.loggers:
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(metrics, step=self.global_step)
             logger.save()
+
+    def _log_config(self) -> None:
+        """The resolved config as every logger's hyperparameters (nested as in config.yaml), once a run."""
+        config = yaml.safe_load(self.config_text) or {}
+        for logger in self.loggers:
+            logger.log_hyperparams(config)
+            logger.save()
+
+    @contextlib.contextmanager
+    def _one_logger_run(self) -> Iterator[None]:
+        """The loggers' ``finalize``, which every phase's Trainer calls as its fit ends (a TensorBoard
+        logger would close its file and start another), deferred to the end of the run."""
+        if not self.loggers:
+            yield
+            return
+        for logger in self.loggers:
+            logger.finalize = lambda status: None  # this instance only: its class's method runs at the end
+        status = "failed"
+        try:
+            yield
+            status = "success"
+        finally:
+            for logger in self.loggers:
+                if "finalize" in vars(logger):
+                    del logger.finalize
+                    logger.finalize(status)
 
     def _hook(self, name: str, *args) -> None:
         for cb in self.callbacks:
@@ -308,7 +363,7 @@ class ContinualLoop:
                 scores.append(round(score(rows, dm.tasks[i].scorer, self.score_mode), 4))
         finally:
             module.model.train()
-        self._log({f"eval/{dm.tasks[i].name}": s for i, s in zip(tasks, scores)}, step=stage)
+        self._log({f"eval/{dm.tasks[i].name}": s for i, s in zip(tasks, scores)}, stage=stage)
         names = ", ".join(f"{dm.tasks[i].name}={s:.1f}" + _dropped_note(*d) for i, s, d in zip(tasks, scores, dropped))
         self.print(f"mllm-cl: stage {stage:02d}: {names}")
         for i, (_, d) in zip(tasks, dropped):
@@ -350,7 +405,7 @@ class ContinualLoop:
         finally:
             module.model.train()
         block["scores"][f"stage_{stage:02d}"] = scores
-        self._log({f"general/{n}/{s}": v for n, d in scores.items() for s, v in d.items()}, step=stage)
+        self._log({f"general/{n}/{s}": v for n, d in scores.items() for s, v in d.items()}, stage=stage)
         self.print(f"mllm-cl: stage {stage:02d} general: " + ", ".join(
             f"{n} " + " ".join(f"{s}={v:.1f}" for s, v in d.items()) for n, d in scores.items()))
 

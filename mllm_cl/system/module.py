@@ -16,6 +16,7 @@ import torch
 
 from mllm_cl.backbones import build_backbone
 from mllm_cl.data.images import ImageProcessor
+from mllm_cl.errors import UserError
 from mllm_cl.experts import RoutingContext, checkpoint_contexts, expert_layers, routing_context
 from mllm_cl.methods import Method
 from mllm_cl.system.budget import Budget
@@ -30,7 +31,7 @@ def parse_dtype(name: str | None, key: str) -> torch.dtype | None:
     if name is None:
         return None
     if name not in DTYPES:
-        raise ValueError(f"{key}: unknown dtype {name!r}; choose one of {', '.join(DTYPES)} or null")
+        raise UserError(f"{key}: unknown dtype {name!r}; choose one of {', '.join(DTYPES)} or null")
     return DTYPES[name]
 
 
@@ -58,9 +59,9 @@ def base_dtype_for(backbone_dtype: str | None, precision: str | int | None) -> t
         return compute
     dtype = parse_dtype(backbone_dtype, "model.backbone_dtype")
     if mixed and dtype is not None and dtype != compute:
-        raise ValueError(f"model.backbone_dtype: {backbone_dtype} under trainer.precision {precision} keeps a "
-                         f"{compute} copy of every frozen weight for backward (autocast casts them at each "
-                         f"forward): set model.backbone_dtype to auto (or {str(compute).removeprefix('torch.')})")
+        raise UserError(f"model.backbone_dtype: {backbone_dtype} under trainer.precision {precision} keeps a "
+                        f"{compute} copy of every frozen weight for backward (autocast casts them at each "
+                        f"forward): set model.backbone_dtype to auto (or {str(compute).removeprefix('torch.')})")
     return dtype
 
 
@@ -72,7 +73,7 @@ def load_device_for(load_device: str, accelerator: str | None) -> torch.device |
         try:
             device = torch.device(load_device)
         except (RuntimeError, TypeError) as e:
-            raise ValueError(f"model.load_device: {load_device!r} is not a device (auto, cpu, cuda, cuda:N)") from e
+            raise UserError(f"model.load_device: {load_device!r} is not a device (auto, cpu, cuda, cuda:N)") from e
         return None if device.type == "cpu" else device
     wanted = str(accelerator or "auto").lower()
     if wanted in ("auto", "gpu", "cuda") and torch.cuda.is_available():
@@ -133,7 +134,8 @@ class ContinualMLLM(L.LightningModule):
         min_lr_ratio: the cosine's floor as a share of ``lr`` (0: down to zero).
         warmup_steps: linear learning-rate warm-up at the start of every phase, in steps.
         warmup_ratio: the warm-up as a share of every phase's steps instead (MCITlib: 0.03).
-        grad_clip: clip the gradient norm to this (0: off).
+        grad_clip: clip the gradient norm to this (0: off). The one place clipping is set:
+            ``trainer.gradient_clip_val`` and ``trainer.gradient_clip_algorithm`` are refused.
     """
 
     def __init__(
@@ -190,7 +192,9 @@ class ContinualMLLM(L.LightningModule):
                               if base_dtype is not None else None, "expert_dtype": expert_dtype,
                               "image_size": image_size, "attn_implementation": attn_implementation}
         self.lr, self.weight_decay, self.grad_clip = lr, weight_decay, grad_clip
-        self.log_prefix = "train"  # the loop sets "taskN_NAME/PHASE": every phase restarts the step count
+        self.log_prefix = "train"  # the loop sets "taskN_NAME/PHASE"
+        self.step_offset = 0  # the run's logged steps before this phase (the loop sets it): one axis for the run
+        self._log_hyperparams = False  # the loop logs the resolved config once per run, not these per phase
         self.phase_schedule: PhaseSchedule | None = None  # the loop sets each phase's (budget.PhasePlan)
         self.fast_forward = 0  # micro-batches to draw without training (system/in_task.py sets it on resume)
 
@@ -218,6 +222,11 @@ class ContinualMLLM(L.LightningModule):
                                       batch.get("loss_positions"))
             extra = self.method.extra_loss(self.model, batch) if training else None
         return loss, extra
+
+    def on_train_start(self) -> None:
+        # Lightning logs at its count of stepped batches (self.log, LearningRateMonitor, DeviceStatsMonitor);
+        # started at the run's steps so far, the phases of a run log on one axis.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.step_offset
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         dm = getattr(self.trainer, "datamodule", None)
@@ -263,3 +272,21 @@ class ContinualMLLM(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if self.grad_clip > 0:
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+
+    def check_gradient_clipping(self, trainer: L.Trainer) -> None:
+        """Clip a stand-in gradient as every optimizer step will, under ``trainer``'s options and precision:
+        a clash (``trainer.gradient_clip_val``) or a precision that cannot clip fails here, before a run
+        evaluates anything. Raises UserError."""
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        stand_in = torch.nn.Parameter(torch.zeros(1))
+        stand_in.grad = torch.ones(1)
+        optimizer = torch.optim.SGD([stand_in], lr=0.0)
+        previous, self._trainer = self._trainer, trainer
+        try:
+            self.configure_gradient_clipping(optimizer)
+        except (MisconfigurationException, NotImplementedError, RuntimeError) as e:
+            raise UserError(f"model.grad_clip ({self.grad_clip}) under these trainer options: "
+                            f"{' '.join(str(e).split())}") from e
+        finally:
+            self._trainer = previous

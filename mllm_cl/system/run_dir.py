@@ -121,6 +121,7 @@ def new_results(*, method: str, experiment: str, seed: int, tasks: list[dict], o
     general {tasks: [{name, scorers}], scores: {stage_NN: {task: {scorer: score}}}, retention}
     (general tasks, never trained: ``data.general``),
     completed_tasks (how many tasks are finished: a resume starts after them),
+    global_step (optimizer steps of the finished tasks: the run-wide step a resumed run's logs go on from),
     environment (versions, CPU, threads, device, git commit: ``system.environment``; the loop adds
     it, and ``earlier_environments`` when a resumed run's differs).
     """
