@@ -145,6 +145,8 @@ class TaskSequence(L.LightningDataModule):
                                  f"expected layout:\n{benchmarks.layout(builtin)}")
             all_tasks = benchmarks.resolve(builtin, root, paths=paths, tasks=order)
         else:
+            if tasks is None:
+                _check_manifest(benchmark)
             all_tasks = list(tasks) if tasks is not None else load_manifest(benchmark)
         all_tasks = _with_shards(all_tasks, shards)
         by_name = {t.name: t for t in all_tasks}
@@ -415,8 +417,11 @@ class TaskSequence(L.LightningDataModule):
             self.skips[self.tasks[self.current if index is None else index].name].extend(batch["skipped"])
 
     def skip_report(self, index: int | None = None) -> str:
+        """The training samples task ``index`` (default: the current task) skipped as bad, as ``mllm-cl:``
+        lines to print; "" when none was skipped."""
         name = self.tasks[self.current if index is None else index].name
-        return self.skips[name].summary(name)
+        summary = self.skips[name].summary(name)
+        return f"mllm-cl: {summary}" if summary else ""
 
     def eval_skips(self, index: int, skipped: list[str]) -> SkipLog:
         """What one evaluation of task ``index`` left out: the rows dropped when its test file was
@@ -425,6 +430,30 @@ class TaskSequence(L.LightningDataModule):
         log = SkipLog(counts=Counter(read.counts), examples=list(read.examples))
         log.extend(skipped)
         return log
+
+
+#: Where the synthetic benchmark is written by default (``configs/experiments/synth.yaml``, the README).
+SYNTH_DEFAULT = "data/synth"
+
+
+def _check_manifest(benchmark: str) -> None:
+    """A FileNotFoundError naming ``data.benchmark`` when ``benchmark`` is neither a manifest nor a folder with one;
+    it suggests generating the data only for the synthetic benchmark's default path."""
+    path = Path(benchmark)
+    if path.is_file():
+        return
+    folder = path.parent if path.suffix == ".json" else path
+    if path.is_dir():
+        if (path / "benchmark.json").is_file():
+            return
+        problem = f"data.benchmark: {benchmark} has no benchmark.json"
+    else:
+        problem = f"data.benchmark: {benchmark} does not exist"
+    if folder.resolve() == Path(SYNTH_DEFAULT).resolve():
+        raise FileNotFoundError(f"{problem}: generate the synthetic benchmark there with `mllm-cl data synth --out "
+                                f"{folder}`, or set data.synthesize to generate it on first use")
+    raise FileNotFoundError(f"{problem}: give a benchmark.json manifest, the folder that holds one, or a built-in "
+                            f"benchmark ({', '.join(benchmarks.BENCHMARKS)}) with data.root")
 
 
 def _with_shards(tasks: list[TaskSpec], shards: str | dict[str, str] | None) -> list[TaskSpec]:

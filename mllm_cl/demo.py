@@ -73,9 +73,8 @@ def _accuracy(model, tok, names, generator) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from mllm_cl.backbones import build_preset
+    from mllm_cl.console import Progress
     from mllm_cl.experts import ExpertSetup, TopKRouter, expert_layers, mark_only_experts_trainable
 
     torch.manual_seed(args.seed)
@@ -102,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     names_all = list(COLOURS)
     losses = []
-    for _ in (bar := tqdm(range(args.steps), desc="training experts", unit="step", mininterval=0.5)):
+    bar = Progress(args.steps, "training experts", "step")
+    for _ in range(args.steps):
         names = [names_all[i] for i in torch.randint(len(names_all), (args.batch_size,), generator=g)]
         ids, mask, labels, pixels, _ = _batch(tok, model, names, g)
         loss = model(ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optim.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.update(note=f"loss {loss.item():.3f}")
+    bar.close()
     after = _accuracy(model, tok, eval_names, torch.Generator().manual_seed(args.seed + 1))
     first = sum(losses[:10]) / max(1, len(losses[:10]))
     last = sum(losses[-10:]) / max(1, len(losses[-10:]))

@@ -5,10 +5,12 @@
   sequence); Lightning's Trainer flags come last.
 - Options the loop would silently ignore are refused with the reason:
   ``Trainer.fit``'s ``ckpt_path`` and ``weights_only`` (a run resumes from its
-  own task checkpoints) and the Trainer options the loop sets for every phase.
+  own task checkpoints) and the Trainer options the loop sets for every phase;
+  the help says so beside each of those and names what to set instead.
 - A parse error becomes one ``UserError`` without the usage dump: a YAML
   syntax error names the file and line, an unknown key names the config file
-  it is in and the nearest valid key.
+  it is in and the nearest valid key (found the same way for a YAML key and a
+  command-line one).
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ TITLES = {
     "trainer.": "Lightning Trainer (trainer.*), given to every phase's Trainer",
 }
 TRAINER_NOTE = textwrap.fill(f"The loop sets {', '.join(LOOP_OWNED)} itself (setting them is refused); without "
-                             "--trainer.logger a run logs to CSV in RUN/logs.", width=78)
+                             "--trainer.logger a run logs to CSV in RUN/logs; a logger without save_dir logs into "
+                             "the run directory.", width=78)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -79,7 +82,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
 
 
 def order_help(parser: argparse.ArgumentParser) -> None:
-    """The run's own options, model and data first; Lightning's Trainer group last; empty groups gone."""
+    """The run's own options, model and data first; Lightning's Trainer group last; empty groups gone;
+    each loop-owned Trainer option's help says that the loop sets it and what to give instead."""
+    for action in parser._actions:
+        key = action.dest.removeprefix("trainer.")
+        if action.dest.startswith("trainer.") and key in LOOP_OWNED:
+            action.help = f"Set by the loop for every phase (refused if given): {LOOP_OWNED[key]}."
     groups = [g for g in parser._action_groups if g._group_actions]
     for g in groups:
         prefix = next((p for p in TITLES if all(a.dest.startswith(p) or a.dest == p[:-1] for a in g._group_actions)),
@@ -138,15 +146,36 @@ def file_with(key: str, files: list[str], args: list[str] = ()) -> str | None:
     return None
 
 
+def _initials(name: str) -> str:
+    """``lr`` for ``learning_rate``; "" for a one-word name."""
+    words = [w for w in name.split("_") if w]
+    return "".join(w[0] for w in words) if len(words) > 1 else ""
+
+
+def _abbreviates(a: str, b: str) -> bool:
+    """Whether one of two key names is the other's initials (``lr``, ``learning_rate``)."""
+    return a != b and (a == _initials(b) or b == _initials(a))
+
+
 def nearest(word: str, candidates: list[str]) -> str | None:
-    """The closest candidate: first among those with the same dotted prefix, then among all."""
-    prefix = word.rpartition(".")[0]
+    """The closest candidate to a key, the same for a YAML key and a command-line one: the key with dashes
+    as underscores; a key with the same dotted prefix whose name is the other's initials (``learning_rate``
+    -> ``lr``); the closest spelling, first among the keys with the same prefix, then among all; the same
+    name under another prefix (``lr`` -> ``model.lr``)."""
+    word = word.replace("-", "_")
+    if word in candidates:
+        return word
+    prefix, _, name = word.rpartition(".")
     same = [c for c in candidates if c.rpartition(".")[0] == prefix]
+    short = [c for c in same if _abbreviates(name, c.rpartition(".")[2])]
+    if short:
+        return short[0]
     for pool in (same, candidates):
         match = difflib.get_close_matches(word, pool, n=1, cutoff=0.6)
         if match:
             return match[0]
-    return None
+    moved = [c for c in candidates if c.rpartition(".")[2] == name]
+    return moved[0] if moved else None
 
 
 def option_keys(parser: argparse.ArgumentParser) -> list[str]:

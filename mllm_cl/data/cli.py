@@ -14,6 +14,8 @@ import sys
 import time
 
 HELP = "generate the synthetic benchmark (synth), write WebDataset shards (shard), show benchmark layouts (benchmarks)"
+QUIET_HELP = ("no progress (without it: one line redrawn on a terminal; in a pipe or a file, a line every "
+              "MLLM_CL_PROGRESS_SECONDS seconds, default 30, and one at the end)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--image-size", type=int, default=48, help="image side in pixels, >= 32 (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="seed; the same seed gives identical files (default: %(default)s)")
     s.add_argument("--list", action="store_true", help="list the tasks with their suite, domain and scorer, and exit")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     h = sub.add_parser(
         "shard",
@@ -60,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--on-bad-sample", choices=("raise", "skip"), default="raise",
                    help="a bad record (malformed, missing or corrupt image): stop with an error naming file and "
                    "record (raise, the default), or leave it out and count it (skip)")
-    h.add_argument("--quiet", action="store_true", help="no progress bar")
+    h.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     b = sub.add_parser(
         "benchmarks",

@@ -59,8 +59,9 @@ class SkipLog:
         return sum(self.counts.values())
 
     def summary(self, task: str) -> str:
+        """The counts by reason and the first examples, one line each; "" when nothing was skipped."""
         if not self.total:
-            return f"task {task}: no samples skipped"
+            return ""
         lines = [f"task {task}: skipped {self.total} bad samples"]
         lines += [f"  {n} x {reason}" for reason, n in self.counts.most_common()]
         lines += [f"  e.g. {e}" for e in self.examples]

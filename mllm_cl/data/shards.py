@@ -103,7 +103,8 @@ def write_shards(input_file: str | Path, image_root: str | Path | None, out_dir:
     is left out and counted in ``skips``.
     """
     import webdataset as wds
-    from tqdm import tqdm
+
+    from mllm_cl.console import Progress
 
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
@@ -123,9 +124,10 @@ def write_shards(input_file: str | Path, image_root: str | Path | None, out_dir:
     skips = skips if skips is not None else SkipLog()
     shards: list[dict[str, Any]] = []
     writer = None
+    bar = Progress(len(records), f"sharding {input_file.name}", "rec", enabled=progress)
     try:
-        for i, record in enumerate(tqdm(records, desc=f"sharding {input_file.name}", unit="rec",
-                                        disable=not progress, mininterval=0.5)):
+        for i, record in enumerate(records):
+            bar.update()
             where = f"{input_file}, record {i}"
             try:
                 parsed = parse(record, root, where)
@@ -148,6 +150,7 @@ def write_shards(input_file: str | Path, image_root: str | Path | None, out_dir:
             writer.write(sample)
             shards[-1]["samples"] += 1
     finally:
+        bar.close()
         if writer is not None:
             writer.close()
     total = sum(s["samples"] for s in shards)

@@ -26,8 +26,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from mllm_cl.console import Progress
 from mllm_cl.data.draw import COLOURS, SHAPES, box_text, place, render, render_word, scene_caption
 from mllm_cl.data.synth_coin import COIN_ORDER, COIN_TASKS
 from mllm_cl.data.synth_spec import Sample, TaskSpec, pick, radius
@@ -206,8 +206,7 @@ def generate(out_dir, *, tasks=None, suite: str | None = None, train_size: int =
         raise ValueError(f"seed must be non-negative, got {seed}")
     out = Path(out_dir)
     entries = []
-    bar = tqdm(total=len(tasks) * (train_size + test_size), desc="synthetic benchmark", unit="img",
-               disable=not progress, mininterval=0.5)
+    bar = Progress(len(tasks) * (train_size + test_size), "synthetic benchmark", "img", enabled=progress)
     for task in tasks:
         folder = out / task
         (folder / "images").mkdir(parents=True, exist_ok=True)

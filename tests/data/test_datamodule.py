@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from data_modules import TaskSequence
+from mllm_cl.data_modules import TaskSequence
 from mllm_cl.backbones import build_preset
 from mllm_cl.data.errors import BadSampleError
 from mllm_cl.data.images import ImageProcessor
@@ -111,7 +111,7 @@ def test_truncated_png_is_corrupt_too(llava_dir, backbone):
 def test_exactly_one_source_of_tasks(llava_dir):
     with pytest.raises(ValueError, match="exactly one of `tasks` and `benchmark`"):
         TaskSequence()
-    with pytest.raises(FileNotFoundError, match="mllm-cl data synth"):
+    with pytest.raises(FileNotFoundError, match="data.benchmark: .*nothing does not exist"):
         TaskSequence(benchmark=str(llava_dir / "nothing"))
 
 
