@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import interleaved, quantile  # noqa: E402
 
-from data_modules import TaskSequence  # noqa: E402
+from mllm_cl.data_modules import TaskSequence  # noqa: E402
 from mllm_cl.data import synth  # noqa: E402
 from mllm_cl.data.shards import write_shards  # noqa: E402
 from mllm_cl.experts import ExpertSetup  # noqa: E402

@@ -223,7 +223,7 @@ def counting_generation(counts: dict):
 
 def measure_decoding(module, datamodule, *, prompts: int, new_tokens: int, batch: int, device) -> dict:
     """``prompts`` test prompts of the last task through the method's evaluation path, timed."""
-    from data_modules import TaskSequence
+    from mllm_cl.data_modules import TaskSequence
     from mllm_cl.eval.evaluate import predict
 
     seq = TaskSequence(tasks=datamodule.tasks, test_limit=prompts, eval_batch_size=batch,

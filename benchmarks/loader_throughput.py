@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _timing import interleaved, quantile  # noqa: E402
 
-from data_modules import TaskSequence  # noqa: E402
+from mllm_cl.data_modules import TaskSequence  # noqa: E402
 from mllm_cl.backbones.tokenizer import byte_tokenizer  # noqa: E402
 from mllm_cl.backbones.vision import CLIP_MEAN, CLIP_STD  # noqa: E402
 from mllm_cl.data.images import ImageProcessor  # noqa: E402

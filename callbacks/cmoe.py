@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from callbacks.base import ContinualCallback
+from mllm_cl.callbacks.base import ContinualCallback
 from mllm_cl.data.collate import batch_to
 from mllm_cl.distributed import is_writer, world
 from mllm_cl.methods.locator import prompt_features

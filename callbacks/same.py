@@ -6,7 +6,7 @@ The method adds it itself (``SAME.callbacks``); nothing to configure.
 
 from __future__ import annotations
 
-from callbacks.base import ContinualCallback
+from mllm_cl.callbacks.base import ContinualCallback
 
 
 class SAMEStatisticsCallback(ContinualCallback):

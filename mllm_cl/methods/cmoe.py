@@ -9,15 +9,16 @@ that task. Per task:
 
 - ``probe`` phase (not on the first task, where every layer grows): all
   experts frozen; ``probe_experts`` probe experts and a probe router per layer
-  trained on ``probe_fraction`` of the task's data for ``probe_steps`` steps.
+  trained on ``probe_fraction`` of the task's data for ``probe_share`` of the task's
+  budget in steps (at least one; ``probe_steps`` sets a fixed count instead).
   The probes' activation frequency per layer (share of top-k slots they win on
   real tokens, weighted by their routing weights, summed over the phase by
-  ``callbacks.cmoe.ProbeStatistics``) decides growth: a layer grows if its frequency > mean - alpha * std over
-  layers (``layers_to_grow``). New experts (``new_experts`` per grown layer)
+  ``mllm_cl.callbacks.cmoe.ProbeStatistics``) decides growth: a layer grows if its
+  frequency > mean - alpha * std over layers (``layers_to_grow``). New experts (``new_experts`` per grown layer)
   copy the layer's most-activated old expert; the probes are dropped.
 - ``train`` phase: the task's new experts and its new routers (every layer,
   grown or not) train on the full task; old experts stay frozen.
-- task end: ``callbacks.cmoe.TaskLocatorFitter`` fits the task's locator on the
+- task end: ``mllm_cl.callbacks.cmoe.TaskLocatorFitter`` fits the task's locator on the
   frozen base's last-prompt-token features (``mllm_cl.methods.locator``: a VAE on a
   proper ELBO, ``locator: vae``, the paper's PTL; or a shrunk full Gaussian,
   ``locator: gaussian``). At evaluation each sample runs with the router of the task the
@@ -34,8 +35,11 @@ probe data, alpha 1, one new expert per grown layer, balance weight 0.01, VAE
 sized from the feature width (``locator.vae_sizes``) with beta 1. Frequency **[choice]**: the probes' share of the routing
 *weight* in the kept slots, not of the slot count: with one old expert and one
 probe at top-2 every slot count is 1/2 in every layer, and nothing could be
-told apart (no layer would ever grow). ``probe_steps`` (default 30, a tenth of the canonical
-300 steps) is ours; ``probe_steps: 0`` skips probing and grows every layer. ``route_by: task_id``
+told apart (no layer would ever grow). The probe's length is ours: ``probe_share`` (default 0.1)
+of the task's steps (``Phase(share=...)``: 30 of the canonical 300, 1 of the micro config's 3),
+trained on a learning-rate schedule of its own (the ``train`` phase that follows is no share phase,
+so the two do not share a span); ``probe_steps`` overrides it with a fixed count, and
+``probe_steps: 0`` skips probing and grows every layer. ``route_by: task_id``
 evaluates with the true task's router (an oracle locator, for diagnosis; the
 locator is still fitted and its accuracy still reported).
 """
@@ -84,7 +88,8 @@ class LLaVACMoE(Method):
     state_kind = "locator"  # stored parameters: what ``state()`` keeps to route
 
     def __init__(self, experts: ExpertSetup, *, top_k: int = 2, probe_experts: int = 1, probe_fraction: float = 0.1,
-                 probe_steps: int = 30, alpha: float = 1.0, new_experts: int = 1, balance_weight: float = 0.01,
+                 probe_steps: int | None = None, probe_share: float = 0.1, alpha: float = 1.0, new_experts: int = 1,
+                 balance_weight: float = 0.01,
                  locator: str = "gaussian", vae_hidden: int | None = None, vae_latent: int | None = None,
                  vae_steps: int = 300, vae_lr: float = 1e-3, vae_beta: float = 1.0, shrinkage: float = 0.01,
                  route_by: str = "locator") -> None:
@@ -94,9 +99,12 @@ class LLaVACMoE(Method):
         for name, value in (("top_k", top_k), ("probe_experts", probe_experts), ("new_experts", new_experts)):
             if value < 1:
                 raise ValueError(f"cmoe: {name} must be >= 1, got {value}")
-        if not 0 < probe_fraction <= 1 or probe_steps < 0:
-            raise ValueError(f"cmoe: probe_fraction must be in (0, 1] and probe_steps >= 0, "
-                             f"got {probe_fraction} and {probe_steps}")
+        if not 0 < probe_fraction <= 1 or not 0 < probe_share <= 1:
+            raise ValueError(f"cmoe: probe_fraction and probe_share must be in (0, 1], "
+                             f"got {probe_fraction} and {probe_share}")
+        if probe_steps is not None and probe_steps < 0:
+            raise ValueError(f"cmoe: probe_steps must be >= 0 or null (null: probe_share of the task's steps), "
+                             f"got {probe_steps}")
         if route_by not in ("locator", "task_id"):
             raise ValueError(f"cmoe: route_by must be 'locator' or 'task_id', got {route_by!r}")
         if locator not in ("vae", "gaussian"):
@@ -104,7 +112,7 @@ class LLaVACMoE(Method):
         super().__init__(experts)
         self.route_by = route_by
         self.top_k, self.probe_experts = top_k, probe_experts
-        self.probe_fraction, self.probe_steps = probe_fraction, probe_steps
+        self.probe_fraction, self.probe_steps, self.probe_share = probe_fraction, probe_steps, probe_share
         self.alpha, self.new_experts, self.balance_weight = alpha, new_experts, balance_weight
         self.locator = (TaskLocator(hidden=vae_hidden, latent=vae_latent, steps=vae_steps, lr=vae_lr, beta=vae_beta)
                         if locator == "vae" else GaussianLocator(shrinkage=shrinkage))
@@ -121,14 +129,22 @@ class LLaVACMoE(Method):
         return super().build(model)
 
     def callbacks(self) -> list:
-        from callbacks.cmoe import ProbeStatistics, TaskLocatorFitter
+        from mllm_cl.callbacks.cmoe import ProbeStatistics, TaskLocatorFitter
 
         return [ProbeStatistics(self), TaskLocatorFitter(self)]
 
+    @property
+    def probes(self) -> bool:
+        """Whether tasks after the first probe before they grow (``probe_steps: 0`` grows every layer)."""
+        return self.probe_steps != 0
+
     def phases(self, task: int, num_tasks: int) -> list[Phase]:
-        probe = task > 0 and self.probe_steps > 0
         train = [Phase("train")]
-        return [Phase("probe", steps=self.probe_steps, fraction=self.probe_fraction)] + train if probe else train
+        if task == 0 or not self.probes:
+            return train
+        if self.probe_steps is not None:
+            return [Phase("probe", steps=self.probe_steps, fraction=self.probe_fraction)] + train
+        return [Phase("probe", share=self.probe_share, fraction=self.probe_fraction)] + train
 
     def _freeze(self, model: nn.Module) -> None:
         for layer in expert_layers(model).values():
@@ -150,7 +166,7 @@ class LLaVACMoE(Method):
         self._freeze(model)
         if task in self.grown:  # resuming: replay the recorded growth
             self._grow(model, task, self.grown[task])
-        elif task == 0 or not self.probe_steps:
+        elif task == 0 or not self.probes:
             self._grow(model, task, list(expert_layers(model)))
 
     def on_phase_start(self, model: nn.Module, task: int, phase: Phase) -> None:
@@ -187,6 +203,16 @@ class LLaVACMoE(Method):
             mass = torch.zeros(layer.routers["probe"].num_experts, device=w.device).index_add_(0, idx[keep], w[keep])
             self.probe_counts[name] = self.probe_counts.get(name, 0) + mass  # on device: no sync per step
 
+    def plan_phase_end(self, model: nn.Module, task: int, phase: Phase) -> None:
+        """Without data: the probe experts and router go; the growth is the one already recorded."""
+        if phase.name != "probe":
+            return
+        self.probing = False
+        for layer in expert_layers(model).values():
+            for j in range(self.probe_experts):
+                layer.remove_expert(f"probe{j}")
+            del layer.routers["probe"]
+
     def on_phase_end(self, model: nn.Module, task: int, phase: Phase) -> None:
         if phase.name != "probe":
             return
@@ -196,8 +222,8 @@ class LLaVACMoE(Method):
             names = layer.routers["probe"].expert_names
             counts = self.probe_counts.get(name)
             if counts is None:
-                raise RuntimeError(f"cmoe: no probe statistics for {name}; is callbacks.cmoe.ProbeStatistics "
-                                   "among the trainer's callbacks?")
+                raise RuntimeError(f"cmoe: no probe statistics for {name}; is "
+                                   "mllm_cl.callbacks.cmoe.ProbeStatistics among the trainer's callbacks?")
             probe = [i for i, n in enumerate(names) if n.startswith("probe")]
             old = [i for i, n in enumerate(names) if not n.startswith("probe")]
             counts = all_reduce_sum(counts).cpu()  # every rank's probe batches; once per layer, at phase end

@@ -279,7 +279,7 @@ class SAME(Method):
         return report
 
     def callbacks(self) -> list:
-        from callbacks.same import SAMEStatisticsCallback
+        from mllm_cl.callbacks.same import SAMEStatisticsCallback
 
         return [SAMEStatisticsCallback(self)]
 
@@ -585,6 +585,8 @@ class SAME(Method):
         """The adaptive-activation rule: experts scoring ``minmax(u) - minmax(f)`` below ``mask_threshold``
         are masked (never the current task's); once every other expert is, the masks stay until the task ends."""
         stats, router = layer.same, layer.routers["default"]
+        if stats.utilization.is_meta:  # a model without data (mllm-cl plan): nothing to mask by, all stay open
+            return
         score = minmax(stats.utilization) - minmax(stats.importance)
         current = self.current_expert()
         router.masked = {n for n, s in zip(router.expert_names, score.tolist()) if s < self.mask_threshold

@@ -49,24 +49,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a finished run directory (holds config.yaml, results.json, checkpoints/)")
     p.add_argument("--out", required=True, help="the new run directory for the evaluation (created)")
     p.add_argument("--device", default=None, help="evaluate on this device (cpu, cuda, ...; default: the CPU)")
-    p.usage = "mllm-cl evaluate RUN --out OUT [--device DEVICE] [-- FIT_OPTION ...]"
+    p.add_argument("--verbose", action="store_true",
+                   help="also print what rebuilding each stage prints (the seed, the check of the task files)")
+    p.usage = "mllm-cl evaluate RUN --out OUT [--device DEVICE] [--verbose] [-- FIT_OPTION ...]"
     p.epilog = ("FIT_OPTION (after --): `mllm-cl fit` options that change evaluation only: " + ", ".join(EVAL_ONLY)
                 + "; e.g. -- --model.method.init_args.route_by task_id")
 
 
 def run(args: argparse.Namespace, options: list[str]) -> int:
     """``options``: what followed ``--`` on the command line (the dispatcher splits it off)."""
-    reevaluate(args.run, args.out, options, device=args.device)
+    reevaluate(args.run, args.out, options, device=args.device, verbose=args.verbose)
     return 0
 
 
 def reevaluate(source: str | Path, out: str | Path, options: list[str], *, device: str | None = None,
-               print_fn=print) -> dict[str, Any]:
-    """Every stage of the finished run ``source`` evaluated again with ``options`` into ``out``; its results."""
+               print_fn=print, verbose: bool = False) -> dict[str, Any]:
+    """Every stage of the finished run ``source`` evaluated again with ``options`` into ``out``; its results.
+    ``verbose``: also what rebuilding each stage prints (``mllm_cl.use.quiet``)."""
     from mllm_cl.system.environment import record_environment
     from mllm_cl.system.loop import ContinualLoop
-    from mllm_cl.system.restore import restore
     from mllm_cl.system.run_dir import RunDir, config_differences
+    from mllm_cl.use.quiet import restore_quietly
 
     src, dst = RunDir(source), RunDir(out)
     first = src.finished()
@@ -80,7 +83,7 @@ def reevaluate(source: str | Path, out: str | Path, options: list[str], *, devic
     t_start = time.time()
     results, loop = None, None
     for stage in range(T + 1):
-        restored = restore(src.path, stage, device=device, overrides=options)
+        restored = restore_quietly(src.path, stage, device=device, overrides=options, verbose=verbose)
         if stage == 0:
             changed = config_differences((src.path / "config.yaml").read_text(), restored.config_text)
             bad = [c for c in changed if c.split(":", 1)[0] not in EVAL_ONLY]

@@ -2,29 +2,42 @@
 
     mllm-cl export RUN --out DIR [--stage N]
 
-writes, for the model of stage N (default: the last, rebuilt by ``mllm_cl.system.restore``):
+writes, for the model of stage N (default: the last, rebuilt by ``mllm_cl.system.restore``),
+each adapter once:
 
-- ``DIR/NAME/`` for every expert ``NAME`` (``shared``, ``task0``, ``t1e0``, ...): a PEFT
-  LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) over every adapted
-  module that holds that expert, its rank and alpha per module (``rank_pattern`` /
-  ``alpha_pattern`` where they differ), so that ``PeftModel.from_pretrained(base, DIR/NAME)``
-  puts exactly that expert, alone, on the plain base;
-- ``DIR/task_TASK/`` for every task the model has seen, where the method routes a task's
-  samples by the task alone (``Method.fixed_routing``: ``lora_ft``, ``multitask``,
-  ``individual``): one adapter that reproduces that task's outputs under true-task routing.
-  A fixed mixture ``sum_i w_i s_i B_i A_i`` is itself one LoRA of rank ``sum_i r_i`` (the
-  ``A_i`` stacked, the ``w_i s_i B_i`` side by side, alpha = rank so PEFT's scale is 1);
-- ``DIR/routing.json``: the method, the base the adapters go on, every expert's modules and
-  ranks, per task its experts (and the adapter, where one reproduces it), and how the
-  method routes. Where routing depends on the sample or the token (a task locator, a task
-  prior, instruction groups and centroids, gates, top-k), no per-task adapter is written:
-  any fixed one would be an approximation; routing.json and the command say so.
+- every expert ``NAME`` (``shared``, ``task0``, ``t1e0``, ...) as a PEFT LoRA adapter
+  (``adapter_config.json`` + ``adapter_model.safetensors``) in ``DIR/NAME/`` over every adapted
+  module that holds it, its rank and alpha per module (``rank_pattern`` / ``alpha_pattern``
+  where they differ). An export of one expert (``lora_ft``, ``multitask``) is one adapter, in
+  ``DIR`` itself, as PEFT saves a lone adapter;
+- where the method routes a task's samples by the task alone (``Method.fixed_routing``:
+  ``lora_ft``, ``multitask``, ``individual``), the adapter that reproduces each seen task's outputs
+  under true-task routing: the task's expert's own adapter where the task uses one expert at
+  weight 1, else ``DIR/task_TASK/``, the fixed mixture ``sum_i w_i s_i B_i A_i`` as one LoRA of
+  rank ``sum_i r_i`` (the ``A_i`` stacked, the ``w_i s_i B_i`` side by side, alpha = rank so
+  PEFT's scale is 1);
+- ``DIR/routing.json``: the method, the base the adapters go on, every expert's adapter folder,
+  modules and ranks, per task its experts and its adapter folder (relative to ``DIR``), and how
+  the method routes. Where routing depends on the sample or the token (a task locator, a task
+  prior, instruction groups and centroids, gates, top-k), no per-task adapter is written: any
+  fixed one would be an approximation; routing.json and the command say so.
 
 The base is the plain transformers model: for the transformers MLLMs (Llava, Qwen2-VL, Qwen3-VL,
-InternVL) the ``...ForConditionalGeneration`` itself, for a
-composed backbone its language model (``ComposedMLLM.language_model``; the vision tower and
-projector carry no experts). ``load_base(routing["base"])`` builds it from what the run
-recorded (a tiny preset and seed, or the checkpoint path).
+InternVL) the ``...ForConditionalGeneration`` itself, for a composed backbone its language model
+(``ComposedMLLM.language_model``, a ``...ForCausalLM``; the vision tower and projector carry no
+experts). Every ``adapter_config.json`` names its class (``auto_mapping``) and the folder it loads
+from (``base_model_name_or_path``), so ``peft.AutoPeftModel.from_pretrained(DIR/ADAPTER)`` builds
+the base and puts the adapter on it. That folder is:
+
+- a run on a checkpoint (``model.backbone_path``): that checkpoint, absolute (a composed
+  backbone saved by mllm-cl: its ``llm/`` folder);
+- a packaged pretrained preset (``tiny-base``, ``tiny-base-coin``): its ``llm/`` folder in the
+  installed package;
+- a random tiny preset (no files of its own: rebuilt from its name and seed): ``DIR/base/``,
+  the language model and tokenizer written there by the export (the path is absolute: a moved
+  ``DIR`` needs it edited).
+
+``load_base(routing["base"])`` builds the same base from what the run recorded.
 """
 
 from __future__ import annotations
@@ -34,13 +47,14 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
-from torch import nn
+if TYPE_CHECKING:  # torch is imported when the command runs, not to build the parser
+    import torch
+    from torch import nn
 
-HELP = "write a run's experts as PEFT LoRA adapters (one per expert; one per task where routing is fixed)"
+HELP = ("write a run's experts as PEFT LoRA adapters, each once, that peft.AutoPeftModel loads with their base; "
+        "routing.json")
 
 #: How each method routes at evaluation, for routing.json (routers are not PEFT adapters: they stay in RUN).
 HOW = {
@@ -63,6 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="the run directory (holds config.yaml, results.json, checkpoints/)")
     p.add_argument("--out", required=True, help="the folder to write the adapters and routing.json into")
     p.add_argument("--stage", type=int, default=None, help="the model after this many tasks (default: the last)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print what rebuilding the run prints (the seed, the check of the task files)")
+    p.epilog = ("Each adapter_config.json names its base: the run's model.backbone_path (absolute), a packaged "
+                "preset's llm/ folder, or, for a random tiny preset, DIR/base/ (written by the export): "
+                "peft.AutoPeftModel.from_pretrained(DIR or DIR/ADAPTER) loads base and adapter.")
 
 
 # ------------------------------------------------------------------------------------ the base
@@ -75,14 +94,36 @@ def peft_base(backbone: nn.Module) -> tuple[nn.Module, str]:
     raise TypeError(f"no PEFT base known for a {type(backbone).__name__} backbone")
 
 
-def load_base(info: dict[str, Any]) -> nn.Module:
-    """The plain base model (no expert layers) from routing.json's ``base`` (a run's backbone record)."""
+def _build(info: dict[str, Any]):
     from mllm_cl.backbones.presets import build_backbone
     from mllm_cl.system.module import parse_dtype
 
-    built = build_backbone(info.get("preset"), path=info.get("path"), seed=info.get("seed", 0),
-                           dtype=parse_dtype(info.get("dtype"), "dtype"), image_size=info.get("image_size"))
-    return peft_base(built.model)[0].eval()
+    return build_backbone(info.get("preset"), path=info.get("path"), seed=info.get("seed", 0),
+                          dtype=parse_dtype(info.get("dtype"), "dtype"), image_size=info.get("image_size"),
+                          overrides=info.get("overrides"))
+
+
+def load_base(info: dict[str, Any]) -> nn.Module:
+    """The plain base model (no expert layers) from routing.json's ``base`` (a run's backbone record)."""
+    return peft_base(_build(info).model)[0].eval()
+
+
+def base_path(info: dict[str, Any], out: str | Path) -> Path:
+    """The folder the adapters' base loads from (``base_model_name_or_path``), absolute: the run's
+    checkpoint (a composed one's ``llm/``), a packaged preset's ``llm/``, or ``out/base``, written
+    here from the preset and seed of a random tiny preset."""
+    from mllm_cl.backbones.presets import PACKAGED
+
+    if info.get("path"):
+        path = Path(info["path"])
+        return (path / "llm" if (path / "mllm_cl.json").is_file() else path).resolve()
+    if info.get("preset") in PACKAGED:
+        return (PACKAGED[info["preset"]] / "llm").resolve()
+    folder = Path(out, "base").resolve()
+    built = _build(info)
+    peft_base(built.model)[0].save_pretrained(str(folder))
+    built.tokenizer.save_pretrained(str(folder))
+    return folder
 
 
 # ---------------------------------------------------------------------------------- mixtures
@@ -104,8 +145,22 @@ def fixed_mixture(layer, task: int) -> dict[str, float] | None:
     return None
 
 
+def alone(layers, mixtures: dict[str, dict[str, float]]) -> str | None:
+    """The expert a task's ``mixtures`` (per layer name) amount to, when that is one expert at weight 1
+    in every layer that holds it and nothing elsewhere: its adapter is the task's. Else ``None``."""
+    used = {e for mix in mixtures.values() for e in mix}
+    if len(used) != 1:
+        return None
+    (expert,) = used
+    holds = all(mixtures[name] == ({expert: 1.0} if expert in layer.expert_names else {})
+                for name, layer in layers.items())
+    return expert if holds else None
+
+
 def _lora(layer, mixture: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (R, in), B (out, R)) with ``B A = sum_i w_i s_i B_i A_i``: PEFT's scale must be 1 (alpha = R)."""
+    import torch
+
     experts = [(layer.experts[n], w) for n, w in mixture.items()]
     A = torch.cat([e.A.detach() for e, _ in experts])
     B = torch.cat([e.B.detach() * (w * e.scale) for e, w in experts], dim=1)
@@ -114,9 +169,12 @@ def _lora(layer, mixture: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]
 
 # ---------------------------------------------------------------------------------- writing
 def write_adapter(folder: Path, modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]], *,
-                  base_name: str | None) -> None:
-    """A PEFT LoRA adapter: ``modules`` maps a module name of the base to (A (r, in), B (out, r), alpha)."""
+                  base_name: str | None, base_class: type | None = None) -> None:
+    """A PEFT LoRA adapter: ``modules`` maps a module name of the base to (A (r, in), B (out, r), alpha).
+    ``base_class``: the base's transformers class, recorded as PEFT's ``auto_mapping`` (what
+    ``AutoPeftModel`` builds the base with)."""
     from peft import LoraConfig
+    from safetensors.torch import save_file
 
     ranks = {n: a.shape[0] for n, (a, _, _) in modules.items()}
     alphas = {n: alpha for n, (_, _, alpha) in modules.items()}
@@ -126,9 +184,11 @@ def write_adapter(folder: Path, modules: dict[str, tuple[torch.Tensor, torch.Ten
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(modules), lora_dropout=0.0, bias="none",
                         rank_pattern={re.escape(n): k for n, k in ranks.items() if k != r},
                         alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != alpha},
-                        base_model_name_or_path=base_name)
+                        base_model_name_or_path=base_name, inference_mode=True)
     folder.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(folder))
+    auto = None if base_class is None else {"base_model_class": base_class.__name__,
+                                            "parent_library": base_class.__module__}
+    config.save_pretrained(str(folder), auto_mapping_dict=auto)
     tensors = {}
     for n, (a, b, _) in modules.items():
         tensors[f"base_model.model.{n}.lora_A.weight"] = a.contiguous().cpu()
@@ -153,7 +213,7 @@ def export(restored, out: str | Path) -> dict[str, Any]:
 
     module, dm, stage = restored.module, restored.datamodule, restored.stage
     method, out = module.method, Path(out)
-    _, prefix = peft_base(module.model)
+    base, prefix = peft_base(module.model)
     layers = expert_layers(module.model)
     for name in layers:
         if not name.startswith(prefix):
@@ -161,35 +221,40 @@ def export(restored, out: str | Path) -> dict[str, Any]:
                                "adapters there cannot be exported")
     local = {name: name[len(prefix):] for name in layers}
     info = dict(module.backbone_info)
-    base_name = info.get("path") or info.get("preset")
     # every expert alone
     experts: dict[str, dict[str, tuple]] = {}
     for name, layer in layers.items():
         for e in layer.expert_names:
             x = layer.experts[e]
             experts.setdefault(e, {})[local[name]] = (x.A.detach(), x.B.detach(), x.alpha)
-    for e, modules in experts.items():
-        write_adapter(out / e, modules, base_name=base_name)
-    # every seen task, where its routing is fixed
+    folders = {e: "." if len(experts) == 1 else e for e in experts}  # one adapter: DIR itself
+    # every seen task's mixture, where its routing is fixed
     names = dm.task_names
     seen = list(range(len(names) if method.one_row else stage))
-    tasks: dict[str, Any] = {}
     fixed = method.fixed_routing and all(fixed_mixture(l, t) is not None for l in layers.values() for t in seen)
+    mixtures = {t: {name: fixed_mixture(layer, t) for name, layer in layers.items()} for t in seen} if fixed else {}
+    task_adapters: dict[int, dict[str, tuple]] = {}
+    for t, mix in mixtures.items():
+        if alone(layers, mix) is None and any(mix.values()):
+            task_adapters[t] = {}
+            for name, m in mix.items():
+                if m:
+                    A, B = _lora(layers[name], m)
+                    task_adapters[t][local[name]] = (A, B, float(A.shape[0]))
+    base_dir = str(base_path(info, out)) if experts else None
+    for e, modules in experts.items():
+        write_adapter(out / folders[e], modules, base_name=base_dir, base_class=type(base))
+    for t, modules in task_adapters.items():
+        write_adapter(out / f"task_{names[t]}", modules, base_name=base_dir, base_class=type(base))
+    tasks: dict[str, Any] = {}
     for t in seen:
         if fixed:
-            mixtures = {name: fixed_mixture(layer, t) for name, layer in layers.items()}
-            modules = {}
-            for name, mix in mixtures.items():
-                if mix:
-                    A, B = _lora(layers[name], mix)
-                    modules[local[name]] = (A, B, float(A.shape[0]))
-            used = sorted({e for mix in mixtures.values() for e in mix})
-            weights = {e: sorted({mix[e] for mix in mixtures.values() if e in mix}) for e in used}
-            entry = {"experts": {e: (w[0] if len(w) == 1 else w) for e, w in weights.items()},
-                     "adapter": f"task_{names[t]}" if modules else None}
-            if modules:
-                write_adapter(out / f"task_{names[t]}", modules, base_name=base_name)
-            tasks[names[t]] = entry
+            used = sorted({e for m in mixtures[t].values() for e in m})
+            weights = {e: sorted({m[e] for m in mixtures[t].values() if e in m}) for e in used}
+            expert = alone(layers, mixtures[t])
+            adapter = folders[expert] if expert is not None else f"task_{names[t]}" if t in task_adapters else None
+            tasks[names[t]] = {"experts": {e: (w[0] if len(w) == 1 else w) for e, w in weights.items()},
+                               "adapter": adapter}
         else:
             pool = sorted({e for layer in layers.values() for e in layer.expert_names})
             tasks[names[t]] = {"trained_experts": sorted({e for layer in layers.values()
@@ -200,7 +265,10 @@ def export(restored, out: str | Path) -> dict[str, Any]:
         "run": None if restored.run_dir is None else str(Path(restored.run_dir).resolve()),
         "base": {**info, "peft_base": ("the transformers model (HFMLLM.hf)" if prefix == "hf."
                                        else "the language model (ComposedMLLM.language_model)"),
-                 "load": "mllm_cl.use.export.load_base(routing['base'])"},
+                 "peft_base_class": f"{type(base).__module__}.{type(base).__name__}",
+                 "peft_base_path": base_dir,
+                 "load": "peft.AutoPeftModel.from_pretrained(DIR/ADAPTER), or "
+                         "mllm_cl.use.export.load_base(routing['base'])"},
         "routing": "fixed per task" if fixed else "depends on the sample or the token",
         "how": HOW.get(method.name, "routers: " + ", ".join(f"{k} ({v['level']} level)"
                                                             for k, v in _routers(layers).items())),
@@ -210,8 +278,8 @@ def export(restored, out: str | Path) -> dict[str, Any]:
                                     "and the routers (and any locator, prior or prototypes) stay in the run's "
                                     "checkpoints"),
         "routers": _routers(layers),
-        "experts": {e: {"adapter": e, "modules": len(m), "ranks": dict(sorted(Counter(a.shape[0] for a, _, _ in
-                                                                                   m.values()).items()))}
+        "experts": {e: {"adapter": folders[e], "modules": len(m),
+                        "ranks": dict(sorted(Counter(a.shape[0] for a, _, _ in m.values()).items()))}
                     for e, m in sorted(experts.items())},
         "tasks": tasks,
     }
@@ -221,18 +289,22 @@ def export(restored, out: str | Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_cl.system.restore import restore
+    from mllm_cl.use.quiet import restore_quietly
 
-    restored = restore(args.run, args.stage)
+    restored = restore_quietly(args.run, args.stage, verbose=args.verbose)
     routing = export(restored, args.out)
     out = Path(args.out)
     print(f"mllm-cl export: {routing['method']} at stage {routing['stage']:02d} -> {out}")
     for e, entry in routing["experts"].items():
-        print(f"  {out / e}: expert {e} on {entry['modules']} modules (rank {', '.join(map(str, entry['ranks']))})")
+        print(f"  {out / entry['adapter']}: expert {e} on {entry['modules']} modules "
+              f"(rank {', '.join(map(str, entry['ranks']))})")
     for task, entry in routing["tasks"].items():
         if entry["adapter"]:
             mix = " + ".join(f"{w} {e}" if w != 1.0 else e for e, w in entry["experts"].items())
             print(f"  {out / entry['adapter']}: task {task} exactly ({mix})")
+    if routing["base"]["peft_base_path"]:
+        print(f"  base: {routing['base']['peft_base_path']} ({routing['base']['peft_base_class']}; "
+              "peft.AutoPeftModel.from_pretrained loads it with an adapter)")
     if routing["note"]:
         print(f"  routing: {routing['how']}")
         print(f"  {routing['note']}")

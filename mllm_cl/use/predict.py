@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show-routing", type=int, default=0, metavar="N",
                    help="with --input: also print the answer and routing decision of the first N rows")
     p.add_argument("--device", default=None, help="run on this device (cpu, cuda, ...; default: where it loads)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print what rebuilding the run prints (the seed, the check of the task files)")
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -132,10 +134,10 @@ def run(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from mllm_cl.eval.evaluate import predict, score, write_predictions
-    from mllm_cl.system.restore import restore
     from mllm_cl.use.decision import decisions, describe
+    from mllm_cl.use.quiet import restore_quietly
 
-    restored = restore(args.run, args.stage, device=args.device)
+    restored = restore_quietly(args.run, args.stage, device=args.device, verbose=args.verbose)
     module, dm, results = restored.module, restored.datamodule, restored.results
     method = module.method
     data, index, spec = _dataset(args, dm)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from data_modules import TaskSequence
+from mllm_cl.data_modules import TaskSequence
 from mllm_cl.backbones import build_preset
 from mllm_cl.data import benchmarks
 from mllm_cl.data.benchmarks import BenchmarkLayoutError, get_benchmark

@@ -10,7 +10,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data_modules import TaskSequence
+from mllm_cl.data_modules import TaskSequence
 from mllm_cl.backbones import build_preset
 from mllm_cl.data import synth
 from mllm_cl.data.errors import BadSampleError, SkipLog

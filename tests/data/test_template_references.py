@@ -312,7 +312,7 @@ def qwen2_vl_dir(tmp_path):
 
 
 def _connected(bench, backbone, **options):
-    from data_modules import TaskSequence
+    from mllm_cl.data_modules import TaskSequence
     from mllm_cl.data.images import ImageProcessor
 
     dm = TaskSequence(benchmark=str(bench), batch_size=4, **options)
@@ -341,7 +341,7 @@ def test_a_qwen2_vl_run_with_auto_trains_on_its_chat_template(qwen2_vl_dir, tmp_
 
 
 def test_auto_needs_a_template_from_the_backbone_and_the_encoder_a_resolved_one(tmp_path, make_bench):
-    from data_modules import TaskSequence
+    from mllm_cl.data_modules import TaskSequence
     from mllm_cl.backbones import build_backbone
     from mllm_cl.data.images import ImageProcessor
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from data_modules import TaskSequence
+from mllm_cl.data_modules import TaskSequence
 from mllm_cl.backbones import build_preset
 from mllm_cl.data.images import ImageProcessor
 from mllm_cl.data.synth import generate as synth

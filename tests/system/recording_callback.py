@@ -1,6 +1,6 @@
 """A continual callback that records the hooks it sees (selected by class_path in a test)."""
 
-from callbacks import ContinualCallback
+from mllm_cl.callbacks import ContinualCallback
 
 CALLS: list[tuple] = []
 

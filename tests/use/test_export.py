@@ -50,19 +50,20 @@ def test_each_task_adapter_gives_our_logits_on_the_plain_base(micro_run, method,
     restored = restore(run)
     names = restored.datamodule.task_names
     own = {"lora_ft": {"colour": "shared", "mood": "shared"}, "individual": {"colour": "task0", "mood": "task1"}}
+    folder = {"lora_ft": {"shared": "."}, "individual": {"task0": "task0", "task1": "task1"}}[method]
     for t, task in enumerate(names):
-        assert routing["tasks"][task] == {"experts": {own[method][task]: 1.0}, "adapter": f"task_{task}"}
-        assert f"{out / f'task_{task}'}: task {task} exactly ({own[method][task]})" in printed
-        ours, theirs, plain = _logits_ours_and_peft(restored, out / f"task_{task}", t, routing["base"])
+        # one expert per task, weight 1: the expert's own adapter is the task's (no copy)
+        adapter = folder[own[method][task]]
+        assert routing["tasks"][task] == {"experts": {own[method][task]: 1.0}, "adapter": adapter}
+        assert f"{out / adapter}: task {task} exactly ({own[method][task]})" in printed
+        ours, theirs, plain = _logits_ours_and_peft(restored, out / adapter, t, routing["base"])
         diff = float((ours - theirs).abs().max())
         print(f"{method} task {task}: max |logit difference| ours vs PEFT {diff:.3g}, "
               f"vs the plain base {float((ours - plain).abs().max()):.3g}")
         assert diff < 1e-5
         assert float((ours - plain).abs().max()) > 1e-3  # the adapter matters: the comparison can fail
-        # the expert alone, as PEFT loads it, is the same adapter here (one expert per task, weight 1)
-        alone, _, _ = _logits_ours_and_peft(restored, out / own[method][task], t, routing["base"])
-        assert float((alone - ours).abs().max()) < 1e-5
-    config = json.loads((out / own[method]["colour"] / "adapter_config.json").read_text())
+    assert not list(out.glob("task_*"))
+    config = json.loads((out / folder[own[method]["colour"]] / "adapter_config.json").read_text())
     layers = expert_layers(restored.module.model)
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
     assert sorted(config["target_modules"]) == sorted(n.removeprefix("language_model.") for n in layers)
@@ -108,6 +109,8 @@ def test_a_transformers_backbone_exports_onto_the_transformers_model(micro_run, 
     restored = restore(run)
     module, dm = restored.module, restored.datamodule
     for t, task in enumerate(dm.task_names):
+        adapter = out / routing["tasks"][task]["adapter"]
+        assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(checkpoint.resolve())
         data = dm.test_dataset(t)
         batch = dm.eval_collate([data[i] for i in range(len(data))])
         ids, mask, inputs = batch["input_ids"], batch["attention_mask"], batch["model_inputs"]
@@ -117,7 +120,7 @@ def test_a_transformers_backbone_exports_onto_the_transformers_model(micro_run, 
                                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **inputs).logits
             base = load_base(routing["base"])
             plain = base(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], **inputs).logits
-            peft = PeftModel.from_pretrained(base, str(out / f"task_{task}")).eval()
+            peft = PeftModel.from_pretrained(base, str(adapter)).eval()
             assert type(peft.base_model.model).__name__ == "Qwen3VLForConditionalGeneration"
             theirs = peft(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], **inputs).logits
         real = mask.bool()
