@@ -102,6 +102,7 @@ def render(module, dm, *, world: int, eval_future_tasks: bool = False) -> str:
         for phase in phases:
             method.on_phase_start(model, t, phase)
             trained.update({n: p for n, p in model.named_parameters() if p.requires_grad})
+            method.plan_phase_end(model, t, phase)
         if method.name != "same":  # SAME's task end is a covariance snapshot: no structure, and not on meta
             method.on_task_end(model, t)
         trained_bytes = sum(p.numel() * 4 for p in trained.values())  # fp32 experts

@@ -125,6 +125,11 @@ class Method:
     def on_phase_end(self, model: nn.Module, task: int, phase: Phase) -> None:
         pass
 
+    def plan_phase_end(self, model: nn.Module, task: int, phase: Phase) -> None:
+        """What ``on_phase_end`` does to the structure, on a model without data (``mllm-cl plan``, the
+        ``meta`` device), where what the method decides from data is already set to its largest
+        (``mllm_cl.system.memory.largest_structure``). Default: nothing."""
+
     def on_task_end(self, model: nn.Module, task: int) -> None:
         pass
 

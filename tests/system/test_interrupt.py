@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mllm_cl.fit import main as fit_main
 from mllm_cl.system.interrupt import interrupted_message
+from mllm_cl.system.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -36,7 +37,11 @@ def test_ctrl_c_names_task_and_phase_exits_130_and_the_rerun_resumes_to_the_same
     for line in proc.stdout:
         seen.append(line)
         if "task 2/2 mood: phase train" in line:
-            time.sleep(0.3)  # into task 2's fit (400 steps take seconds)
+            # into task 2's fit, once its first in-task checkpoint is written (400 steps take seconds; on a
+            # loaded machine a fixed wait can end before step 10)
+            deadline = time.time() + 120
+            while RunDir(run).in_task() is None and time.time() < deadline:
+                time.sleep(0.05)
             proc.send_signal(signal.SIGINT)
             break
     out, err = proc.communicate(timeout=120)
@@ -44,7 +49,7 @@ def test_ctrl_c_names_task_and_phase_exits_130_and_the_rerun_resumes_to_the_same
     assert "Traceback" not in err
     partial = json.loads((run / "results.json").read_text())
     assert partial["completed_tasks"] == 1 and partial["matrix"][1] == [None, None]
-    saved = json.loads((run / "checkpoints/in_task/structure.json").read_text())["in_task"]  # within task 2
+    saved = json.loads((RunDir(run).in_task() / "structure.json").read_text())["in_task"]  # within task 2
     assert saved["task"] == 1 and saved["step"] % 10 == 0 and 0 < saved["step"] < 400
     assert (f"mllm-cl: interrupted during task 2 (phase train); rerun the same command to resume in task 2 "
             f"(phase train) after step {saved['step']}") in err
