@@ -51,7 +51,8 @@ class PlanCLI(ContinualCLI):
     def fit(self, model, datamodule, **_) -> None:
         trainer = self.config["fit"]["trainer"]
         world = _processes(trainer.get("devices"), trainer.get("num_nodes"))
-        print(render(model, datamodule, world=world, eval_future_tasks=self.config["fit"]["eval_future_tasks"]))
+        print(render(model, datamodule, world=world, eval_future_tasks=self.config["fit"]["eval_future_tasks"],
+                     accumulation=int(trainer.get("accumulate_grad_batches") or 1)))
 
 
 def _processes(devices, nodes) -> int:
@@ -71,7 +72,7 @@ def _n(x: float) -> str:
     return f"{x / 1e9:.3f}B" if x >= 1e9 else f"{x / 1e6:.2f}M" if x >= 1e6 else f"{int(x)}"
 
 
-def render(module, dm, *, world: int, eval_future_tasks: bool = False) -> str:
+def render(module, dm, *, world: int, eval_future_tasks: bool = False, accumulation: int = 1) -> str:
     from mllm_cl.experts import expert_layers
     from mllm_cl.system.memory import largest_structure, peak_bytes
 
@@ -96,15 +97,14 @@ def render(module, dm, *, world: int, eval_future_tasks: bool = False) -> str:
             return dm.batches_per_epoch(world_size=world)
 
         plans = budget.plan_task(t, phases, names, batches, batch_size=dm.batch_size, world_size=world,
-                                 configured_accumulation=1)
+                                 configured_accumulation=accumulation)
         dm.set_task(t)
         trained: dict[str, torch.nn.Parameter] = {}
         for phase in phases:
             method.on_phase_start(model, t, phase)
             trained.update({n: p for n, p in model.named_parameters() if p.requires_grad})
             method.plan_phase_end(model, t, phase)
-        if method.name != "same":  # SAME's task end is a covariance snapshot: no structure, and not on meta
-            method.on_task_end(model, t)
+        method.plan_task_end(model, t)
         trained_bytes = sum(p.numel() * 4 for p in trained.values())  # fp32 experts
         peak_trained = max(peak_trained, trained_bytes)
         steps = sum(p.steps for p in plans)

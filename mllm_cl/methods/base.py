@@ -130,6 +130,11 @@ class Method:
         ``meta`` device), where what the method decides from data is already set to its largest
         (``mllm_cl.system.memory.largest_structure``). Default: nothing."""
 
+    def plan_task_end(self, model: nn.Module, task: int) -> None:
+        """What ``on_task_end`` does to the structure, on a model without data (``mllm-cl plan``).
+        Default: ``on_task_end`` itself."""
+        self.on_task_end(model, task)
+
     def on_task_end(self, model: nn.Module, task: int) -> None:
         pass
 

@@ -312,6 +312,9 @@ class SAME(Method):
     def current_expert(self) -> str:
         return f"e{min(self.task, self.num_experts - 1)}"
 
+    def plan_task_end(self, model: nn.Module, task: int) -> None:
+        """Without data: nothing (the task end's covariance snapshot adds no structure)."""
+
     def on_task_end(self, model: nn.Module, task: int) -> None:
         """Snapshot each layer's input covariance for the next task's expert scaling; the task's anchors."""
         for t, sums in sorted(self._pending.items()):  # every process's samples; zero while a resume replays
