@@ -26,7 +26,7 @@ def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class LoRAExpert(nn.Module):
     """``delta(x) = scale * B (A x)`` with ``A``: (rank, in_features), ``B``: (out_features, rank).
 
-    ``scale`` is ``alpha / rank`` (methods.md: alpha = 2r by default, i.e. scale 2).
+    ``scale`` is ``alpha / rank`` (alpha = 2r by default, i.e. scale 2).
     Initialization follows PEFT's LoRA default: A Kaiming-uniform, B zero, so a
     new expert starts as the identity on the base layer's output.
     """

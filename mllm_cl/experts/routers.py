@@ -203,7 +203,7 @@ class SequenceTopKRouter(LinearRouter):
 
 
 class BatchMeanRouter(SequenceTopKRouter):
-    """SAME's router (methods.md, section 2): one bias-free logit row per expert.
+    """SAME's router (docs/methods/same.md): one bias-free logit row per expert.
 
     Training: per-token ``softmax(W x)`` averaged over every real token of the
     micro-batch (``context.extra["attention_mask"]``, else ``token_mask``) gives one
@@ -265,7 +265,7 @@ class BatchMeanRouter(SequenceTopKRouter):
 
 
 class CentroidRouter(Router):
-    """CRAM's centroid routing (methods.md, section 3): one learnable centroid per expert in the
+    """CRAM's centroid routing (docs/methods/cram.md): one learnable centroid per expert in the
     space of a per-sample embedding (``context.image_embeds``, dimension ``embed_dim``),
     ``w_b = softmax_k(-||x_b - c_k||^2 / (2 sigma^2 s))``, dense over the experts.
 
@@ -415,7 +415,7 @@ class FixedRouter(Router):
 
 
 class PostHocGateRouter(Router):
-    """Post-hoc gate vectors (PHATGOOSE), the router of routing-based CL (methods.md, section 1).
+    """Post-hoc gate vectors (PHATGOOSE), the router of routing-based CL (docs/methods/routing.md).
 
     Each expert ``k`` has a gate vector ``v_k`` (``gates[k]``, zeros when added).
     Three modes, set by the method between phases:

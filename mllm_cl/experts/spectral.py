@@ -15,7 +15,7 @@ singular value from the others, so ``S`` is underestimated by at most
 ``||A||_F^2 / rank`` in spectral norm). Everything is a buffer: it moves with
 ``.to()``, is saved with the adapters, and a resumed run continues from it.
 
-The rewrites (methods.md, section 2) are plain functions of tensors:
+The rewrites (SAME's, docs/methods/same.md) are plain functions of tensors:
 
 - ``router_rewrite``: ``G' = (G V) diag(g) V^T + (G - G V V^T)`` with
   ``g_i = clamp(s_min / s_i, 0.8, 1.0)``, ``s`` the standard deviations along

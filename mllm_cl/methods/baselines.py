@@ -1,4 +1,4 @@
-"""The baselines every method is judged against (methods.md, "Baselines").
+"""The baselines every method is judged against (docs/methods/baselines.md).
 
 - ``ZeroShot``: the base model, no training; one row (MFN only).
 - ``LoRAFineTune``: one shared LoRA trained on task 1, then 2, ... (shows forgetting).
@@ -21,6 +21,8 @@ from mllm_cl.methods.base import Method, Phase
 
 
 class ZeroShot(Method):
+    """The base model, no training: the zero-shot row as a one-row method (MFN only)."""
+
     name = "zero_shot"
     one_row = True
     fixed_routing = True
@@ -47,9 +49,13 @@ class LoRAFineTune(Method):
 
 
 class MoELoRA(Method):
-    """``num_experts`` experts of rank ``experts.rank // num_experts`` under a dense softmax router.
+    """CoIN's MoELoRA: ``num_experts`` experts of rank ``experts.rank // num_experts`` under a dense softmax router.
 
     The router is built here (a ``SoftmaxRouter``), so ``experts.router`` must be unset.
+
+    Args:
+        experts: targets and the total rank, split evenly over the experts.
+        num_experts: experts per adapted linear (must divide ``experts.rank``).
     """
 
     name = "moelora"
@@ -70,7 +76,13 @@ class MoELoRA(Method):
 
 
 class MultiTask(Method):
-    """Joint training on the union of tasks with the sequence's total step budget."""
+    """Joint training on the union of tasks with the sequence's total step budget.
+
+    Args:
+        experts: targets and rank of the one joint adapter.
+        cumulative: at every stage t, train a fresh adapter from the base on tasks 1..t (fills the whole
+            matrix; the cost grows with t) instead of once on every task (the final row only).
+    """
 
     name = "multitask"
     fixed_routing = True

@@ -1,77 +1,18 @@
-"""CRAM: instruction groups, adaptive-rank experts, centroid routing, orthogonality penalty
-(methods.md, section 3; the parts as functions in ``mllm_cl.methods.cram_slots``).
+"""CRAM: instruction groups, adaptive-rank experts, centroid routing, orthogonality penalty (arXiv 2606.02502).
 
-Per adapted attention linear: a rank-48 ``buffer`` LoRA and one slot expert per
-task (``t{t}``) whose rank is chosen per module. Per task:
+Per task, in every adapted attention linear, a rank-48 ``buffer`` LoRA warms up (phase ``warmup``); the
+task then joins or opens an instruction group, and the buffer is cut into the task's slot expert
+``t{t}`` of adaptive rank (its significant directions that are new to the group's older slots),
+which trains (phase ``stable``) under the group's ``CentroidRouter`` (per sample, by image feature)
+with an orthogonality penalty against the older slots. At evaluation the instruction feature picks
+the group, the image feature the slots. The parts are functions in ``mllm_cl.methods.cram_slots``.
 
-- ``warmup`` (the first ``warmup_share`` of the task's steps): only the buffer
-  trains (a ``FixedRouter``); the task's mean image feature (its visual centroid),
-  the images' spread around it and the mean instruction feature are accumulated.
-- the task joins or opens an instruction group (``assign_group``; on the task's first
-  micro-batch, as the authors' code decides it, or on the warm-up's mean:
-  ``group_decision``); between the phases, in every module the buffer's delta becomes
-  the slot (``instantiate_slot``: significant singular directions, kept if novel with
-  respect to the group's older slots, padded to ``r_min``, orthogonalized) and the slot
-  joins the group's ``CentroidRouter`` (``group{g}``) with its centroid set to the
-  visual centroid and its bandwidth unit to the images' spread.
-- ``stable``: only the slot and its centroid train, routed per sample over the group's
-  slots by image feature, with the orthogonality penalty on the group's older slots.
+Hooks: ``on_task_start`` (a fresh buffer), ``on_phase_start`` (the trainable set, the penalty's
+bases), ``on_phase_end`` of the warm-up (group, slot, centroid), ``on_task_end`` (the group
+prototype; the buffer dropped), ``routing_context`` (feature sums in training; the group choice, or
+the oracle, at evaluation), ``extra_loss`` (the penalty), ``stage_metrics`` (group accuracy, slot ranks).
 
-The buffer is dropped at task end (it is not stored) and a fresh one is made at the
-next task's start. At evaluation each sample picks its group by the cosine of its
-instruction feature to the group prototypes, then that group's centroid router
-(``eval_routing: sample``). ``eval_routing: batch`` is the authors' evaluation: the
-batch's mean instruction feature picks one group and the batch's mean image feature
-one weight vector for every sample of the batch. **It leaks task identity**: their
-evaluation batches hold one task's questions, so a batch's mean carries the task (on
-the canonical synthetic sequence the mean of 8 test images finds the right centroid
-far more often than one image does), and a sample's answer depends on its neighbours.
-
-**The oracle** (``route_by: task_id``; ``centroids``, the default, is the method): the same training,
-but at evaluation each sample is routed as its task's training routed it: its task's group (not the
-prototypes' choice), and that group's centroid router over the slots that existed when the task
-trained (its own and the group's older ones; later slots masked, the bandwidth's mean spread over
-those slots: ``CentroidRouter``'s ``visible_experts``). A slot trains in its stable phase mixed with
-the group's older slots by the centroids, and nothing it routes by changes after its task, so each
-task is scored as by the model right after it with the right group: the oracle's final row equals its
-own diagonal (BWT 0), and the gap to it is what the group rule and the later slots' centroids cost.
-[choice] ``task_slot`` sends each sample to its task's slot alone with weight 1 (what #28's first
-oracle did): a slot trained beside its group's older slots is not that slot alone (measured on the coin sequence, seed 0: grounding 0.0 and vqav2 29.0 against
-88.5 and 89.0 right after their tasks). A general task's sample (task id -1), or a task with no slot
-yet, gets no slot (a parameter-free ``TaskRouter`` registered beside the group routers,
-``methods.base.add_oracle_route``). The group prototypes and centroids are still evaluated for the
-reported ``group_accuracy`` and ``own_slot_weight``. It leaks task identity: a bound, not a method
-(``eval_routing: batch`` is a leak inside the method; the oracle ignores it).
-
-Features come from a frozen ``RoutingEncoder`` (``routing_encoder``: the backbone's own,
-or a local CLIP as the authors use): the instruction feature is the question alone, no
-chat-template token (with the template, the canonical tasks' instruction vectors reach
-cosine 0.82-0.94 and every task joins one group). Instruction features are standardized
-(the authors layer-normalize theirs); image features are compared raw, as theirs.
-
-Where ours departs from the authors' code, each with theirs as an option:
-
-- **RBF bandwidth** [choice] ``bandwidth: spread`` (default): ``-d^2 / (2 sigma^2 s)`` with
-  ``s`` the mean over the group's slots of each task's images' mean squared distance to
-  their centroid, so ``sigma`` (default 0.5) is in units of the tasks' own spread at any
-  feature scale and dimension. ``absolute``: the authors' ``-d^2 / (2 sigma^2)`` (their
-  sigma = 2 on raw CLIP ``image_embeds``; on the tiny base's features that is sigma ~0.65 in
-  spread units). A spread per slot instead of the group's mean was tried and dropped: a broad
-  task's wider kernel drew its neighbours' samples (color's test images found their own
-  centroid 1% of the time against 47% for the nearest centroid).
-- **novelty** ``novelty_scaling: absolute`` (the authors' tau = 0.99) or ``dimension``
-  (``cram_slots.novelty_threshold``: the same in-subspace energy per dimension as tau allows
-  at ``novelty_ref_dim`` = 4096; at d = 128 an absolute 0.99 rejects every direction).
-- **significance** ``threshold: relative`` (sigma > 0.1 sigma_max, default) or ``absolute`` (their 0.08).
-- **slot scale** ``slot_scale: exact`` (the slot starts at the buffer's delta) or ``authors`` (twice it).
-- **penalty basis** ``penalty_basis: output`` (the older slots' output space) or ``authors``
-  (their input row space for square modules); ``detach_gamma: false`` lets the penalty's
-  gradient reach the routing mass gamma (and so the slot's centroid), as theirs does.
-- [choice] kept without an option: centroids are per module (theirs: one per decoder layer,
-  shared by q/k/v/o); training routes per sample (theirs: by the micro-batch's mean image);
-  prototypes are sample-weighted means of per-sample features (theirs: batch means).
-
-``fixed_rank`` takes the ``r_max`` largest directions with no filter (the ablation row).
+See docs/methods/cram.md: the algorithm, where it follows the authors' code and where it departs.
 """
 
 from __future__ import annotations
@@ -97,21 +38,30 @@ CHOICES = {"threshold": ("relative", "absolute"), "bandwidth": ("spread", "absol
 
 
 class CRAM(Method):
-    """Args:
+    """CRAM: adaptive-rank slot experts under instruction groups and centroid routing (docs/methods/cram.md).
+
+    Args:
         experts: attention targets (q/k/v/o); ``rank`` is the buffer's rank.
-        r_min, r_max: bounds of a slot's rank.
+        r_min: the smallest rank of a slot.
+        r_max: the largest rank of a slot.
         warmup_share: the warm-up's share of the task's steps.
-        join_cosine, margin, max_groups: the group rule.
-        threshold: ``relative`` (sigma > ``relative`` x sigma_max) or ``absolute`` (> ``absolute``).
+        join_cosine: with one group, a task joins it above this cosine to its prototype.
+        margin: with two or more groups, a task joins the best when top1 - top2 exceeds it.
+        max_groups: at this many groups, a task always joins the best.
+        threshold: ``relative`` (sigma > ``relative`` x sigma_max) or ``absolute`` (> ``absolute``, the authors').
+        relative: the relative significance threshold.
+        absolute: the absolute significance threshold (the authors' 0.08).
         novelty: tau_novel, the share of a direction outside the group's older slots.
         novelty_scaling: ``absolute`` (tau as given) or ``dimension`` (tau scaled from ``novelty_ref_dim``).
         novelty_ref_dim: the width at which ``novelty`` holds under ``novelty_scaling: dimension``.
         fixed_rank: every slot takes the ``r_max`` largest directions (ablation).
-        bandwidth: ``spread`` (sigma in units of each slot's own spread) or ``absolute`` (the authors').
+        bandwidth: ``spread`` (sigma in units of the mean image spread of the group's slots) or ``absolute``
+            (the authors').
         sigma: the centroid router's width (``null``: 0.5 under ``spread``, the authors' 2 under ``absolute``).
         orth_weight: lambda of the orthogonality penalty (0: off, ablation).
-        penalty_basis: ``output`` or ``authors`` (see the module docstring); detach_gamma: stop the
-            penalty's gradient through the routing mass.
+        penalty_basis: ``output`` (the older slots' output space, the paper's) or ``authors`` (their input
+            row space for square modules).
+        detach_gamma: stop the penalty's gradient through the routing mass (``false``: the authors').
         eval_routing: ``sample`` (each sample on its own) or ``batch`` (the authors': leaks task identity).
         group_decision: ``first_batch`` (the authors': the task's first micro-batch) or ``warmup``.
         slot_scale: ``exact`` or ``authors`` (a slot starts at twice the buffer's delta).

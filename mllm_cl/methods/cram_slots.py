@@ -1,5 +1,5 @@
 """CRAM's parts as functions of tensors: the group rule, adaptive-rank slots, the novelty
-threshold, the orthogonality penalty (methods.md, section 3; ``mllm_cl.methods.cram`` uses them).
+threshold, the orthogonality penalty (``mllm_cl.methods.cram`` uses them; docs/methods/cram.md).
 
 Read beside the authors' public code (``LAMDA-CL/EMNLP2026-CRAM``: ``method/custom/cram/
 integration.py``, ``PEFT/tuners/custom/cram_lora.py``); where ours departs, the option that
@@ -22,7 +22,7 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
 
 def assign_group(prototypes: list[torch.Tensor], embedding: torch.Tensor, *, join_cosine: float = 0.8,
                  margin: float = 0.1, max_groups: int = 5) -> int | None:
-    """The group a new task joins, or ``None`` for a new group (methods.md's rule)."""
+    """The group a new task joins, or ``None`` for a new group (the rule in docs/methods/cram.md)."""
     if not prototypes:
         return None
     cos = torch.stack([F.cosine_similarity(p, embedding, dim=0) for p in prototypes])

@@ -1,36 +1,13 @@
-"""Routing-based continual learning (methods.md, section 1; Mohta, Ak et al., arXiv 2511.01831).
+"""Routing-based continual learning: one LoRA expert per task, routed per token by post-hoc gates.
 
-Per task t, in every adapted linear:
+Per task, phase ``expert`` trains a new expert ``task{t}`` alone, then phase ``gate`` trains its gate
+vector alone in front of the frozen expert (PHATGOOSE's recipe); at evaluation every token is routed
+over all experts by standardized gate scores, top-k, softmax over the kept (``PostHocGateRouter``).
+Hooks: ``on_task_start`` (freeze everything, add the expert), ``on_phase_start`` (the expert or its
+gate trainable), ``on_task_end`` (freeze, switch the routers to routing), ``routing_context`` (the
+oracle, ``route_by: task_id``: each sample to its own task's expert).
 
-1. ``expert`` phase: a new LoRA expert ``task{t}`` (rank ``experts.rank``), older
-   experts and gates frozen; trained alone, ``y = W0 x + s B_t A_t x``.
-2. ``gate`` phase (``gate_steps``, default 100): the expert frozen, its gate vector
-   ``v_t`` (zeros) trained alone, ``y = W0 x + sigmoid(v_t . x) s B_t A_t x``.
-3. At evaluation every token is routed over the whole pool by standardized
-   gate scores, top-k_eff, softmax over the kept (``PostHocGateRouter``).
-
-Options **[choice]** (the paper's defaults where it states them): ``top_k`` 2,
-``gate_steps`` 100 (0 skips the gate phase: every gate stays zero and routing is
-uniform over the kept), ``null_expert`` off with ``null_score`` 0. No
-load-balancing loss. The gate phase takes its own steps on top of the
-experiment's ``steps_per_task``.
-
-The gate phase trains as PHATGOOSE does (``r-three/phatgoose``: ``train_gate.sh``,
-``train.gin``): 100 optimizer steps of 1024 samples (``gate_batch``; batch 32 x 32 accumulated
-there, here whatever per-process batch and process count give 1024), ``gate_lr`` 5e-3, a linear
-warm-up over ``gate_warmup`` = 6% of the steps, then constant; ``gate_batch``, ``gate_lr`` and
-``gate_warmup`` all ``null`` is the cheaper budget (the sequence's samples per step, lr and
-schedule: ~3 epochs of a 1000-sample task at batch 32 instead of ~100).
-``expert_scale`` multiplies each expert's LoRA scale (alpha / r = 2 here): PHATGOOSE's
-experts are 1/16 of ours (``expert_scale: 0.0625``), so mixing several does less harm to
-the base layer's output.
-
-``route_by: task_id`` is the oracle (``mllm_cl.methods.base``): the same experts and gates are
-trained, but at evaluation every token of a sample, prompt and generated answer, goes to the
-sample's own task's expert ``task{t}`` alone with weight 1 (as ``individual`` routes), through a
-parameter-free ``TaskRouter`` added beside the gate router; a general task's sample (task id -1),
-or a task not trained yet, gets no expert. It leaks task identity: a bound on what the gates could
-reach, not a method. ``route_by: gates`` (the default) is the method.
+Mohta, Ak et al., arXiv 2511.01831. See docs/methods/routing.md.
 """
 
 from __future__ import annotations
@@ -45,12 +22,16 @@ from mllm_cl.methods.base import Method, Phase, add_oracle_route, oracle_context
 
 
 class RoutingCL(Method):
+    """Routing-based CL: per-task LoRA experts under PHATGOOSE's post-hoc gates (docs/methods/routing.md)."""
+
     name = "routing"
 
     def __init__(self, experts: ExpertSetup, *, top_k: int = 2, gate_steps: int = 100, gate_lr: float | None = 5e-3,
                  gate_warmup: float | None = 0.06, gate_batch: int | None = 1024, expert_scale: float = 1.0,
                  null_expert: bool = False, null_score: float = 0.0, route_by: str = "gates") -> None:
-        """Args:
+        """The method's options.
+
+        Args:
             experts: targets and rank of the per-task experts (the router is built here).
             top_k: experts kept per token at evaluation.
             gate_steps: optimizer steps of the gate phase (0: no gate phase).
@@ -58,8 +39,10 @@ class RoutingCL(Method):
             gate_warmup: the gate phase's linear warm-up as a share of its steps (``null``: the model's).
             gate_batch: samples per gate step over all processes (PHATGOOSE: 1024); the accumulation
                 follows from the per-process batch and process count (``null``: the model's samples per step).
-            expert_scale: multiplies each expert's LoRA scale (PHATGOOSE's is 1/16 of ours).
-            null_expert, null_score: a "no adapter" choice with a constant score.
+            expert_scale: multiplies each expert's LoRA scale (alpha / r, 2 by default; PHATGOOSE's scale
+                1/16 is ``expert_scale: 0.03125``).
+            null_expert: one more choice at evaluation that routes to no adapter.
+            null_score: the null expert's constant score.
             route_by: ``gates`` (the method) or ``task_id`` (the oracle: each sample to its task's expert).
         """
         if experts.router is not None:

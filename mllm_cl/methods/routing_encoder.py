@@ -33,6 +33,7 @@ parameters; a ``clip`` encoder follows the model's device and dtype when called.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,9 @@ class RoutingFeatures:
 
 
 class RoutingEncoder:
-    """Args:
+    """Frozen image and instruction features per sample, for routing (SAME's prior, CRAM's groups and centroids).
+
+    Args:
         kind: ``backbone`` (the model's own frozen features) or ``clip`` (a local CLIPModel).
         path: the CLIP directory (``clip`` only): config.json, the weights, preprocessor_config.json
             and the tokenizer files, as ``save_pretrained`` writes them.
@@ -91,7 +94,7 @@ class RoutingEncoder:
         return self
 
     def _load_clip(self) -> None:
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel  # heavy: for a clip encoder only
 
         root = Path(self.path)
         if not root.is_dir():
@@ -106,7 +109,6 @@ class RoutingEncoder:
         if missing:
             raise FileNotFoundError(f"routing_encoder.path {root} is not a complete CLIP directory; missing: "
                                     + "; ".join(missing))
-        import json
 
         model_type = json.loads((root / "config.json").read_text()).get("model_type")
         if model_type != "clip":
