@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 .PHONY: setup quickstart test test-slow bench compare compare-full help
 
 help:
-	@echo "make quickstart  set up .venv and run the quickstart (lora_ft vs routing on the synthetic sequence)"
+	@echo "make quickstart  set up .venv and run the quickstart (lora_ft vs cmoe on the synthetic sequence)"
 	@echo "make test        set up .venv and run the test suite (slow and GPU tests excluded)"
 	@echo "make test-slow   run the slow tests too"
 	@echo "make bench       run the benchmarks in benchmarks/"
@@ -36,7 +36,7 @@ bench: setup
 	$(PY) benchmarks/expert_layer.py
 
 compare: setup
-	$(PY) examples/compare_methods/run.py --quick
+	$(PY) examples/compare_methods/run.py --quick --results docs/results.md
 
 compare-full: setup
-	$(PY) examples/compare_methods/run.py --reproduce
+	$(PY) examples/compare_methods/run.py --reproduce --results docs/results.md

@@ -2,9 +2,10 @@
 
 Runs the canonical synthetic sequence (configs/experiments/synth.yaml) on the
 pretrained tiny base twice, with ``lora_ft`` (one shared LoRA: it forgets)
-and ``routing`` (routing-based CL: one LoRA expert per task and token-level
-routing over all of them by post-hoc gates), then prints both accuracy matrices and their summary metrics and
-writes reports and plots under ``runs/``.
+and ``cmoe`` (LLaVA-CMoE: experts grown per task, chosen by a task locator:
+it keeps its tasks), then prints both accuracy matrices, one line saying what
+they show, and writes reports and plots under ``runs/``. ``--methods`` runs
+any method configs instead.
 """
 
 from __future__ import annotations
@@ -13,17 +14,19 @@ import argparse
 import time
 from pathlib import Path
 
-HELP = "run the canonical synthetic sequence with lora_ft and routing and compare them (CPU, minutes)"
+from mllm_cl.report.cli import run as report
+
+HELP = "run the canonical synthetic sequence with lora_ft and cmoe and compare them (CPU, minutes)"
 #: Per method, options that keep the quickstart to minutes. routing's own config trains each gate as
-#: PHATGOOSE does (100 steps of 32 x 32 samples: about ten times its expert phase on a CPU); here the
-#: gates train 100 steps of one batch at the sequence's lr.
+#: PHATGOOSE does (100 steps of 32 x 32 samples: about ten times its expert phase on a CPU); with
+#: ``--methods routing`` the gates train 100 steps of one batch at the sequence's lr.
 QUICK = {"routing": ["--model.method.init_args.gate_batch", "null", "--model.method.init_args.gate_lr", "null",
                      "--model.method.init_args.gate_warmup", "null"]}
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", nargs="+", default=["lora_ft", "routing"],
+    p.add_argument("--methods", nargs="+", default=["lora_ft", "cmoe"],
                    help="method configs under configs/methods/ to run (default: %(default)s)")
     p.add_argument("--experiment", default=str(ROOT / "configs/experiments/synth.yaml"),
                    help="experiment config (default: the canonical synthetic sequence)")
@@ -33,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _matrix_lines(results: dict) -> list[str]:
-    from mllm_cl.report.summary import matrix_rows
+    from mllm_cl.report.summary import matrix_rows  # heavy: torch; `mllm-cl --help` stays fast
 
     names = results["order"]
     width = max(len(n) for n in names) + 1
@@ -43,10 +46,28 @@ def _matrix_lines(results: dict) -> list[str]:
     return lines
 
 
+#: Below this BWT (points) a method counts as forgetting its earlier tasks in the summary line.
+FORGETS_BELOW = -5.0
+
+
+def verdict(results: list[dict]) -> str:
+    """One line on what the matrices show: which methods forget their earlier tasks and which keep them."""
+    parts = []
+    for r in results:
+        metrics = r.get("metrics") or {}
+        mfn, bwt = metrics.get("MFN"), metrics.get("BWT")
+        if mfn is None or bwt is None:
+            parts.append(f"{r['method']} has no BWT (a single stage)" if mfn is not None
+                         else f"{r['method']} has no final row")
+            continue
+        what = "forgets its earlier tasks" if bwt < FORGETS_BELOW else "keeps its tasks"
+        parts.append(f"{r['method']} {what} (MFN {mfn:.1f}, BWT {bwt:+.1f})")
+    return "; ".join(parts) + "."
+
+
 def run(args: argparse.Namespace) -> int:
-    from mllm_cl.fit import main as fit_main
-    from mllm_cl.report.cli import run as report
-    from mllm_cl.report.summary import load_results
+    from mllm_cl.fit import main as fit_main  # heavy: lightning; `mllm-cl --help` stays fast
+    from mllm_cl.report.summary import load_results  # heavy: torch
 
     t0 = time.time()
     run_dirs = []
@@ -64,10 +85,12 @@ def run(args: argparse.Namespace) -> int:
         run_dirs.append(run_dir)
     print()
     report(argparse.Namespace(runs=[str(d) for d in run_dirs], no_plots=False))
-    blocks = [[f"{load_results(d)['method']}:"] + _matrix_lines(load_results(d)) for d in run_dirs]
+    results = [load_results(d) for d in run_dirs]
+    blocks = [[f"{r['method']}:"] + _matrix_lines(r) for r in results]
     print()
     for lines in zip(*blocks):
         print("    ".join(line.ljust(len(blocks[0][1])) for line in lines))
+    print("\n" + verdict(results))
     print(f"\nquickstart finished in {time.time() - t0:.0f}s; reports: "
           + ", ".join(str(d / "report.md") for d in run_dirs))
     return 0

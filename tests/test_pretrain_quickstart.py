@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from mllm_cl.backbones import PACKAGED, build_backbone
+from mllm_cl.quickstart import verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -50,6 +52,14 @@ def test_the_shipped_base_loads():
     assert json.loads((PACKAGED["tiny-base-coin"] / "pretrain.json").read_text())["config"]["suite"] == "coin"
 
 
+def test_the_summary_line_says_who_forgets():
+    results = [{"method": "lora_ft", "metrics": {"MFN": 14.0, "BWT": -62.3}},
+               {"method": "cmoe", "metrics": {"MFN": 56.0, "BWT": 0.0}},
+               {"method": "multitask", "metrics": {"MFN": 55.0, "BWT": None}}]
+    assert verdict(results) == ("lora_ft forgets its earlier tasks (MFN 14.0, BWT -62.3); "
+                                "cmoe keeps its tasks (MFN 56.0, BWT +0.0); multitask has no BWT (a single stage).")
+
+
 def test_quickstart_runs_two_methods_and_compares_them(tmp_path):
     experiment = tmp_path / "micro.yaml"
     experiment.write_text((ROOT / "configs/experiments/synth.yaml").read_text()
@@ -61,8 +71,10 @@ def test_quickstart_runs_two_methods_and_compares_them(tmp_path):
                           "--runs", str(tmp_path / "runs"), "--steps", "2"],
                          capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "lora_ft:" in out.stdout and "routing:" in out.stdout and "quickstart finished" in out.stdout
-    assert "phase gate, 2 steps" in out.stdout  # --steps caps the method's own phases too
-    for method in ("lora_ft", "routing"):
+    assert "lora_ft:" in out.stdout and "cmoe:" in out.stdout and "quickstart finished" in out.stdout
+    assert re.search(r"^lora_ft (forgets its earlier tasks|keeps its tasks) \(MFN [\d.]+, BWT [-+][\d.]+\); "
+                     r"cmoe (forgets its earlier tasks|keeps its tasks) \(MFN", out.stdout, re.M), out.stdout[-2000:]
+    assert "phase train, 2 steps" in out.stdout  # --steps sets the task budget the method's phases share
+    for method in ("lora_ft", "cmoe"):
         run = tmp_path / "runs" / f"quickstart-{method}"
         assert (run / "report.md").exists() and (run / "plots/accuracy_matrix.png").exists()

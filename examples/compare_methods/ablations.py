@@ -1,4 +1,4 @@
-"""The ablation rows of the SAME (#11), CRAM (#13) and LLaVA-CMoE (#12) notes, on the canonical order, seed 0.
+"""Ablations of SAME, CRAM, LLaVA-CMoE and routing-based CL on the shapes sequence, canonical order, seed 0.
 
     python examples/compare_methods/ablations.py             # runs what is missing, then the table
 
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ROOT, ROWS, canonical_order, fit, parse_common, reevaluate, sweep_dir
+from run import ROOT, ROWS, canonical_order, fit, parse_common, publish, reevaluate, sweep_dir
 
 FFN = "[gate_proj, up_proj, down_proj]"
 #: name -> (method config, overrides)
@@ -43,8 +43,8 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "individual_attn_r9": ("individual", ["--model.method.init_args.experts.target_modules",
                                           "[q_proj, k_proj, v_proj, o_proj]",
                                           "--model.method.init_args.experts.rank", "9"]),
-    # Routing-based CL: the cheaper gate budget (the sequence's lr, 32 samples a step), PHATGOOSE's
-    # expert scale (1/16 of ours), the null expert.
+    # Routing-based CL: the cheaper gate budget (the sequence's lr, 32 samples a step), a smaller expert
+    # scale (docs/methods/routing.md compares it with PHATGOOSE's), the null expert.
     "routing_gate_fast": ("routing", ["--model.method.init_args.gate_batch", "null",
                                       "--model.method.init_args.gate_lr", "null",
                                       "--model.method.init_args.gate_warmup", "null"]),
@@ -61,7 +61,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
 #: name -> (the sweep's method whose run is evaluated again, evaluation-only `mllm-cl fit` options)
 EVALUATED: dict[str, tuple[str, list[str]]] = {
     # CRAM routing a whole evaluation batch by its mean (leaks task identity); each sample to its task's slot
-    # alone (the first oracle we built; run.py's cram_oracle routes each sample as its task trained).
+    # alone (run.py's cram_oracle routes each sample as its task trained, beside its group's older slots).
     "cram_eval_batch": ("cram", ["--model.method.init_args.eval_routing", "batch"]),
     "cram_task_slot": ("cram", ["--model.method.init_args.route_by", "task_slot"]),
 }
@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
               "examples/compare_methods/ablations.py")
     (runs / "ablations.md").write_text(f"{header}\n\n{text}\n")
     print(text)
+    if args.results is not None:
+        command = "python examples/compare_methods/ablations.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        publish(args.results, "ablations", command, f"## Ablations\n\n{header}.\n\n{text}")
     print(f"ablations: {time.time() - t0:.0f} s")
     return 0
 

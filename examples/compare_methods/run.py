@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -125,8 +126,9 @@ def run_sweep(runs: Path, order: list[str], seed: int, methods: list[str], exper
             diagnose(folder / method)
 
 
-def compare(runs: Path, sequences: list[str]) -> None:
-    """RUNS/comparison.md: one table per sequence found under RUNS; the figures per sequence."""
+def compare(runs: Path, sequences: list[str], results: Path | None = None, command: str = "") -> None:
+    """RUNS/comparison.md: one table per sequence found under RUNS; the figures per sequence. With ``results``,
+    the same tables and figures as that page's generated section ``comparison``."""
     from mllm_cl.report.compare import collect, figures, table
 
     parts, plots = [], []
@@ -144,17 +146,35 @@ def compare(runs: Path, sequences: list[str]) -> None:
     (runs / "comparison.md").write_text(COLUMNS_NOTE + "\n" + text)
     print(text)
     print("figures: " + ", ".join(map(str, plots)))
+    if results is not None:
+        links = []
+        for plot in plots:  # RUNS/SEQUENCE/NAME.png -> figures/compare_SEQUENCE_NAME.png beside the page
+            target = results.parent / "figures" / f"compare_{plot.parent.name}_{plot.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(plot, target)
+            links.append(f"![{plot.parent.name}: {plot.stem.replace('_', ' ')}](figures/{target.name})")
+        publish(results, "comparison", command, COLUMNS_NOTE.replace("# Method comparison", "## Method comparison")
+                + "\n" + text.replace("\n## ", "\n### ").replace("## ", "### ", 1) + "\n" + "\n".join(links))
 
 
 COLUMNS_NOTE = """# Method comparison
 
-Columns: MFT, MFN, MAA, BWT as in docs/methods.md; *gap to oracle*: MFN − the MFN of the same run routed by the
+Columns: MFT, MFN, MAA, BWT as in [metrics](metrics.md); *gap to oracle*: MFN − the MFN of the same run routed by the
 true task (`METHOD_oracle`, `mllm-cl evaluate ... route_by task_id`), per sweep; *routing*: how often the method's own
 choice is the sample's task (a locator's, a prior's, a group's accuracy, mean over tasks) or, for token-level
 routing, the share of tokens whose top-1 expert is their task's (image / instruction / answer tokens, from
 `mllm-cl report RUN --routing`); *general*: the general task's token-F1 after the last task ÷ zero-shot;
 *time*: training and evaluation seconds, and ÷ lora_ft's on the same sweep (an oracle row: its evaluation only).
 """
+
+
+def publish(page: Path, section: str, command: str, body: str) -> None:
+    """Write ``body`` as the generated section ``section`` of ``page``, opened by how it was produced."""
+    from mllm_cl.report.results_page import provenance, write_section
+    from mllm_cl.system.environment import environment
+
+    write_section(page, section, provenance(command, environment()) + "\n\n" + body)
+    print(f"compare_methods: wrote the section {section!r} of {page}")
 
 
 def parse_common(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Path, list[str]]:
@@ -164,6 +184,9 @@ def parse_common(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[ar
                    help="run SEQUENCE from this experiment config instead (its data.order is the canonical order); "
                         "defaults: " + ", ".join(f"{k}={v.relative_to(ROOT)}" for k, v in SEQUENCES.items()))
     p.add_argument("--compare-only", action="store_true", help="only write the table of the runs already there")
+    p.add_argument("--results", type=Path, default=None, metavar="PAGE",
+                   help="also write the tables into this results page (a generated section, opened by the command, "
+                        "commit, date, machine and library versions; `make compare` gives docs/results.md)")
     p.add_argument("fit_args", nargs=argparse.REMAINDER,
                    help="after --: more `mllm-cl fit` options for every run (e.g. -- --data.benchmark DIR)")
     args = p.parse_args(argv)
@@ -206,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             order = args.order.split(",") if args.order else canonical_order(experiment)
             for sweep_order, seed in sweeps_of(order, args.reproduce, 0 if args.quick else args.seed):
                 run_sweep(runs / name, sweep_order, seed, args.methods, experiment, args.steps, fit_args)
-    compare(runs, list(SEQUENCES))
+    command = "python examples/compare_methods/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    compare(runs, list(SEQUENCES), args.results, command)
     print(f"compare_methods: {time.time() - t0:.0f} s")
     return 0
 

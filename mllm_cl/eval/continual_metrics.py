@@ -2,7 +2,7 @@
 
 ``matrix[t][i]`` (0-based) is the score on task i after training tasks 0..t,
 in percent, ``None`` where not evaluated; ``zero_shot[i]`` is the base model's
-score on task i. In the formulas (methods.md) tasks are 1..T and A[0] is the
+score on task i. In the formulas (docs/metrics.md) tasks are 1..T and A[0] is the
 zero-shot row:
 
 - MFT = mean_i A[i][i]                (just after learning each task)

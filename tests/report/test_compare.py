@@ -129,8 +129,24 @@ def test_both_sequences_with_oracle_rows_and_the_numbers_of_each_results_json(ex
             assert "general" not in res["lora_ft"] and general == "–"
         for png in ("mfn_vs_params.png", "task_curves.png"):
             assert (runs / name / png).is_file()
-    again = _sweep(experiments, runs, "--quick", methods=("lora_ft", "cram"))  # everything kept: nothing trains
-    assert again.count("done in") == 6
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    page.write_text("# Measurements\n\nWritten by hand.\n")
+    again = _sweep(experiments, runs, "--quick", "--results", str(page), methods=("lora_ft", "cram"))
+    assert again.count("done in") == 6  # everything kept: nothing trains
+    text = page.read_text()
+    assert text.startswith("# Measurements\n\nWritten by hand.\n")  # the rest of the page is kept
+    section = text.split("<!-- generated: comparison -->\n", 1)[1].split("<!-- end generated: comparison -->")[0]
+    header = section.splitlines()[0]
+    assert header.startswith("`python examples/compare_methods/run.py ") and "--quick" in header
+    assert " · commit " in header and " · Python " in header and "torch " in header
+    for name in ("shapes", "coin"):  # the same rows as comparison.md, and the figures beside the page
+        assert f"### {name}" in section
+        for row in sections[name].values():
+            assert " | ".join(row) in section
+        for png in ("mfn_vs_params.png", "task_curves.png"):
+            assert (page.parent / "figures" / f"compare_{name}_{png}").is_file()
+            assert f"(figures/compare_{name}_{png})" in section
 
 
 def _ablations(experiments, runs, *only):
