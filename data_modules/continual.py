@@ -432,7 +432,7 @@ class TaskSequence(L.LightningDataModule):
         return log
 
 
-#: Where the synthetic benchmark is written by default (``configs/experiments/synth.yaml``, the README).
+#: Where the synthetic benchmark is written by default (``configs/experiments/synth.yaml``, the quickstart).
 SYNTH_DEFAULT = "data/synth"
 
 

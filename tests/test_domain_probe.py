@@ -32,7 +32,7 @@ def test_domain_probe_prints_both_confusion_matrices(bench, tmp_path):
     assert sum(map(sum, probe["by_domain"])) == 8 * 10 == sum(map(sum, probe["by_task"]))
     right = sum(probe["by_domain"][i][i] for i in range(6))
     assert probe["domain_accuracy"] == pytest.approx(100 * right / 80)
-    # the shipped base tells its domains apart (the full measurement is in the README)
+    # the shipped base tells its domains apart (the full measurement is in docs/synthetic.md)
     assert probe["domain_accuracy"] >= 90
 
 

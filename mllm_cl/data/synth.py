@@ -2,7 +2,7 @@
 
 Each task has its own instruction phrasing and answer format (format
 interference is the main cause of forgetting reported on CoIN) and the scorer
-benchmarks.md names for its kind. Everything is derived from
+of its kind (docs/synthetic.md, docs/scorers.md). Everything is derived from
 ``(seed, task, split, index)`` with a stable hash, so the same seed gives
 byte-identical files and train and test never share an image.
 
@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from mllm_cl.console import Progress
+from mllm_cl.data.domains import FONT_SOURCE
 from mllm_cl.data.draw import COLOURS, SHAPES, box_text, place, render, render_word, scene_caption
+from mllm_cl.data.real_images import DIGITS_SOURCE
 from mllm_cl.data.synth_coin import COIN_ORDER, COIN_TASKS
 from mllm_cl.data.synth_spec import Sample, TaskSpec, pick, radius
 
@@ -165,9 +167,6 @@ def _task_list(tasks, suite: str | None) -> list[str]:
 
 def _sources(tasks: list[str]) -> list[dict]:
     """What the manifest says about data no one here drew (real images, fonts)."""
-    from mllm_cl.data.domains import FONT_SOURCE
-    from mllm_cl.data.real_images import DIGITS_SOURCE
-
     domains = {TASKS[t].domain for t in tasks}
     mixed = "mixed" in domains
     out = []

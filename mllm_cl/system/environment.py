@@ -1,7 +1,7 @@
 """What a run ran on, for ``results.json``: versions, CPU, threads, device and the code's git commit.
 
 Two runs with the same config and seed give the same matrix only where the floating-point work
-is the same, and on a CPU that depends on more than the seed (README, "Reproducibility"): the
+is the same, and on a CPU that depends on more than the seed (docs/usage.md, "Reproducibility"): the
 CPU's kernel set (ATen dispatches AVX2 or AVX-512 code; MKL picks its GEMM kernels per CPU
 unless ``MKL_CBWR`` pins them), the number of threads (it splits reductions differently), and
 the library versions. ``environment()`` records all of them so two runs can be compared, and
