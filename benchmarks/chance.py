@@ -5,7 +5,7 @@
 
 Prints one line per task: the scorer, the best constant answer and its score,
 and the score a method must reach to count as having learned the task
-(chance + 30 points, the bar of issue #24).
+(chance + 30 points).
 """
 
 from __future__ import annotations

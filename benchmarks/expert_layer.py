@@ -1,10 +1,10 @@
 """Expert-layer cost: forward + backward on a frozen 1024x1024 linear, 2048 tokens, rank 8.
 
-Prints, as medians of per-round ratios with their spread (issue #2 targets <= 1.15):
+Prints, as medians of per-round ratios with their spread (the target for (a) is <= 1.15):
   (a) one expert / PEFT LoRA of the same rank
   (b) a pool of 64 experts / a pool of 2, both routed top-2 per token
   (c) the same with routing-based CL's post-hoc gate router (standardized gate
-      scores, top-2; issue #10)
+      scores, top-2)
 and, for reference, CoIN-style dense MoELoRA (softmax over every expert) 64 / 2.
 
     python benchmarks/expert_layer.py [--rounds 21] [--threads 2] [--device cpu|cuda]
