@@ -5,11 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup quickstart test test-slow bench compare compare-full help
+.PHONY: setup quickstart lint test test-slow bench compare compare-full help
 
 help:
 	@echo "make quickstart  set up .venv and run the quickstart (lora_ft vs cmoe on the synthetic sequence)"
-	@echo "make test        set up .venv and run the test suite (slow and GPU tests excluded)"
+	@echo "make lint        ruff check (the rules in pyproject.toml)"
+	@echo "make test        set up .venv, lint, and run the test suite (slow and GPU tests excluded)"
 	@echo "make test-slow   run the slow tests too"
 	@echo "make bench       run the benchmarks in benchmarks/"
 	@echo "make compare     every method on both canonical sequences (shapes, coin), one sweep each, oracle rows"
@@ -26,7 +27,10 @@ $(VENV)/.installed: pyproject.toml
 quickstart: setup
 	$(VENV)/bin/mllm-cl quickstart
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
 	$(PY) -m pytest
 
 test-slow: setup
