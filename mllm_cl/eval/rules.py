@@ -219,7 +219,7 @@ CORPUS_RULES: dict[str, Callable[..., dict]] = {
 def get_rule(name: str) -> Callable[..., float]:
     """The per-sample rule registered under ``name``; a ValueError lists the registered names."""
     if name not in RULES:
-        hint = " (a corpus-level scorer: use CaptionMetric / caption_average)" if name in CORPUS_RULES else ""
+        hint = " (a corpus-level scorer: use caption_average)" if name in CORPUS_RULES else ""
         raise ValueError(f"unknown scoring rule {name!r}{hint}; registered: {', '.join(sorted(RULES))}")
     return RULES[name]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-PACKAGES = ("torch", "transformers", "lightning", "peft", "torchmetrics", "numpy")
+PACKAGES = ("torch", "transformers", "lightning", "peft", "numpy")
 #: Variables that change which kernels run or how many threads they use.
 KERNEL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
                     "CUBLAS_WORKSPACE_CONFIG", "CUDA_VISIBLE_DEVICES")

@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
-
 from mllm_cl.data_modules import TaskSequence
+
 from mllm_cl.backbones import build_preset
 from mllm_cl.data import benchmarks
 from mllm_cl.data.benchmarks import BenchmarkLayoutError, get_benchmark
 from mllm_cl.data.errors import BadSampleError
 from mllm_cl.data.images import ImageProcessor
-from mllm_cl.eval.captions import CaptionBackendError, backend_missing
 from mllm_cl.eval.evaluate import score
 from mllm_cl.eval.rules import CORPUS_RULES, RULES
 
@@ -70,12 +69,7 @@ def test_sample_files_load_batch_and_score_through_the_definition(name, make_ben
             assert [r["answer"] for r in records] == [[g] * 10 for g in gold]
         right = [{"text": g, "record": r} for g, r in zip(gold, records)]
         wrong = [{"text": "zzz", "record": r} for r in records]
-        if spec.scorer in CORPUS_RULES:
-            if backend_missing():
-                with pytest.raises(CaptionBackendError, match="pycocoevalcap|Java"):
-                    score(right, spec.scorer, "official")
-            else:
-                assert score(right, spec.scorer, "official") > score(wrong, spec.scorer, "official")
+        if spec.scorer in CORPUS_RULES:  # the caption scorers run Java: tests/eval/test_captions.py (slow)
             continue
         assert score(right, spec.scorer, "official") == 100.0, spec.name
         assert score(wrong, spec.scorer, "official") == 0.0, spec.name
