@@ -1,30 +1,8 @@
 """A continual-learning method: where experts go, how they are routed, what trains when.
 
-A method is one object in the model's config (``model.method``), selected by
-``class_path`` in ``configs/methods/NAME.yaml``. The continual loop asks it for
-the phases of each task and calls its hooks between phases, before any
-Trainer is built, so structural changes (new experts, frozen experts) never
-happen inside a ``fit``:
-
-    build(model)                  once: inject expert layers (no experts yet)
-    for task t:
-        on_task_start(model, t)   add / freeze experts
-        for phase in phases(t):
-            on_phase_start(model, t, phase)   set the trainable set
-            ... one Trainer.fit over the phase's data and steps ...
-            on_phase_end(model, t, phase)
-        on_task_end(model, t)
-
-To resume, the loop replays ``on_task_start`` / ``on_task_end`` for finished
-tasks to rebuild the structure, then loads the saved adapter weights; so
-these hooks must be deterministic given the task index and the method's own
-saved state (``state`` / ``load_state``: what a data-dependent decision, such
-as which layers grew, needs to be replayed; saved with every checkpoint).
-
-A method may bring its own continual callbacks (``callbacks``: statistics
-collected during training, work at task end that needs the task's data) and
-report per-stage numbers of its own (``stage_metrics``, written to
-``results.json`` under ``method_metrics``).
+A method is one object in the model's config (``model.method``), selected by ``class_path`` in
+``configs/methods/NAME.yaml``; ``Method`` below says which hooks it overrides and when the
+continual loop calls each. ``Phase`` is one ``fit`` within a task.
 
 **The oracle** (``route_by: task_id`` on the routed methods: ``cmoe``, ``routing``, ``same``,
 ``cram``): the same trained experts, but each evaluated sample routed by its true task id
@@ -83,10 +61,122 @@ class Phase:
 
 
 class Method:
-    """Base class: subclasses override the hooks they need.
+    """The base of every continual-learning method: override the hooks below to write your own.
+
+    A method decides where the expert layers go, which experts exist for each task and which of
+    them train, how each sample is routed, and what it must remember to be rebuilt. It trains
+    nothing itself: the continual loop (``mllm_cl.system.loop``) calls its hooks between the fits
+    of its phases, before each phase's Trainer and optimizer are built, so the structure never
+    changes inside a ``fit``. The loop's calls, in order::
+
+        build(model)                              once, when the model is built
+        for task t in 0 .. T-1:
+            on_task_start(model, t)
+            for phase in phases(t, T):
+                on_phase_start(model, t, phase)
+                ... one Trainer.fit; every step: routing_context(batch, training=True),
+                    the forward, extra_loss(model, batch) ...
+                on_phase_end(model, t, phase)
+            on_task_end(model, t)
+            ... the stage's evaluation: routing_context(batch, training=False) per test batch,
+                then stage_metrics(task_names) ...
+            state()                               saved with task t's checkpoint
+
+    **Resuming.** A rerun of an interrupted ``mllm-cl fit`` (and ``mllm-cl evaluate``, ``predict``,
+    ``export``, the report's routing diagnostic, which rebuild a run at a stage) builds a fresh model
+    and method, calls ``load_state`` with the saved state of the last finished task, replays
+    ``on_task_start(model, t)`` then ``on_task_end(model, t)`` for every finished task, with no phase
+    and no data in between, and loads the saved expert and router weights; a rebuilt structure that
+    differs from the saved one is refused. So what the hooks build must follow from the task index
+    and the method's state alone: what a method decides from data (which layers grow, the rank of a
+    new expert, a task's group) is kept in ``state`` and redone from there by ``on_task_start``. A run
+    resumed within a task also gets ``load_state`` (as of the in-task checkpoint) before that task's
+    ``on_task_start``, then ``load_task_progress``, and skips the phases that had ended.
+    ``tests/methods/test_contract.py`` runs every method through these rules.
+
+    The hooks (each does nothing unless said otherwise):
+
+    - ``build(model)``: once, when the model is built (before the first task, and before a resume's
+      replay); ``tokenizer`` is set before it. Injects the expert layers (default: ``experts.apply``,
+      the ``ExpertSetup``'s targets, rank and router) and adds what every layer keeps for the whole
+      run: observers, gradient transforms, statistics modules.
+    - ``phases(task, num_tasks)``: after ``on_task_start``, the phases of task ``task`` in order, a
+      fit each (``Phase``: a name, steps or a share of the task's budget, which data, learning
+      rate). Default: one phase over the task's data with the task's budget. ``[]``: nothing
+      trains in that task (it is still evaluated). ``mllm-cl plan`` calls it too, without data.
+    - ``on_task_start(model, task)``: before the task's first phase (and before the continual
+      callbacks' ``on_task_start``), and at every replay. Adds, removes, copies and freezes experts
+      and routers for the task.
+    - ``on_phase_start(model, task, phase)``: before the phase's Trainer and optimizer are built.
+      Sets what trains: the optimizer gets every parameter whose ``requires_grad`` is set now, and
+      these must be expert or router parameters (the base model stays frozen). Default: the flags
+      as they are (experts and routers are trainable when added, until frozen). Also picks the
+      layers' active router and adds phase-only experts (a probe).
+    - ``on_phase_end(model, task, phase)``: after the phase's ``fit``, with the seed set from the
+      task and the phase (so random initialisations here are reproducible). Decides from what the
+      phase saw (statistics the method's callbacks collected) and may change the structure. Not
+      replayed: record the decision in ``state``.
+    - ``on_task_end(model, task)``: after the task's last phase, before the continual callbacks'
+      ``on_task_end``, the stage's evaluation and the checkpoint; also at every replay, where no data
+      was seen and the state must stay as loaded. Freezes, removes training-only experts, sets
+      routers to their evaluation mode.
+    - ``routing_context(batch, *, training)``: before the forward of every training micro-batch
+      (``training=True``) and of every evaluation batch (its prompt and every generated token).
+      Returns the ``RoutingContext`` the routers read (true task ids, a router per sample,
+      features), or ``None``.
+    - ``extra_loss(model, batch)``: after every training forward; added to the language-model loss
+      (load balancing, a penalty). ``None``: no extra loss.
+    - ``callbacks()``: once, when ``mllm-cl fit`` sets up its callbacks: the continual callbacks
+      (``mllm_cl.callbacks.ContinualCallback``) the method needs, which get Lightning's hooks in every
+      phase's Trainer (statistics over training batches) and the loop's task and phase hooks (work
+      at task end that needs the task's data).
+    - ``state()`` / ``load_state(facts, tensors)``: ``state`` after every task's evaluation, saved with
+      its checkpoint (the facts as JSON in ``structure.json``, the tensors in ``method.safetensors``;
+      also with every in-task checkpoint); ``load_state`` on a fresh, built method, before a replay.
+      ``load_state`` then ``state`` gives back what was saved.
+    - ``task_progress()`` / ``load_task_progress(tensors)``: what a checkpoint within a task needs
+      besides ``state`` (sums over the task's batches so far).
+    - ``stage_metrics(task_names)``: after every evaluation (the zero-shot one at stage 0 included):
+      the method's own numbers gathered during it (``results.json``'s ``method_metrics``).
+    - ``plan_phase_end(model, task, phase)`` / ``plan_task_end(model, task)``: in ``mllm-cl plan``,
+      instead of ``on_phase_end`` / ``on_task_end``, on a model without data (the ``meta`` device).
+    - ``task_experts(task, names)``: the experts task ``task`` trained (the routing diagnostic,
+      ``mllm-cl export``).
+
+    The class attributes below say how the run treats the method (``name``: its name in
+    ``results.json`` and the default run directory).
+
+    Example::
+
+        from mllm_cl.experts import ExpertSetup, RoutingContext, TaskRouter, expert_layers
+        from mllm_cl.methods import Method
+
+        class WarmStart(Method):
+            '''A LoRA expert per task, started as a copy of the previous task's; each sample
+            routed to its own task's expert.'''
+
+            name = "warm_start"
+
+            def __init__(self, experts: ExpertSetup) -> None:
+                experts.router = TaskRouter  # task i -> the i-th expert added
+                super().__init__(experts)
+
+            def on_task_start(self, model, task):
+                self.freeze_all_experts(model)  # earlier tasks' experts stay as they were
+                source = f"task{task - 1}" if task else None
+                for layer in expert_layers(model).values():
+                    layer.add_expert(f"task{task}", init_from=source)  # trainable until frozen
+
+            def routing_context(self, batch, *, training):
+                return RoutingContext(task_ids=batch["task_ids"])
+
+    Its structure follows from the task index alone, so it keeps no ``state``. A YAML selects it
+    by ``class_path`` under ``model.method``, as ``configs/methods/*.yaml`` do; ``examples/custom_method``
+    runs it with ``mllm-cl fit``.
 
     Args:
-        experts: where expert layers go and their defaults (targets, rank, router).
+        experts: where the expert layers go and their defaults (targets, rank, router); ``None``: no
+            expert layers (``zero_shot``).
     """
 
     name: str = "method"
@@ -110,20 +200,23 @@ class Method:
 
     # --------------------------------------------------------------- structure
     def build(self, model: nn.Module) -> InjectionReport | None:
-        """Inject the expert layers, before the first task."""
+        """Inject the expert layers, once, when the model is built (before the first task or a replay)."""
         return None if self.experts is None else self.experts.apply(model)
 
     def phases(self, task: int, num_tasks: int) -> list[Phase]:
+        """The phases (one fit each) of task ``task`` (0-based) of ``num_tasks``, in order; ``[]``: none."""
         return [Phase()]
 
     def on_task_start(self, model: nn.Module, task: int) -> None:
-        """Structural changes for task ``task`` (0-based): add and freeze experts."""
+        """Structural changes for task ``task`` (0-based): add and freeze experts. Also replayed, without
+        data, for every finished task when a run is rebuilt."""
 
     def on_phase_start(self, model: nn.Module, task: int, phase: Phase) -> None:
-        """Set the trainable set of the phase (default: what the experts' own flags say)."""
+        """Set the trainable set of the phase, expert and router parameters only, before its optimizer
+        is built (default: what the experts' own flags say)."""
 
     def on_phase_end(self, model: nn.Module, task: int, phase: Phase) -> None:
-        pass
+        """After the phase's ``fit``: decisions from what it saw. Not replayed: keep them in ``state``."""
 
     def plan_phase_end(self, model: nn.Module, task: int, phase: Phase) -> None:
         """What ``on_phase_end`` does to the structure, on a model without data (``mllm-cl plan``, the
@@ -136,28 +229,31 @@ class Method:
         self.on_task_end(model, task)
 
     def on_task_end(self, model: nn.Module, task: int) -> None:
-        pass
+        """After the task's last phase, before its evaluation. Also replayed, without data, for every
+        finished task when a run is rebuilt: then it leaves the loaded state as it is."""
 
     # ------------------------------------------------------------------- steps
     def routing_context(self, batch: dict[str, Any], *, training: bool) -> RoutingContext | None:
-        """Per-sample routing signals for a batch (default: none)."""
+        """Per-sample routing signals for a batch, before its forward: every training micro-batch, every
+        evaluation batch (default: none)."""
         return None
 
     def extra_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | None:
-        """Added to the LM loss (load balancing, orthogonality penalties, ...)."""
+        """Added to the LM loss after every training forward (load balancing, orthogonality penalties, ...)."""
         return None
 
     # ------------------------------------------------------ callbacks and state
     def callbacks(self) -> list:
-        """Continual callbacks the method needs; the loop adds them to the configured ones."""
+        """Continual callbacks the method needs; ``mllm-cl fit`` adds them to the configured ones, once."""
         return []
 
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """What resuming needs besides the expert layers: (JSON-able facts, tensors)."""
+        """What resuming needs besides the expert layers: (JSON-able facts, tensors); saved with every
+        checkpoint."""
         return {}, {}
 
     def load_state(self, facts: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Restore ``state()``'s output before the loop replays the finished tasks."""
+        """Restore ``state()``'s output on a fresh method, before the finished tasks' hooks are replayed."""
 
     def task_progress(self) -> dict[str, torch.Tensor]:
         """What the current task's training has summed so far outside the model's tensors (this
@@ -170,7 +266,8 @@ class Method:
         """Restore ``task_progress()`` after ``on_task_start`` when a run resumes within a task."""
 
     def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:
-        """Numbers of the method's own gathered during the last evaluation (then reset)."""
+        """Numbers of the method's own gathered during the last evaluation (then reset); after every
+        evaluation, into ``results.json``'s ``method_metrics``."""
         return None
 
     def task_experts(self, task: int, names: list[str]) -> list[str]:
