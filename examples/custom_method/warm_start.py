@@ -22,7 +22,9 @@ from mllm_cl.methods import Method
 
 
 class WarmStartLoRA(Method):
-    """Args:
+    """One LoRA expert per task, initialised from the previous task's, routed by the true task id.
+
+    Args:
         experts: targets and rank of the per-task experts (routed by task id: leave ``router`` unset).
         warm_start: copy the previous task's expert into the new one (``false``: a fresh LoRA per task).
     """
