@@ -17,7 +17,7 @@ DataLoader workers so that a plain epoch gives every sample exactly once:
   (the efficient case: each shard is read once);
 - ``split="sample"``: every consumer reads every shard and keeps the samples
   whose index falls to it (used when there are fewer shards than consumers;
-  owned samples only are read into memory and decoded);
+  owned samples only are decoded);
 - ``"auto"`` picks ``shard`` when there are at least as many shards as consumers.
 
 Shuffling is per epoch: the shard order (the same permutation on every
@@ -27,10 +27,17 @@ drawn with replacement, exactly that many batches per rank and epoch.
 ``equal_ranks`` pads every consumer to the same number of samples (at most a
 few repeats) so that distributed ranks run the same number of steps.
 
-We read the tar stream ourselves rather than through ``webdataset.WebDataset``
-because the split, the per-shard sample counts and the bad-input accounting
-need to see each shard's members and errors as they come; the files are
-ordinary WebDataset shards, readable by ``webdataset.WebDataset``.
+Reading is a ``webdataset.DataPipeline``: ``SimpleShardList`` (or
+``ResampledShards``), the split by rank and ``split_by_worker``, each shard
+read by ``tarfile_to_samples`` with a handler that records the shard's
+error, ``shuffle``, and ``with_epoch`` for resampling. Its own stages do what
+the library does not: a shard's sample positions (the canonical index, the
+per-sample split, ``fraction`` and ``limit``), the manifest's count check,
+the report of a bad shard once, and the ``equal_ranks`` padding. A damaged
+tar header ends a shard's stream quietly, as ``tarfile`` reads it: the
+manifest's count catches that, and a shard without a manifest has its
+headers walked once after it is read (``_damaged_header``). The files are ordinary WebDataset shards,
+readable by ``webdataset.WebDataset``.
 
 Bad input gets the same ``on_bad_sample`` treatment as the JSON path: a
 truncated or corrupt shard, a sample without its JSON or its image, a corrupt
@@ -41,17 +48,21 @@ drops and reports in ``batch["skipped"]`` (counted once per bad shard).
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
+import itertools
 import json
 import logging
 import math
+import os
 import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Generator, Iterator, Sequence
 
+import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -102,8 +113,6 @@ def write_shards(input_file: str | Path, image_root: str | Path | None, out_dir:
     raises a ``BadSampleError`` naming file and record, or with ``on_bad_sample="skip"``
     is left out and counted in ``skips``.
     """
-    import webdataset as wds
-
     from mllm_cl.console import Progress
 
     if shard_size < 1:
@@ -225,88 +234,59 @@ class _Raw:
     task_id: int
 
 
-_BLOCK = 512
+#: What reading a shard can raise about its bytes (a duplicate member name is webdataset's ValueError).
+_SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, UnicodeDecodeError, ValueError)
 
 
-def _octal(field: bytes) -> int:
-    if field[:1] == b"\x80":  # GNU base-256 for sizes beyond the octal field
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+class _ShardErrors:
+    """The ``handler`` of ``webdataset.tarfile_to_samples`` over one shard: keeps the first error
+    about the shard's bytes and stops reading it; any other error propagates."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    def __call__(self, error: Exception) -> bool:
+        if not isinstance(error, _SHARD_ERRORS):
+            raise error
+        if self.error is None:
+            self.error = error
+        return False
+
+    def reason(self) -> str:
+        """The error's own message, without the stream and URL webdataset appends to its arguments."""
+        error = self.error
+        if (isinstance(error, OSError) and error.strerror) or not error.args:
+            return str(error)
+        return str(error.args[0]).split(" @ ", 1)[0]
 
 
-def _tar_entries(f) -> Iterator[tuple[str, int]]:
-    """``(name, size)`` of each regular file in a tar stream, positioned at its data (read or skip it).
-
-    A small reader for the ustar/GNU/PAX headers shards use: ``tarfile``'s stream mode
-    costs a quarter of the loader's time per sample. A damaged header, a bad checksum or
-    data cut short raise ``tarfile.ReadError``; a stream that simply stops between
-    members ends quietly, as ``tarfile`` does (the manifest's count catches that).
-    """
-    long_name = None
-    while True:
-        header = f.read(_BLOCK)
-        if not header or header == b"\0" * _BLOCK:
-            return
-        if len(header) < _BLOCK:
-            raise tarfile.ReadError("truncated header")
-        try:
-            checksum = _octal(header[148:156])
-        except ValueError:
-            raise tarfile.ReadError("invalid header") from None
-        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
-            raise tarfile.ReadError("bad checksum")
-        size, kind = _octal(header[124:136]), header[156:157]
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-        if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
-            name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
-        padding = -size % _BLOCK
-        if kind in (b"L", b"x"):  # GNU long name / PAX extended header for the next member
-            data = f.read(size + padding)
-            if len(data) < size:
-                raise tarfile.ReadError("unexpected end of data")
-            if kind == b"L":
-                long_name = data[:size].split(b"\0", 1)[0].decode("utf-8")
-            else:
-                for record in data[:size].decode("utf-8").split("\n"):
-                    key, _, value = record.partition(" ")[2].partition("=")
-                    if key == "path":
-                        long_name = value
-            continue
-        if long_name is not None:
-            name, long_name = long_name, None
-        if kind in (b"0", b"\0", b"7"):
-            yield name, size
-        else:
-            f.seek(size, 1)
-        f.seek(padding, 1)
+@functools.lru_cache(maxsize=1024)
+def _damaged_header(path: str, size: int, mtime_ns: int) -> str | None:
+    """Where an uncompressed tar's header chain breaks before its end-of-archive block (``None``: it does
+    not). ``tarfile`` stops reading at such a header without an error; this walks the 512-byte headers
+    (``TarInfo.frombuf`` checks each checksum) and skips each member's data. Cached per file version."""
+    with open(path, "rb") as f:
+        if f.read(2) in (b"\x1f\x8b", b"BZ", b"\xfd7"):  # compressed: the stream's own checks apply
+            return None
+        offset = 0
+        while offset + 512 <= size:
+            f.seek(offset)
+            block = f.read(512)
+            if block == bytes(512):
+                return None
+            try:
+                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.HeaderError as e:
+                return f"bad tar header at byte {offset} ({e})"
+            offset += 512 + -(-info.size // 512) * 512
+    return f"the archive ends at byte {size} without its end-of-archive block"
 
 
-def _members(path: str, wanted: Callable[[int], bool]) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
-    """``(position, key, members)`` for each sample of a tar shard, members read only where ``wanted(position)``."""
-    position, key, members = -1, None, None
-    with open(path, "rb", buffering=1 << 20) as f:
-        for name, size in _tar_entries(f):
-            folder, _, base = name.rpartition("/")
-            if "." not in base:
-                f.seek(size, 1)
-                continue
-            stem, ext = base.split(".", 1)  # the key ends at the first dot, as WebDataset reads it
-            k, ext = (f"{folder}/{stem}" if folder else stem), ext.lower()
-            if k != key:
-                if key is not None:
-                    yield position, key, members
-                position, key = position + 1, k
-                members = {} if wanted(position) else None
-            if members is None:
-                f.seek(size, 1)
-                continue
-            data = f.read(size)
-            if len(data) < size:
-                raise tarfile.ReadError("unexpected end of data")
-            members[ext] = data
-    if key is not None:
-        yield position, key, members
+def _split_by_rank(shards: Iterator[dict], rank: int, world: int) -> Iterator[dict]:
+    """Every ``world``-th shard from the ``rank``-th: ``webdataset.split_by_node`` for the rank this
+    dataset holds (webdataset reads it from the environment or ``torch.distributed``, which a
+    DataLoader worker need not have, nor a dataset given its rank)."""
+    return itertools.islice(shards, rank, None, world)
 
 
 class ShardDataset(IterableDataset):
@@ -393,14 +373,12 @@ class ShardDataset(IterableDataset):
         if self.rank is None or self.world_size is None:
             self.rank, self.world_size = rank, world_size
 
-    def _consumers(self) -> tuple[int, int, int, int]:
+    def _world(self) -> tuple[int, int]:
         pinned = self.rank is not None and self.world_size is not None
         rank, world = (self.rank, self.world_size) if pinned else process_world()
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside a world of {world}")
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return rank * workers + worker, world * workers, worker, workers
+        return rank, world
 
     def _split_mode(self, consumers: int) -> str:
         if self.split != "auto":
@@ -424,34 +402,64 @@ class ShardDataset(IterableDataset):
         if self.bases is None:
             raise ValueError(f"counting an epoch's batches needs the sample counts of a {MANIFEST} manifest "
                              "(shards written by `mllm-cl data shard`)")
-        pinned = self.rank is not None and self.world_size is not None
-        rank, world = (self.rank, self.world_size) if pinned else process_world()
+        rank, world = self._world()
         workers = max(1, workers)
         consumers = world * workers
         mode = self._split_mode(consumers)
-        counts = [self._owned(slot, consumers, mode) for slot in range(consumers)]
+        counts = [self._owned(rank + world * worker, consumers, mode) for worker in range(workers)]
         if self.equal_ranks:
-            counts = [max(counts)] * consumers
-        return sum(math.ceil(n / self.batch_size) for n in counts[rank * workers:(rank + 1) * workers])
+            counts = [max(self._owned(s, consumers, mode) for s in range(consumers))] * workers
+        return sum(math.ceil(n / self.batch_size) for n in counts)
 
     # --------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Any]:
-        slot, consumers, worker, workers = self._consumers()
+        rank, world = self._world()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # Consumer ``slot`` is left order[slot::consumers] by the split by rank, then by worker.
+        slot, consumers = rank + world * worker, world * workers
         if self.resample_batches is not None:
             batches = self.resample_batches // workers + (worker < self.resample_batches % workers)
-            raw = self._resampled(slot, batches * self.batch_size)
+            if not batches:
+                return iter(())
+            stages = [wds.ResampledShards(self._resample_candidates(), seed=self.seed, deterministic=True,
+                                          worker_seed=functools.partial(wds.utils.make_seed, slot, self.epoch)),
+                      functools.partial(self._samples, slot=slot, consumers=consumers, resampled=True)]
         else:
-            raw = self._epoch(slot, consumers)
+            mode = self._split_mode(consumers)
+            stages = [self._shard_list()]
+            if mode == "shard":
+                stages += [functools.partial(_split_by_rank, rank=rank, world=world), wds.split_by_worker]
+            stages.append(functools.partial(self._samples, slot=slot, consumers=consumers,
+                                            owner=slot if mode == "sample" else None))
+            if self.equal_ranks:
+                target = max(self._owned(s, consumers, mode) for s in range(consumers))
+                stages.append(functools.partial(_padded, target=target, slot=slot, consumers=consumers))
         if self.shuffle and self.shuffle_buffer > 1:
-            raw = _shuffled(raw, self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{slot}"))
-        for sample in raw:
-            yield sample if isinstance(sample, Skipped) else self._decode(sample)
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                      rng=random.Random(f"{self.seed}/{self.epoch}/{slot}")))
+        stages.append(self._decoded)
+        pipeline = wds.DataPipeline(*stages)
+        if self.resample_batches is not None:
+            pipeline = pipeline.with_epoch(batches * self.batch_size)
+        return iter(pipeline)
+
+    def _shard_list(self) -> wds.SimpleShardList:
+        """The epoch's shards, as shard numbers (``str(i)`` for ``self.files[i]``): permuted by
+        (seed, epoch) under ``shuffle``, the same order on every consumer."""
+        numbers = [str(i) for i in range(len(self.files))]
+        return wds.SimpleShardList(numbers, seed=f"{self.seed}/{self.epoch}" if self.shuffle else None)
 
     def _order(self) -> list[int]:
-        order = list(range(len(self.files)))
-        if self.shuffle:
-            random.Random(f"{self.seed}/{self.epoch}").shuffle(order)  # the same on every consumer
-        return order
+        return [int(shard["url"]) for shard in self._shard_list()]
+
+    def _resample_candidates(self) -> list[str]:
+        """Shard numbers to draw from: the shards that hold kept samples."""
+        candidates = range(len(self.files))
+        if self.selected is not None:
+            candidates = [i for i in candidates if any(
+                j in self.selected for j in range(self.bases[i], self.bases[i] + self.files[i].samples))]
+        return [str(i) for i in candidates]
 
     def _owned(self, slot: int, consumers: int, mode: str) -> int | None:
         """How many samples consumer ``slot`` gets this epoch (``None`` where counts are unknown)."""
@@ -467,89 +475,82 @@ class ShardDataset(IterableDataset):
         return sum(1 for i in mine for j in range(self.bases[i], self.bases[i] + self.files[i].samples)
                    if j in self.selected)
 
-    def _epoch(self, slot: int, consumers: int) -> Iterator[Any]:
-        mode = self._split_mode(consumers)
-        target = None
-        if self.equal_ranks:
-            target = max(self._owned(s, consumers, mode) for s in range(consumers))
-        order = self._order()
-        if mode == "shard":
-            plan = [(i, None) for i in order[slot::consumers]]
-        else:
-            plan = [(i, slot) for i in order]
-        count, first = 0, []
+    def _samples(self, shards: Iterator[dict], *, slot: int, consumers: int, owner: int | None = None,
+                 resampled: bool = False) -> Iterator[Any]:
+        """The samples of ``shards`` (shard numbers) this consumer keeps: all of them, or with ``owner`` the
+        samples whose index falls to it; under ``fraction``/``limit``, the selected ones only."""
         running = 0  # sample index in this epoch's reading order, where counts are unknown
-        for index, owner in plan:
-            for sample in self._read(index, slot, consumers, owner, running):
-                if isinstance(sample, int):  # the shard's sample count, for the running index
-                    running += sample
-                    continue
-                count += 1
-                if len(first) < 1 and not isinstance(sample, Skipped):
-                    first.append(sample)
-                yield sample
-        if target is not None and count < target:
-            if not first:
-                raise ValueError(f"consumer {slot} of {consumers} has no sample to repeat for equal_ranks")
-            for _ in range(target - count):  # ranks must take the same number of steps under DDP
-                yield first[0]
-
-    def _resampled(self, slot: int, n: int) -> Iterator[Any]:
-        rng = random.Random(f"{self.seed}/{self.epoch}/{slot}/resampled")
-        candidates = list(range(len(self.files)))
-        if self.selected is not None:  # only shards that hold kept samples
-            candidates = [i for i in candidates
-                          if any(j in self.selected for j in range(self.bases[i], self.bases[i] + self.files[i].samples))]
-        produced, idle = 0, 0
-        while produced < n:
-            i = rng.choice(candidates)
-            before = produced
-            for sample in self._read(i, slot, 1, None, 0, report=True):
-                if isinstance(sample, int):
-                    continue
-                yield sample
-                produced += 1
-                if produced == n:
-                    return
-            idle = idle + 1 if produced == before else 0
-            if idle > 10 * len(self.files):
+        idle = 0  # shards drawn in a row that gave nothing (resampling)
+        for shard in shards:
+            i = int(shard["url"])
+            base = self.bases[i] if self.bases is not None else running
+            # One consumer reports a bad shard that every consumer reads, so it is counted once.
+            report = resampled or owner is None or i % consumers == slot
+            n, yielded = yield from self._read(i, base, owner, consumers, report)
+            if not resampled:
+                running += self.files[i].samples if self.files[i].samples is not None else n
+            idle = 0 if yielded else idle + 1
+            if resampled and idle > 10 * len(self.files):
                 raise ValueError(f"no samples in the shards {[f.path for f in self.files]}")
 
-    def _read(self, i: int, slot: int, consumers: int, owner_slot: int | None, running: int, *,
-              report: bool | None = None) -> Iterator[Any]:
-        """Samples of shard ``i`` this consumer owns (all when ``owner_slot`` is None), then the shard's count."""
+    def _read(self, i: int, base: int, owner: int | None, consumers: int,
+              report: bool) -> Generator[Any, None, tuple[int, int]]:
+        """Shard ``i``'s samples through ``webdataset.tarfile_to_samples`` (those whose index
+        falls to ``owner`` where given), then a ``Skipped`` if the shard is bad and ``report``;
+        returns (samples in the shard, items yielded)."""
         f = self.files[i]
-        base = self.bases[i] if self.bases is not None else running
-        keep_sel = (lambda j: True) if self.selected is None else (lambda j: j in self.selected)
-        if owner_slot is None:
-            def wanted(pos: int) -> bool:
-                return keep_sel(base + pos)
-        else:
-            def wanted(pos: int) -> bool:
-                return (base + pos) % consumers == owner_slot and keep_sel(base + pos)
-        if report is None:  # one consumer reports a bad shard, so it is counted once
-            report = owner_slot is None or i % consumers == slot
-        n, held, error = 0, None, None  # ``held``: the last sample read, complete once the next one starts
+
+        def keep(j: int) -> bool:
+            return ((owner is None or j % consumers == owner)
+                    and (self.selected is None or j in self.selected))
+
+        errors = _ShardErrors()
+        source = {"url": os.path.abspath(f.path)}
+        n, yielded, held = 0, 0, None  # ``held``: the last sample read, complete once the shard ends well
         try:
-            for pos, key, members in _members(f.path, wanted):
+            for sample in wds.tarfile_to_samples(handler=errors)([source]):
+                if errors.error is not None:
+                    break  # grouped after the error: the sample being read when it came, incomplete
                 if held is not None:
                     yield held
-                n, held = pos + 1, None if members is None else _Raw(key, members, f.path, base + pos, f.task_id)
-        except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError) as e:
-            error = BadSampleError(f.path, f"corrupt shard: {e} (after {n} samples)")
-        if error is None and f.samples is not None and n != f.samples:
-            # A tar stream cut at a member boundary ends without an error: only the count tells, and
-            # the last sample read may have lost members, so it is dropped with the shard's tail.
+                    yielded += 1
+                held = None
+                if keep(base + n):
+                    members = {k: v for k, v in sample.items() if not k.startswith("__")}
+                    held = _Raw(sample["__key__"], members, f.path, base + n, f.task_id)
+                n += 1
+        finally:
+            if source.get("stream") is not None:
+                source["stream"].close()
+        error = None
+        if errors.error is not None:
+            error = BadSampleError(f.path, f"corrupt shard: {errors.reason()} (after {n} samples)")
+        elif f.samples is not None and n != f.samples:
+            # A tar stream cut at a member boundary, or at a damaged header, ends without an error: only
+            # the count tells, and the last sample read may have lost members, so it goes with the tail.
             error = BadSampleError(f.path, f"truncated shard: its manifest lists {f.samples} samples, read {n}")
             held = None
+        elif f.samples is None:
+            stat = os.stat(f.path)
+            damage = _damaged_header(os.path.abspath(f.path), stat.st_size, stat.st_mtime_ns)
+            if damage is not None:  # the samples after the damage were never read; the last one may be partial
+                error = BadSampleError(f.path, f"corrupt shard: {damage} (after {n} samples)")
+                held = None
         if held is not None:
             yield held
+            yielded += 1
         if error is not None and report:
             if self.on_bad_sample == "raise":
                 raise error
             log.warning("skipped bad shard: %s", error)
             yield Skipped(str(error))
-        yield f.samples if f.samples is not None else n
+            yielded += 1
+        return n, yielded
+
+    def _decoded(self, items: Iterator[Any]) -> Iterator[Any]:
+        """Raw samples as training samples (``Skipped`` items pass as they are)."""
+        for item in items:
+            yield item if isinstance(item, Skipped) else self._decode(item)
 
     def _decode(self, raw: _Raw) -> Any:
         where = f"{raw.shard}, sample {raw.key}"
@@ -582,18 +583,20 @@ class ShardDataset(IterableDataset):
             return Skipped(str(e))
 
 
-def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """Items in a shuffled order, holding at most ``size`` of them (the WebDataset shuffle buffer)."""
-    buffer: list[Any] = []
+def _padded(items: Iterator[Any], target: int, slot: int, consumers: int) -> Iterator[Any]:
+    """``items``, then the first good one repeated up to ``target`` items (``equal_ranks``: ranks must
+    take the same number of steps under DDP)."""
+    count, first = 0, None
     for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        j = rng.randrange(size)
-        yield buffer[j]
-        buffer[j] = item
-    rng.shuffle(buffer)
-    yield from buffer
+        count += 1
+        if first is None and not isinstance(item, Skipped):
+            first = item
+        yield item
+    if count < target:
+        if first is None:
+            raise ValueError(f"consumer {slot} of {consumers} has no sample to repeat for equal_ranks")
+        for _ in range(target - count):
+            yield first
 
 
 class EpochDataLoader(DataLoader):

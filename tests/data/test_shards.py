@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from mllm_cl.data_modules import TaskSequence
 from mllm_cl.backbones import build_preset
 from mllm_cl.data import synth
+from mllm_cl.data.collate import Skipped
 from mllm_cl.data.errors import BadSampleError, SkipLog
 from mllm_cl.data.formats import load_conversations
 from mllm_cl.data.images import ImageProcessor
@@ -143,6 +144,63 @@ def test_equal_ranks_fraction_and_resampling(colors, tmp_path):
     assert {s["index"] for b in batches for s in b} <= set(range(23))
 
 
+def _items(source, *, world=2, workers=2, **kw):
+    """Every item each rank draws in one epoch through real DataLoader workers, ``Skipped`` included."""
+    return {rank: [s for batch in EpochDataLoader(ShardDataset(source, rank=rank, world_size=world, **kw),
+                                                  batch_size=3, num_workers=workers, collate_fn=list)
+                   for s in batch]
+            for rank in range(world)}
+
+
+@pytest.mark.parametrize("shard_size,split", [(4, "shard"), (10, "sample")], ids=["6-shards", "3-shards"])
+def test_epoch_batches_is_what_each_rank_draws(colors, tmp_path, shard_size, split):
+    _shard(colors, tmp_path, shard_size)
+    for kw in ({}, {"equal_ranks": True}, {"fraction": 0.5, "seed": 2}):
+        for rank in range(2):
+            data = ShardDataset(str(tmp_path), rank=rank, world_size=2, batch_size=3, shuffle=True, split=split, **kw)
+            drawn = sum(1 for _ in EpochDataLoader(data, batch_size=3, num_workers=2, collate_fn=list))
+            assert data.epoch_batches(workers=2) == drawn, (kw, rank)
+
+
+def test_shards_without_a_manifest_give_every_sample_once(colors, tmp_path):
+    _shard(colors, tmp_path, 10)
+    glob = str(tmp_path / "*.tar")
+    items = _items(glob, shuffle=True, shuffle_buffer=4)  # 3 shards, 4 consumers: split by sample
+    indices = [s["index"] for rank in (0, 1) for s in items[rank]]
+    assert sorted(indices) == list(range(23))  # the running index is the canonical one: every consumer reads all
+    _shard(colors, tmp_path / "six", 4)
+    items = _items(str(tmp_path / "six" / "*.tar"), split="shard")
+    ids = [s["id"] for rank in (0, 1) for s in items[rank]]
+    assert len(ids) == len(set(ids)) == 23
+
+
+def test_the_same_shards_under_two_tasks_are_read_once_per_task(colors, tmp_path):
+    _shard(colors, tmp_path, 10)
+    items = _items([str(tmp_path), str(tmp_path)], task_ids=[3, 5], shuffle=True)
+    seen = sorted((s["task_id"], s["index"]) for rank in (0, 1) for s in items[rank])
+    assert seen == [(3, j) for j in range(23)] + [(5, j) for j in range(23, 46)]
+    assert set(items[0][0]) == {"conversation", "id", "index", "task_id"}  # no reader fields leak into samples
+
+
+def test_resampling_is_seeded_by_epoch_and_gives_each_rank_its_batches(colors, tmp_path):
+    _shard(colors, tmp_path, 4)
+
+    def draws(epochs):
+        seen = {}
+        for rank in range(2):
+            data = ShardDataset(str(tmp_path), rank=rank, world_size=2, resample_batches=3, batch_size=4,
+                                shuffle=True, shuffle_buffer=5, seed=7)
+            loader = EpochDataLoader(data, batch_size=4, num_workers=2, collate_fn=list)
+            for epoch in range(epochs):
+                seen[rank, epoch] = [[s["index"] for s in b] for b in loader]
+        return seen
+
+    seen = draws(2)
+    assert all(len(b) == 3 and all(len(x) == 4 for x in b) for b in seen.values())
+    assert draws(2) == seen  # seeded
+    assert seen[0, 0] != seen[0, 1] and seen[0, 0] != seen[1, 0]  # a new draw per epoch and per rank
+
+
 def _truncate(path):
     """Cut the shard inside the image data of its third sample."""
     with tarfile.open(path) as tar:
@@ -227,3 +285,58 @@ def test_shard_sources_and_config_errors(colors, tmp_path, llava_dir):
         TaskSequence(benchmark=str(colors.parent), shards={"colour": str(tmp_path / "c")})
     with pytest.raises(ValueError, match="equal_ranks needs the sample counts"):
         ShardDataset(str(tmp_path / "c" / "*.tar"), equal_ranks=True)
+
+
+@pytest.mark.parametrize("shard_size,split", [(4, "shard"), (10, "sample")], ids=["6-shards", "3-shards"])
+def test_a_bad_shard_is_counted_once_over_two_workers_and_two_processes(colors, tmp_path, shard_size, split):
+    _shard(colors, tmp_path, shard_size)
+    _truncate(tmp_path / "train-000001.tar")  # its first two samples are read, the rest is lost
+    items = _items(str(tmp_path), on_bad_sample="skip", shuffle=True, shuffle_buffer=4)
+    assert ShardDataset(str(tmp_path))._split_mode(consumers=4) == split
+    drawn = items[0] + items[1]
+    skipped = [s for s in drawn if isinstance(s, Skipped)]
+    assert len(skipped) == 1 and "train-000001.tar: corrupt shard: unexpected end of data" in skipped[0].message
+    lost = set(range(shard_size + 2, 2 * shard_size))
+    assert sorted(s["index"] for s in drawn if not isinstance(s, Skipped)) == sorted(set(range(23)) - lost)
+
+
+def test_a_damaged_header_or_a_missing_shard_is_a_bad_shard(colors, tmp_path):
+    _shard(colors, tmp_path, 10)
+    data = ShardDataset(str(tmp_path), on_bad_sample="skip")
+    path = tmp_path / "train-000001.tar"
+    with tarfile.open(path) as tar:
+        member = tar.getmembers()[4]  # the header of the third sample's JSON
+    damaged = bytearray(path.read_bytes())
+    damaged[member.offset + 10] ^= 0x55
+    path.write_bytes(bytes(damaged))
+    # tarfile ends the stream at a bad header without an error: the manifest's count tells.
+    with pytest.raises(BadSampleError, match=r"train-000001.tar: truncated shard: its manifest lists 10 samples, "
+                                             r"read 2"):
+        list(ShardDataset(str(tmp_path)))
+    (tmp_path / "train-000002.tar").unlink()  # gone since it was listed
+    items = list(data)
+    skipped = [s.message for s in items if isinstance(s, Skipped)]
+    assert len(skipped) == 2 and "train-000002.tar: corrupt shard: [Errno 2] No such file" in skipped[1]
+    assert [s["index"] for s in items if not isinstance(s, Skipped)] == list(range(11))  # the last read is dropped
+
+
+def test_a_damaged_header_without_a_manifest_is_found_by_walking_the_headers(colors, tmp_path):
+    _shard(colors, tmp_path, 10)
+    (tmp_path / "shards.json").unlink()  # shards brought without a manifest: no count to check against
+    intact = list(ShardDataset(str(tmp_path)))
+    assert len(intact) == 23  # an intact archive passes the walk
+    path = tmp_path / "train-000001.tar"
+    with tarfile.open(path) as tar:
+        member = tar.getmembers()[4]
+    damaged = bytearray(path.read_bytes())
+    damaged[member.offset + 10] ^= 0x55
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(BadSampleError, match=rf"train-000001.tar: corrupt shard: bad tar header at byte "
+                                             rf"{member.offset} \(.*\) \(after 2 samples\)"):
+        list(ShardDataset(str(tmp_path)))
+    items = list(ShardDataset(str(tmp_path / "*.tar"), on_bad_sample="skip"))
+    # shard 0, the first of the two samples read before the damage (the last one may be partial), shard 2
+    assert sum(isinstance(s, Skipped) for s in items) == 1 and len(items) - 1 == 10 + 1 + 3
+    path.write_bytes(bytes(damaged[:member.offset]))  # cut at a header: no end-of-archive block
+    with pytest.raises(BadSampleError, match=r"without its end-of-archive block"):
+        list(ShardDataset(str(tmp_path)))
