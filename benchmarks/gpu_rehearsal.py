@@ -71,8 +71,8 @@ if __name__ == "__main__":  # the PEFT method's class path (gpu_rehearsal.PeftLo
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-
 from memory import load_method  # noqa: E402  (benchmarks/memory.py: a method config, as mllm-cl fit reads it)
+
 from mllm_cl.methods import Method  # noqa: E402
 
 REFERENCE = "peft_lora"
@@ -224,6 +224,7 @@ def counting_generation(counts: dict):
 def measure_decoding(module, datamodule, *, prompts: int, new_tokens: int, batch: int, device) -> dict:
     """``prompts`` test prompts of the last task through the method's evaluation path, timed."""
     from mllm_cl.data_modules import TaskSequence
+
     from mllm_cl.eval.evaluate import predict
 
     seq = TaskSequence(tasks=datamodule.tasks, test_limit=prompts, eval_batch_size=batch,
@@ -347,7 +348,7 @@ def fit_args(name: str, args, device: torch.device, work: Path) -> list[str]:
 
 def run_method(name: str, args, device: torch.device, work: Path) -> dict:
     """One method's ``mllm-cl fit`` in this process; its measurements, or the error that stopped it."""
-    from mllm_cl.fit import run_cli
+    from mllm_cl.system.build import build
 
     shutil.rmtree(work / name, ignore_errors=True)
     log = work / f"{name}.log"
@@ -364,7 +365,7 @@ def run_method(name: str, args, device: torch.device, work: Path) -> dict:
         with output_to(log):
             # In a context of its own: what the run leaves in context variables (jsonargparse keeps its
             # last parser there, and through it the CLI and the model) goes with it.
-            contextvars.copy_context().run(run_cli, argv, cli_class=probe.cli_class())
+            contextvars.copy_context().run(build, argv, probe.cli_class())
     except BaseException as e:  # noqa: BLE001 -- a method that fails is a row that says why
         if isinstance(e, KeyboardInterrupt):
             raise

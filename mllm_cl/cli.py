@@ -1,20 +1,38 @@
 """The ``mllm-cl`` command: one entry point, one subcommand per job.
 
-``fit`` goes to the LightningCLI subclass (issue #4); ``data``, ``report``,
-``predict``, ``evaluate``, ``export`` and ``pretrain`` are plain subcommands. A subcommand
-that is not built yet says so and exits with status 2 rather than pretending.
-A user error (a bad sample, a refused resume, a missing file, a config that
-does not parse) is one message and status 2, Ctrl-C status 130; ``--debug``
-adds the traceback (``mllm_cl.errors``).
+``fit`` and ``plan`` go to the LightningCLI subclass that parses fit's configs, ``pretrain`` to its
+own YAML parser; ``data``, ``report``, ``predict``, ``evaluate``, ``export``, ``demo`` and
+``quickstart`` are plain subcommands.
+A user error (``mllm_cl.errors.UserError``: a bad sample, a refused resume, a
+config that does not parse; or a missing file) is one message,
+``mllm-cl: error: ...``, and status 2, without the traceback, which says nothing
+to the user and buries the one line that does. ``--debug`` (any place on the
+command line) or ``MLLM_CL_DEBUG=1`` prints the traceback too. Ctrl-C prints
+where the run stopped (``mllm_cl.system.interrupt``) and exits with status 130.
+Anything else is a bug and keeps Python's own traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
+from collections.abc import Callable
 
-# Subcommands planned but not built yet, with the issue that builds them.
-PLANNED: dict[str, tuple[str, int]] = {}
+from mllm_cl import __version__, quickstart
+from mllm_cl.data import cli as data_cli
+from mllm_cl.errors import UserError
+from mllm_cl.report import cli as report_cli
+from mllm_cl.use import evaluate as evaluate_cli
+from mllm_cl.use import export as export_cli
+from mllm_cl.use import predict as predict_cli
+
+DEBUG_ENV = "MLLM_CL_DEBUG"
+DEBUG_FLAG = "--debug"
+
+#: What the command reports as one message and status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
 
 
 def plain(doc: str | None) -> str | None:
@@ -23,8 +41,6 @@ def plain(doc: str | None) -> str | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from mllm_cl import __version__
-
     ap = argparse.ArgumentParser(
         prog="mllm-cl",
         description="Multimodal continual instruction tuning with mixtures of LoRA experts.",
@@ -33,13 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true",
                     help="print the traceback of an error too (anywhere on the command line; or MLLM_CL_DEBUG=1)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    from mllm_cl import demo
-    from mllm_cl.data import cli as data_cli
-    from mllm_cl import quickstart
-    from mllm_cl.report import cli as report_cli
-    from mllm_cl.use import evaluate as evaluate_cli
-    from mllm_cl.use import export as export_cli
-    from mllm_cl.use import predict as predict_cli
+    from mllm_cl import demo  # heavy: torch and transformers, for the commands that parse here only
 
     quickstart.add_arguments(sub.add_parser("quickstart", help=quickstart.HELP, description=plain(quickstart.__doc__),
                                             formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -61,39 +71,51 @@ def _parser() -> argparse.ArgumentParser:
                    "CPU before it runs; fit's configs and options (see `mllm-cl plan --help`)", add_help=False)
     sub.add_parser("pretrain", help="pretrain the tiny base on synthetic captions (see `mllm-cl pretrain --help`)",
                    add_help=False)
-    for name, (summary, issue) in PLANNED.items():
-        if " " in name:  # a sub-subcommand: its parent lists it
-            continue
-        sub.add_parser(name, help=f"{summary} (not built yet: issue #{issue})", add_help=False)
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    from mllm_cl.errors import run_command, split_debug
+def split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--debug``, and whether tracebacks are wanted (the flag or the variable)."""
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    return [a for a in argv if a != DEBUG_FLAG], debug
 
+
+def run_command(fn: Callable[[], int], *, debug: bool) -> int:
+    """``fn()``'s status, or 2 after a user error's message, or 130 after Ctrl-C."""
+    try:
+        return fn()
+    except KeyboardInterrupt as e:
+        if debug:
+            traceback.print_exc()
+        print(f"mllm-cl: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if debug:
+            traceback.print_exc()
+        print(f"mllm-cl: error: {e}", file=sys.stderr)
+        if not debug:
+            print(f"(run again with {DEBUG_FLAG}, or with {DEBUG_ENV}=1, for the traceback)", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
     argv, debug = split_debug(sys.argv[1:] if argv is None else list(argv))
     return run_command(lambda: _dispatch(argv), debug=debug)
 
 
 def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "fit":  # LightningCLI owns fit's options and its --help
-        from mllm_cl.fit import main as fit_main
+        from mllm_cl.fit import main as fit_main  # heavy: lightning, for `mllm-cl fit` only
 
         return fit_main(argv[1:])
     if argv and argv[0] == "plan":  # fit's parser, options and configs
-        from mllm_cl.plan import main as plan_main
+        from mllm_cl.plan import main as plan_main  # heavy: lightning, for `mllm-cl plan` only
 
         return plan_main(argv[1:])
     if argv and argv[0] == "pretrain":  # jsonargparse owns pretrain's options (a YAML config)
-        from mllm_cl.pretrain import main as pretrain_main
+        from mllm_cl.pretrain import main as pretrain_main  # heavy: torch, for `mllm-cl pretrain` only
 
         return pretrain_main(argv[1:])
-    for words in (argv[:2], argv[:1]):  # whatever options follow, the command does not exist yet
-        name = " ".join(words)
-        if name in PLANNED:
-            summary, issue = PLANNED[name]
-            print(f"mllm-cl {name}: not built yet ({summary}; tracked in issue #{issue}).", file=sys.stderr)
-            return 2
     after: list[str] = []  # evaluate: the fit options after `--`, handed over as they are
     if argv[:1] == ["evaluate"] and "--" in argv:
         argv, after = argv[:argv.index("--")], argv[argv.index("--") + 1:]
@@ -103,30 +125,18 @@ def _dispatch(argv: list[str]) -> int:
         ap.print_help()
         return 2
     if args.command == "quickstart":
-        from mllm_cl import quickstart
-
         return quickstart.run(args)
     if args.command == "report":
-        from mllm_cl.report import cli as report_cli
-
         return report_cli.run(args)
     if args.command == "predict":
-        from mllm_cl.use import predict as predict_cli
-
         return predict_cli.run(args)
     if args.command == "evaluate":
-        from mllm_cl.use import evaluate as evaluate_cli
-
         return evaluate_cli.run(args, after)
     if args.command == "export":
-        from mllm_cl.use import export as export_cli
-
         return export_cli.run(args)
     if args.command == "data":
-        from mllm_cl.data import cli as data_cli
-
         return data_cli.run(args)
-    from mllm_cl import demo
+    from mllm_cl import demo  # heavy: torch and transformers, for `mllm-cl demo` only (imported by _parser)
 
     return demo.run(args)
 

@@ -22,11 +22,14 @@ The processes come from ``trainer.devices`` x ``trainer.num_nodes`` (``--trainer
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import torch
 
-from mllm_cl.fit import ContinualCLI, run_cli
 from mllm_cl.errors import UserError
+from mllm_cl.experts import expert_layers
+from mllm_cl.system.build import BuildCLI, build
+from mllm_cl.system.memory import largest_structure, peak_bytes
 
 KiB, MiB, GiB = 1024, 1024 ** 2, 1024 ** 3
 #: ``benchmarks/memory.py`` at width 4096 / MLP 11008 / vocabulary 32064 (docs/memory.md): what a decoder
@@ -36,15 +39,13 @@ LAYER_BYTES_PER_TOKEN_4096 = 167.7 * KiB
 HEAD_BYTES_PER_TOKEN_32064 = 8.8 * KiB
 
 
-class PlanCLI(ContinualCLI):
+class PlanCLI(BuildCLI):
     """``fit``'s parser and checks; ``fit`` prints the plan instead of training."""
 
     def _check_run_dir(self, cfg, method_name: str) -> None:
         pass  # a plan writes nothing
 
     def instantiate_trainer(self, **kwargs):
-        from types import SimpleNamespace
-
         self.datamodule.check_files()  # the data index; no Trainer (the configured GPUs may not be here)
         return SimpleNamespace(fit=None)  # what LightningCLI looks up before calling ``self.fit``
 
@@ -73,9 +74,6 @@ def _n(x: float) -> str:
 
 
 def render(module, dm, *, world: int, eval_future_tasks: bool = False, accumulation: int = 1) -> str:
-    from mllm_cl.experts import expert_layers
-    from mllm_cl.system.memory import largest_structure, peak_bytes
-
     method, model = module.method, module.model
     names, T = dm.task_names, dm.num_tasks
     budget = module.budget
@@ -92,7 +90,7 @@ def render(module, dm, *, world: int, eval_future_tasks: bool = False, accumulat
         method.on_task_start(model, t)
         phases = method.phases(t, T)
 
-        def batches(tasks: list[int], fraction: float) -> int:
+        def batches(tasks: list[int], fraction: float, t: int = t) -> int:
             dm.set_task(t, fraction=fraction, tasks=tasks)
             return dm.batches_per_epoch(world_size=world)
 
@@ -110,7 +108,7 @@ def render(module, dm, *, world: int, eval_future_tasks: bool = False, accumulat
         steps = sum(p.steps for p in plans)
         total_steps += steps
         total_samples += sum(p.steps * p.samples_per_step for p in plans)
-        shown = ", ".join(f"{ph.name} {p.steps} x {p.samples_per_step}" for ph, p in zip(phases, plans))
+        shown = ", ".join(f"{ph.name} {p.steps} x {p.samples_per_step}" for ph, p in zip(phases, plans, strict=False))
         rule = budget.task(names[t]).describe()
         count = dm.train_count(t)
         lines.append(f"{t + 1:>4} {names[t][:14]:<14} {'shards' if count is None else count:>8} {rule:<22} {shown:<44} "
@@ -170,5 +168,5 @@ def _evaluation(method, dm, eval_future_tasks: bool) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[2:] if argv is None else argv)
-    run_cli([*args, "--model.load_device", "meta"], cli_class=PlanCLI)
+    build([*args, "--model.load_device", "meta"], PlanCLI)
     return 0

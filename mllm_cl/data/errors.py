@@ -12,12 +12,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mllm_cl.errors import UserError
+
 log = logging.getLogger("mllm_cl.data")
 
 OnBadSample = Literal["raise", "skip"]
 
 
-class BadSampleError(ValueError):
+class BadSampleError(UserError):
     """A sample that cannot be used; the message names the file and record."""
 
     def __init__(self, source: str, reason: str | None = None, record: int | str | None = None) -> None:

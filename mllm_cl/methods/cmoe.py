@@ -1,47 +1,19 @@
-"""LLaVA-CMoE (methods.md, section 4; arXiv 2503.21227).
+"""LLaVA-CMoE: probe-guided expert expansion and a probabilistic task locator (arXiv 2503.21227).
 
-Experts are LoRA experts in the adapted linears (the FFN by default in
-``configs/methods/cmoe.yaml``) under per-token top-k routers (``TopKRouter``,
-k_eff = min(k, experts in the layer)), with the Switch load-balancing loss
-``E * sum_e f_e P_e`` (``balance_loss``, weight ``balance_weight``). Each task
-owns a router per layer (``task{t}``) over the layer's pool as it stands at
-that task. Per task:
+LoRA experts in the adapted linears (the FFN in ``configs/methods/cmoe.yaml``) under per-token top-k
+routers with the Switch load-balancing loss; each task owns a router per layer over the layer's pool
+as it stands at that task. Before a task trains, a probe decides which layers grow a new expert (a
+copy of the layer's most-used one); after it, a locator is fitted on the frozen base's
+last-prompt-token feature of the task's samples, and at evaluation it picks each sample's task, whose
+routers the sample runs with.
 
-- ``probe`` phase (not on the first task, where every layer grows): all
-  experts frozen; ``probe_experts`` probe experts and a probe router per layer
-  trained on ``probe_fraction`` of the task's data for ``probe_share`` of the task's
-  budget in steps (at least one; ``probe_steps`` sets a fixed count instead).
-  The probes' activation frequency per layer (share of top-k slots they win on
-  real tokens, weighted by their routing weights, summed over the phase by
-  ``mllm_cl.callbacks.cmoe.ProbeStatistics``) decides growth: a layer grows if its
-  frequency > mean - alpha * std over layers (``layers_to_grow``). New experts (``new_experts`` per grown layer)
-  copy the layer's most-activated old expert; the probes are dropped.
-- ``train`` phase: the task's new experts and its new routers (every layer,
-  grown or not) train on the full task; old experts stay frozen.
-- task end: ``mllm_cl.callbacks.cmoe.TaskLocatorFitter`` fits the task's locator on the
-  frozen base's last-prompt-token features (``mllm_cl.methods.locator``: a VAE on a
-  proper ELBO, ``locator: vae``, the paper's PTL; or a shrunk full Gaussian,
-  ``locator: gaussian``). At evaluation each sample runs with the router of the task the
-  locator picks (hard selection); the locator's accuracy per task and its confusion
-  matrix are reported under ``method_metrics`` in ``results.json``.
-  [choice] ``locator: gaussian`` is the default: on the canonical synthetic sequence
-  (seed 0) it finds 99 / 100 / 100 / 99% of the test prompts' tasks and scores the
-  oracle's MFN (56.0, BWT 0.0) with 66k stored numbers, where the VAE on its proper ELBO
-  finds 87 / 98 / 100 / 97% (MFN 54.2, BWT -2.0) with 158k; ``locator: vae`` is the
-  paper's PTL.
+Phases ``probe`` (tasks after the first) and ``train``. Hooks: ``on_task_start`` (freeze; the first
+task grows every layer), ``on_phase_start`` (probe experts and router, or the task's trainable set),
+``on_phase_end`` of the probe (the growth), ``extra_loss`` (balance loss), ``routing_context`` (the
+located task's router, or the true one under ``route_by: task_id``), ``stage_metrics`` (the locator's
+accuracy); the callbacks ``ProbeStatistics`` and ``TaskLocatorFitter`` (``mllm_cl.callbacks.cmoe``).
 
-Options **[choice]** as methods.md gives them: top_k 2, one probe expert, 10%
-probe data, alpha 1, one new expert per grown layer, balance weight 0.01, VAE
-sized from the feature width (``locator.vae_sizes``) with beta 1. Frequency **[choice]**: the probes' share of the routing
-*weight* in the kept slots, not of the slot count: with one old expert and one
-probe at top-2 every slot count is 1/2 in every layer, and nothing could be
-told apart (no layer would ever grow). The probe's length is ours: ``probe_share`` (default 0.1)
-of the task's steps (``Phase(share=...)``: 30 of the canonical 300, 1 of the micro config's 3),
-trained on a learning-rate schedule of its own (the ``train`` phase that follows is no share phase,
-so the two do not share a span); ``probe_steps`` overrides it with a fixed count, and
-``probe_steps: 0`` skips probing and grows every layer. ``route_by: task_id``
-evaluates with the true task's router (an oracle locator, for diagnosis; the
-locator is still fitted and its accuracy still reported).
+See docs/methods/cmoe.md: the algorithm, where it follows the paper and where it departs.
 """
 
 from __future__ import annotations
@@ -52,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllm_cl.callbacks.cmoe import ProbeStatistics, TaskLocatorFitter
 from mllm_cl.distributed import all_reduce_sum
 from mllm_cl.experts import ExpertSetup, RoutingContext, TopKRouter, expert_layers
 from mllm_cl.methods.base import Method, Phase
-from mllm_cl.methods.locator import GaussianLocator, TaskLocator, prompt_features
+from mllm_cl.methods.locator import GaussianLocator, TaskLocator, prompt_features, task_features
 
 
 def balance_loss(probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,6 +57,29 @@ def layers_to_grow(frequencies: dict[str, float], alpha: float) -> list[str]:
 
 
 class LLaVACMoE(Method):
+    """LLaVA-CMoE: probe-guided expansion of per-task top-k routed experts, a task locator (docs/methods/cmoe.md).
+
+    Args:
+        experts: targets and expert rank (the routers and experts are added here).
+        top_k: experts per token (k_eff = min(k, experts in the layer)).
+        probe_experts: probe experts per layer in the probe phase.
+        probe_fraction: share of the task's training data the probe trains on.
+        probe_steps: a fixed probe length in steps (``null``: ``probe_share``; 0: no probe, every layer grows).
+        probe_share: the probe's steps as a share of the task's budget (at least one).
+        alpha: a layer grows if its probe frequency > mean - alpha x std over layers.
+        new_experts: new experts per grown layer.
+        balance_weight: weight of the Switch load-balancing loss (0: off).
+        locator: ``gaussian`` (each task's mean and shrunk covariance) or ``vae`` (the paper's PTL).
+        vae_hidden: the VAE's hidden width (``null``: sized from the feature width).
+        vae_latent: the VAE's latent width (``null``: sized from the feature width).
+        vae_steps: full-batch Adam steps per task's VAE.
+        vae_lr: the VAE's learning rate.
+        vae_beta: the KL's weight in the VAE's ELBO.
+        shrinkage: the Gaussian locator's shrinkage of the covariance towards tr(C)/d I.
+        route_by: ``locator`` (the method) or ``task_id`` (the oracle: the true task's router; the locator
+            is still fitted and scored).
+    """
+
     name = "cmoe"
     state_kind = "locator"  # stored parameters: what ``state()`` keeps to route
 
@@ -129,8 +125,6 @@ class LLaVACMoE(Method):
         return super().build(model)
 
     def callbacks(self) -> list:
-        from mllm_cl.callbacks.cmoe import ProbeStatistics, TaskLocatorFitter
-
         return [ProbeStatistics(self), TaskLocatorFitter(self)]
 
     @property
@@ -238,6 +232,12 @@ class LLaVACMoE(Method):
     def on_task_end(self, model: nn.Module, task: int) -> None:
         self._freeze(model)
 
+    def fit_locator(self, module, task: int) -> None:
+        """The task's locator, fitted on the frozen base's features of the task's training samples
+        (``task_features``: each process computes its share). ``module``: the ContinualMLLM."""
+        feats, index = task_features(module, task)
+        self.locator.fit_task(feats, index, seed=module.sequence.task_seed(task))
+
     # ------------------------------------------------------------------- steps
     def extra_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | None:
         if not self.balance_weight:
@@ -254,8 +254,9 @@ class LLaVACMoE(Method):
         true_ids = batch["task_ids"].tolist()
         chosen_by_locator = chosen
         if self.route_by == "task_id":  # the oracle: what the experts can do with a perfect locator
-            chosen = [t if t >= 0 else c for t, c in zip(true_ids, chosen)]  # a general task: no true task
-        for true, pred in zip(true_ids, chosen_by_locator):
+            # a general task's sample (id -1) has no true task: it keeps the locator's choice
+            chosen = [t if t >= 0 else c for t, c in zip(true_ids, chosen, strict=False)]
+        for true, pred in zip(true_ids, chosen_by_locator, strict=False):
             if true >= 0:
                 self._hits[(true, pred)] = self._hits.get((true, pred), 0) + 1
         return RoutingContext(router_choice=[f"task{c}" for c in chosen])

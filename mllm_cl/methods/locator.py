@@ -1,31 +1,21 @@
-"""LLaVA-CMoE's probabilistic task locator (methods.md, section 4, "PTL").
+"""LLaVA-CMoE's task locators: which task a sample belongs to, from a frozen feature of its prompt.
 
-After task t a density model of that task alone is fitted on one feature per
-training sample: the frozen base model's final hidden state at the last *prompt*
-token, adapters disabled (``prompt_features``; the same feature at inference). A
-sample then goes to the task whose model explains it best. Two locators:
+After task t a density model of that task alone is fitted on one feature per training sample: the
+frozen base model's final hidden state at the last *prompt* token, adapters disabled
+(``prompt_features``; the same feature at inference). A sample then goes to the task whose model
+explains it best.
 
-- ``TaskLocator`` (``locator: vae``, the paper's PTL): one VAE per task on the task's
-  standardized features, trained on a proper Gaussian ELBO: the reconstruction's
-  negative log-likelihood under unit variance *summed* over features plus ``beta`` times
-  the KL *summed* over latents, per sample. (Averaging the reconstruction over the d
-  features while summing the KL over latents makes beta effectively ~d: the posterior
-  collapses, every sample decodes to the task's mean, and the score degenerates to a
-  diagonal distance from it, which a broad task wins.) The score is the reconstruction
-  error of the decoded latent mean, z-scored by the task's own errors.
-- ``GaussianLocator`` (``locator: gaussian``): each task's mean and full covariance,
-  shrunk towards ``tr(C)/d I`` by ``shrinkage``, scored by the log-likelihood with its
-  log-determinant.
+- ``TaskLocator`` (``locator: vae``, the paper's PTL): one VAE per task on its standardized features,
+  trained on a proper Gaussian ELBO (reconstruction NLL summed over features + ``beta`` x KL summed
+  over latents); the score is the reconstruction error of the decoded latent mean, z-scored by the
+  task's own errors. ``hidden``/``latent`` ``None`` size it from the feature width.
+- ``GaussianLocator`` (``locator: gaussian``): each task's mean and full covariance, shrunk towards
+  ``tr(C)/d I`` by ``shrinkage``, scored by the log-likelihood with its log-determinant.
 
-Sizes **[choice]**: ``hidden``/``latent`` ``None`` size the VAE from the feature width d:
-hidden ``clamp(d, 32, 512)``, latent ``clamp(d // 8, 4, 64)`` (128 -> 16 at the tiny
-base's width, 64 at 4096 as methods.md's 512 -> 64): a task of ~1000 samples fits a
-~40k-parameter VAE at d = 128 instead of 230k. Full-batch Adam, ``steps`` updates.
+Under ``ddp`` every process computes the features of its share of the task's samples (``fit_task``):
+the VAE is fitted on all of them, gathered in dataset order; the Gaussian sums the per-process moments.
 
-Under ``ddp`` every process computes the features of its share of the task's samples
-(``fit_task``): the VAE is fitted on all of them, gathered in dataset order on every
-process; the Gaussian sums the per-process moments (count, sum, sum of outer products),
-never averages covariances.
+See docs/methods/cmoe.md (why a proper ELBO, the VAE's sizes, the measured accuracy of both).
 """
 
 from __future__ import annotations
@@ -34,8 +24,11 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
-from mllm_cl.distributed import all_gather_rows, all_reduce_sum
+from mllm_cl.data.collate import batch_to
+from mllm_cl.distributed import all_gather_rows, all_reduce_sum, is_writer, world
 from mllm_cl.experts import RoutingContext, routing_context
 
 
@@ -65,6 +58,30 @@ def prompt_features(model: nn.Module, batch: dict) -> torch.Tensor:
                     position_ids=positions, output_hidden_states=True, **batch.get("model_inputs", {}))
     hidden = out.hidden_states[-1]  # (B, L, d)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index].float()
+
+
+def task_features(module, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompt_features`` of this process's share of task ``task``'s training samples, in eval mode,
+    and the samples' indices in the task's dataset (``fit_task`` gathers or sums the shares).
+    ``module``: the ContinualMLLM, its task sequence connected."""
+    dm = module.sequence
+    data = dm.train_dataset(task)
+    rank, size = world()
+    mine = Subset(data, range(rank, len(data), size))
+    loader = DataLoader(mine, batch_size=dm.eval_batch_size, shuffle=False, collate_fn=dm.train_collate,
+                        num_workers=dm.num_workers)
+    was_training = module.model.training
+    module.model.eval()
+    feats, index = [], []
+    for batch in tqdm(loader, desc=f"task locator: features of {dm.tasks[task].name}", leave=False,
+                      disable=None if is_writer() else True):
+        if batch.get("empty"):
+            continue
+        index += batch["index"]
+        batch = batch_to(batch, module.device)
+        feats.append(prompt_features(module.model, batch))
+    module.model.train(was_training)
+    return torch.cat(feats), torch.tensor(index, device=feats[0].device)
 
 
 def vae_sizes(dim: int, hidden: int | None, latent: int | None) -> tuple[int, int]:
@@ -254,7 +271,7 @@ class GaussianLocator(nn.Module):
             self._factors = [(L, 2 * L.diagonal().log().sum()) for L in chol]
         x = feats.double().to(self.means[0].device)
         out = []
-        for mean, (L, logdet) in zip(self.means, self._factors):
+        for mean, (L, logdet) in zip(self.means, self._factors, strict=False):
             z = torch.linalg.solve_triangular(L, (x - mean.double()).T, upper=False)  # (d, N)
             out.append(0.5 * (z.square().sum(0) + logdet + x.shape[1] * math.log(2 * math.pi)))
         return torch.stack(out, dim=-1).to(feats.dtype if feats.is_floating_point() else torch.float32)

@@ -1,94 +1,17 @@
-"""SAME: stabilized mixture of LoRA experts (methods.md, section 2).
+"""SAME: stabilized mixture of LoRA experts (arXiv 2602.01990).
 
-MoE-LoRA on the FFN linears: ``num_experts`` experts of rank ``experts.rank``
-per layer under a ``BatchMeanRouter`` (training: one softmax weight vector per
-micro-batch; evaluation: logits / E, per-sample sequence mean, top-2). Every
-expert stays trainable; three parts stabilize it, each switchable for ablations:
+MoE-LoRA on the FFN linears, every expert trainable on every task under one ``BatchMeanRouter``
+per layer, stabilized by spectral-aware router updates, curvature-aware scaling of the experts' A
+gradients and adaptive expert activation (masks); at evaluation a task prior from the authors' code
+(the cosine of a sample's frozen features to each task's training mean) weights the router's choice.
 
-- ``spectral_routing``: the router gradient is rewritten along the top
-  directions of the layer's input covariance (``router_rewrite``), from step
-  ``warmup_steps`` of each task, directions refreshed every ``refresh_every`` steps;
-- ``curvature_scaling``: from task 2 on, every expert's A gradient is rescaled
-  by the covariance snapshot taken at the end of the previous task
-  (``expert_rewrite``); B is not rescaled;
-- ``adaptive_activation``: per layer, EMAs of utilization (reset every task) and
-  importance (carried across tasks) mask experts whose
-  ``minmax(u) - minmax(f)`` is below ``mask_threshold``, except the current
-  task's; masks are recomputed after every step until every other expert is
-  masked, then kept until the task ends. Masked experts get no gradient.
-  ``masks_at_start`` (default) also applies the rule before a task's first step
-  (from the second task), so no step trains the experts it masks; ``false`` is
-  the authors' rule alone.
+Hooks: ``build`` (per layer the ``SAMEStatistics`` buffers, an observer on the training forward and
+the gradient rewrites), ``on_task_start`` (the experts on the first task; statistics reset, masks),
+``routing_context`` (the prior's anchors in training; the prior, or the oracle's true task, at
+evaluation), ``SAMEStatisticsCallback`` calling ``observe`` after every optimizer step (EMAs, masks),
+``on_task_end`` (the covariance snapshot, the anchors, the ``drift`` stage metric).
 
-Statistics (``SAMEStatistics``, one per adapted layer, registered on the layer
-as ``same``) are buffers: they are saved with the adapters, and under ``ddp``
-they stay identical on every process.
-
-**The covariance** (``covariance: local``, the authors' code): every ``refresh_every``
-steps, in the forward of the step's first micro-batch (never in a checkpoint's
-recomputation), one randomized range finder on the layer's centred inputs in float32
-(a random ``d x max_directions`` test matrix, one product with ``X^T X``, a QR, and
-the covariance inside the range it finds). The router's directions come from it, and the
-last one of a task is the snapshot the next task's curvature rule uses (the authors'
-``save_task_covariance_snapshot`` copies the current estimate), with k from ``delta``
-of the energy it captured. ``covariance: running`` (the paper's description) folds every
-refresh into a float32 Frequent Directions sketch of the covariance over all tasks so
-far; router directions and snapshot come from it, k from ``delta`` of its trace.
-[choice] The estimate is over every process's rows at that step: the test matrix is
-shared and ``X^T X Omega`` (d x k), the k x k covariance inside its range and the rows'
-sum are summed over processes, no row crosses them. The authors' hooks rewrite each process's own gradient
-before DDP averages it; here the rewrites run on the averaged gradient, so every
-process must hold the same directions. [choice] At most ``stat_tokens`` rows per
-process (evenly spaced; the authors: every token; ``stat_tokens: null``). [choice] The
-directions are the principal ones inside the found range (the k x k covariance there,
-diagonalized), where the authors take the QR's columns as they come with the norm of
-the rows along each: a column of Q mixes directions, so a cut by ``delta`` over them
-keeps a span that is not the covariance's top one.
-
-**Task prior** (``prior: prototype``, the authors' code: ``RouterIntegration`` in
-their ``method/custom/specialized_integration.py``, outside the SAME layer). While
-task t trains, the count-weighted means ("anchors") of every training sample's
-frozen image and instruction features (``routing_encoder``) are kept for task t.
-At evaluation a sample's ``s_t = w_img cos(img, anchor_img_t) + (1 - w_img)
-cos(text, anchor_text_t)`` over the seen tasks (text only for a sample without an
-image), ``prior = softmax(prior_scale * s)``, and expert ``min(t, E - 1)``'s pooled
-routing probability is multiplied by ``prior_t`` before the top-2 (``BatchMeanRouter``).
-In training the prior is one-hot on the true task and does not change the forward.
-Adaptive activation closes every other expert's mask within the first steps in
-both codes, so the router gets no gradient after them: the prior is what sends a
-test sample to its task's expert. The prior's top-1 accuracy per task is a stage
-metric (``prior_accuracy``). ``prior: none`` is the method without it.
-
-**The oracle** (``route_by: task_id``; ``router``, the default, is the method): the same training,
-but at evaluation the prior is the sample's true task instead of the anchors' guess: uniform over the
-experts the task trained (``task_experts``: ``e{min(t, E - 1)}``), zero elsewhere, through the same
-``BatchMeanRouter`` path (pooled probabilities times the prior, top-k, renormalized). A task owns
-one expert here, so that expert gets weight 1 and no other expert adds anything, on the prompt and
-on every generated token (the routing is fixed at prefill). [choice] Were a task to own several
-experts, the prior would spread evenly over them and SAME's own router (its prompt-pooled
-probabilities, top-k) would split the weight among them, the split SAME itself makes under a prior
-certain of the task. A general task's sample (task id -1), or a task not trained yet, gets a zero
-prior: no expert, the base model. The prototype prior's accuracy is still reported
-(``prior_accuracy``, with ``prior: prototype``). It leaks task identity: a bound on what the prior
-and router could reach with these experts, not a method.
-
-Where this follows the authors' code rather than methods.md's first reading, each
-with ours as a named option: experts start with ``A ~ N(0, 0.01^2)``, ``B = 0``
-(``expert_init: normal``; ``kaiming``: PEFT's init); utilization and importance start
-at ``1/E`` (``ema_init: uniform``; ``first_batch``: the first batch's values); the
-training batch mean, the activation EMAs and the covariance see every position of
-the micro-batch, padding included (``train_tokens: all``; ``real``: attention-mask
-tokens only).
-
-[choice] departures kept: the anchors start empty (the authors' start from
-``0.1 * randn`` with weight 1) and the prior spans the seen tasks only (theirs spans
-every task, unseen ones at random anchors, each with a weight about exp(-28 s) of a seen one); the routing of
-an evaluation sample is fixed at prefill from its prompt, prior included (theirs
-re-pools the router on each decoded token, the prior fixed); per sample, where theirs
-takes the max cosine over the evaluation batch (their evaluation batch is 1 sample,
-so the two agree); ``mu`` is absolute unless ``mu_relative``. The public code's
-``mixing="factorized"`` is not built (with one-hot training routing and a sharp prior
-the two mixings nearly agree).
+See docs/methods/same.md: the algorithm, where it follows the authors' code and where it departs.
 """
 
 from __future__ import annotations
@@ -100,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllm_cl.callbacks.same import SAMEStatisticsCallback
 from mllm_cl.distributed import all_reduce_sum
 from mllm_cl.experts import BatchMeanRouter, CovarianceSketch, ExpertLayer, ExpertSetup, RoutingContext, expert_layers
 from mllm_cl.experts.routing import index_on
@@ -107,7 +31,6 @@ from mllm_cl.experts.spectral import expert_rewrite, kept_directions, kept_mask,
 from mllm_cl.methods.base import Method
 from mllm_cl.methods.routing_encoder import RoutingEncoder, RoutingFeatures
 from mllm_cl.methods.same_drift import DriftMeter
-
 
 #: ``RoutingContext.cache`` key of a training forward's statistics rows (``SAME.statistics_rows``).
 STAT_ROWS = "same_statistics_rows"
@@ -174,14 +97,17 @@ class SAMEStatistics(nn.Module):
 
 
 class SAME(Method):
-    """Args:
+    """SAME: MoE-LoRA stabilized by spectral routing, curvature scaling and expert masks (docs/methods/same.md).
+
+    Args:
         experts: FFN targets and the expert rank (the router is built here).
         num_experts: experts per layer (the paper: E = number of tasks).
         delta: share of the covariance trace the kept directions must explain.
         max_directions: K, the cap on kept directions (and the sketch's rank).
-        refresh_every: steps between refreshes of the router's directions.
+        refresh_every: steps between refreshes of the covariance estimate and the router's directions.
         warmup_steps: steps of each task before the router rewrite starts.
-        mu: the curvature scaling's damping (absolute, or times mean(S) with ``mu_relative``).
+        mu: the curvature scaling's damping (absolute, the authors').
+        mu_relative: ``mu`` times the mean of the snapshot's kept standard deviations instead.
         covariance: ``local`` (the authors': every ``refresh_every`` steps, a randomized estimate from
             that step's micro-batches, for the router and, the last one of a task, for the next task's
             curvature snapshot) or ``running`` (the paper: every refresh folded into a Frequent
@@ -190,7 +116,9 @@ class SAME(Method):
         mask_threshold: experts scoring below it are masked.
         stat_tokens: tokens per process a refresh estimates the covariance from (evenly spaced;
             ``null``: every token of the micro-batch, the authors').
-        spectral_routing, curvature_scaling, adaptive_activation: the three parts (ablations).
+        spectral_routing: the spectral-aware router rewrite (off: ablation).
+        curvature_scaling: the curvature-aware rescaling of the experts' A gradients (off: ablation).
+        adaptive_activation: the expert masks (off: ablation).
         routing_encoder: the frozen features the task prior compares (``backbone`` or ``clip``).
         prior: ``prototype`` (the authors' task prior at evaluation) or ``none``.
         prior_scale: the softmax scale of the prior over cosine scores (the authors' 28).
@@ -200,13 +128,11 @@ class SAME(Method):
         ema_init: ``uniform`` (utilization and importance start at 1/E, the authors') or ``first_batch``.
         train_tokens: ``all`` (every position of the micro-batch, the authors') or ``real`` (no padding):
             the tokens the training batch mean, the activation EMAs and the covariance see.
-        masks_at_start: from the second task on, apply the adaptive-activation rule once before the
-            task's first step, to the statistics earlier tasks left (the utilization reset to uniform,
-            the importance carried), as well as after each step. [choice] On by default: with the
-            authors' rule alone (``false``) the first steps of every task train the experts the masks
-            close a few steps later, and that is where the old experts drift (docs/results.md).
+        masks_at_start: from the second task on, also apply the adaptive-activation rule once before the
+            task's first step, so no step trains the experts it masks (``false``: after each step only,
+            the authors' rule).
         route_by: ``router`` (the method: its router times its prior) or ``task_id`` (the oracle: the
-            prior is the true task's, on the experts it trained; see the module docstring).
+            prior is the true task's, on the experts it trained).
     """
 
     name = "same"
@@ -234,7 +160,8 @@ class SAME(Method):
             raise ValueError(f"same: stat_tokens must be >= 2 or null, got {stat_tokens}")
         if not 0 < delta <= 1 or max_directions < 1 or refresh_every < 1 or mu <= 0:
             raise ValueError("same: need 0 < delta <= 1, max_directions >= 1, refresh_every >= 1 and mu > 0")
-        for key, value, allowed in (("prior", prior, ("prototype", "none")), ("expert_init", expert_init, ("normal", "kaiming")),
+        for key, value, allowed in (("prior", prior, ("prototype", "none")),
+                                    ("expert_init", expert_init, ("normal", "kaiming")),
                                     ("ema_init", ema_init, ("uniform", "first_batch")),
                                     ("train_tokens", train_tokens, ("all", "real")),
                                     ("route_by", route_by, ("router", "task_id"))):
@@ -252,7 +179,8 @@ class SAME(Method):
         self.adaptive_activation = adaptive_activation
         self.routing_encoder = routing_encoder or RoutingEncoder()
         self.prior, self.prior_scale, self.prior_image_weight = prior, prior_scale, prior_image_weight
-        self.expert_init, self.init_std, self.ema_init, self.train_tokens = expert_init, init_std, ema_init, train_tokens
+        self.expert_init, self.init_std = expert_init, init_std
+        self.ema_init, self.train_tokens = ema_init, train_tokens
         self.route_by, self.masks_at_start = route_by, masks_at_start
         self.task, self.steps = 0, 0
         # Per seen task: sums and counts of its training samples' features (anchor = sum / count).
@@ -279,8 +207,6 @@ class SAME(Method):
         return report
 
     def callbacks(self) -> list:
-        from mllm_cl.callbacks.same import SAMEStatisticsCallback
-
         return [SAMEStatisticsCallback(self)]
 
     def on_task_start(self, model: nn.Module, task: int) -> None:
@@ -438,7 +364,7 @@ class SAME(Method):
     def _count_hits(self, task_ids: torch.Tensor, prior: torch.Tensor, seen: list[int] | None = None) -> None:
         seen = self.seen_tasks() if seen is None else seen
         chosen = [seen[i] for i in prior.argmax(-1).tolist()]
-        for true, c in zip(task_ids.tolist(), chosen):
+        for true, c in zip(task_ids.tolist(), chosen, strict=False):
             if true >= 0:  # a general task's sample has no true task to find
                 self._hits[(true, c)] = self._hits.get((true, c), 0) + 1
 
@@ -486,7 +412,7 @@ class SAME(Method):
                 grad = torch.stack([router.rows[n].grad for n in names])  # (E', d)
                 dirs = stats.router_directions.to(grad.dtype)
                 new = router_rewrite(grad, dirs, stats.router_sigma.to(grad.dtype), kept=stats.router_kept)
-                for n, g in zip(names, new):
+                for n, g in zip(names, new, strict=False):
                     router.rows[n].grad = g.clone()
         k, mean_sigma = stats.snapshot()
         if self.curvature_scaling and k > 0:
@@ -592,7 +518,7 @@ class SAME(Method):
             return
         score = minmax(stats.utilization) - minmax(stats.importance)
         current = self.current_expert()
-        router.masked = {n for n, s in zip(router.expert_names, score.tolist()) if s < self.mask_threshold
+        router.masked = {n for n, s in zip(router.expert_names, score.tolist(), strict=False) if s < self.mask_threshold
                          and n != current}
         stats.masks_final = len(router.masked) == len(router.expert_names) - 1
         if stats.masks_final:

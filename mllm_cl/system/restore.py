@@ -1,12 +1,13 @@
 """A run's model at one stage, rebuilt from its run directory alone.
 
-``restore(RUN, stage)`` parses ``RUN/config.yaml`` as ``mllm-cl fit`` does, builds the
-backbone it names and the method, connects the task sequence, and replays the method's
-state and structure up to checkpoint ``task_NN`` (``loop.rebuild``, the resume path), so
-the model routes exactly as it did when that stage was evaluated. The report's routing
-diagnostic, ``mllm-cl predict`` and ``mllm-cl export`` use it; ``mllm-cl evaluate`` gives
-``overrides`` (``mllm-cl fit`` options, e.g. ``--model.method.init_args.route_by task_id``) to
-rebuild the same trained weights under another evaluation-time setting.
+``restore(RUN, stage)`` parses ``RUN/config.yaml`` as ``mllm-cl fit`` does
+(``mllm_cl.system.build``), builds the backbone it names and the method, connects the task
+sequence, and replays the method's state and structure up to checkpoint ``task_NN``
+(``loop.rebuild``, the resume path), so the model routes exactly as it did when that stage
+was evaluated. The report's routing diagnostic, ``mllm-cl predict`` and ``mllm-cl export``
+use it; ``mllm-cl evaluate`` gives ``overrides`` (``mllm-cl fit`` options, e.g.
+``--model.method.init_args.route_by task_id``) to rebuild the same trained weights under
+another evaluation-time setting.
 
 What stops it is a user error naming the file and what to do: a folder that is no run
 directory, a run written by another results schema, a stage the run has not reached or
@@ -23,6 +24,8 @@ from typing import Any
 import yaml
 
 from mllm_cl.errors import UserError
+from mllm_cl.methods.base import ORACLE_ROUTER
+from mllm_cl.system.build import BuildCLI, build
 from mllm_cl.system.loop import rebuild
 from mllm_cl.system.run_dir import SCHEMA_VERSION, RunDir
 
@@ -37,11 +40,15 @@ class Restored:
     config_text: str = ""  # the config it was built from, with the overrides, as mllm-cl fit writes it
 
 
+class _Reading(BuildCLI):
+    """Builds a run to read it, not to resume it: its directory is not checked (finished is fine)."""
+
+    def _check_run_dir(self, cfg, method_name: str) -> None:
+        self.config_text = self._parser("fit").dump(cfg, skip_link_targets=False, skip_none=False)
+
+
 def restore(run_dir: str | Path, stage: int | None = None, *, device: str | None = None,
             overrides: list[str] = ()) -> Restored:
-    from mllm_cl.fit import ContinualCLI, run_cli
-    from mllm_cl.methods.base import ORACLE_ROUTER
-
     run = RunDir(run_dir)
     config = run.path / "config.yaml"
     if not run.path.is_dir():
@@ -65,16 +72,8 @@ def restore(run_dir: str | Path, stage: int | None = None, *, device: str | None
         raise UserError(f"{run.checkpoint_dir(stage) / 'structure.json'} is missing: checkpoint task_{stage:02d} "
                         "is incomplete; give another --stage")
     _check_backbone(config)
-
-    class _Build(ContinualCLI):
-        def _check_run_dir(self, cfg, method_name):  # reading the run, not resuming it: finished is fine
-            self.config_text = self._parser("fit").dump(cfg, skip_link_targets=False, skip_none=False)
-
-        def fit(self, model, datamodule, **_):  # build only: no loop
-            self.built = (model, datamodule)
-
-    cli = run_cli(["--config", str(config), *overrides], _Build)
-    module, dm = cli.built
+    cli = build(["--config", str(config), *overrides], _Reading)
+    module, dm = cli.model, cli.datamodule
     spec = module.model.data_spec()
     dm.connect(module.tokenizer, module.image_processor(), spec.pop("num_image_tokens"), **spec)
     module.sequence = dm

@@ -24,12 +24,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mllm_cl.errors import UserError
 from mllm_cl.experts import expert_layers
 
 SCHEMA_VERSION = 1
 
 
-class ConfigMismatch(RuntimeError):
+class ConfigMismatch(UserError, RuntimeError):
     """A run directory holds another config than the one given; the message lists the keys that differ."""
 
 
@@ -274,7 +275,8 @@ class RunDir:
         expected = adapter_state(model)
         if set(state) != set(expected):
             missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-            raise RuntimeError(f"{folder}: adapter keys differ (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+            raise RuntimeError(f"{folder}: adapter keys differ (missing {sorted(missing)[:5]}, "
+                               f"unexpected {sorted(unexpected)[:5]})")
         params = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
         with torch.no_grad():
@@ -302,4 +304,5 @@ def write_checkpoint(folder: Path, model: nn.Module, extra: dict[str, Any],
     if method_tensors:
         save_file({k: v.detach().contiguous().cpu() for k, v in method_tensors.items()}, tmp)
         os.replace(tmp, folder / "method.safetensors")
-    _atomic_write(folder / "structure.json", (json.dumps({"layers": structure(model), **extra}, indent=2) + "\n").encode())
+    text = json.dumps({"layers": structure(model), **extra}, indent=2) + "\n"
+    _atomic_write(folder / "structure.json", text.encode())

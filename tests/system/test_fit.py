@@ -33,7 +33,8 @@ def test_cli_writes_the_run_directory(bench, tmp_path):
     out = subprocess.run([sys.executable, "-m", "mllm_cl.cli", "fit", "--config", "configs/micro.yaml",
                           "--config", "configs/methods/lora_ft.yaml", "--data.benchmark", str(bench),
                           "--trainer.default_root_dir", str(run)],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"run directory {run}" in out.stdout and "finished; results in" in out.stdout
     results = json.loads((run / "results.json").read_text())
@@ -50,7 +51,8 @@ def test_cli_writes_the_run_directory(bench, tmp_path):
         assert all(layer["experts"] == {"shared": 8} for layer in structure["layers"].values())
     for stage, tasks in ((0, ["colour", "mood"]), (1, ["colour"]), (2, ["colour", "mood"])):
         for t in tasks:
-            rows = [json.loads(l) for l in (run / f"predictions/stage_{stage:02d}/{t}.jsonl").read_text().splitlines()]
+            rows = [json.loads(line)
+                    for line in (run / f"predictions/stage_{stage:02d}/{t}.jsonl").read_text().splitlines()]
             assert len(rows) == 3 and set(rows[0]) == {"question_id", "prompt", "text", "answer"}
     assert (run / "config.yaml").exists()
     # Adapters only: kilobytes, not the base model.
@@ -60,14 +62,14 @@ def test_cli_writes_the_run_directory(bench, tmp_path):
 @pytest.mark.parametrize("method", ["routing", "cmoe"])
 def test_the_model_staying_on_its_device_trains_what_lightnings_round_trip_does(bench, tmp_path, method,
                                                                                  monkeypatch):
-    import mllm_cl.system.resident as resident
+    import mllm_cl.fit as fit
 
     moved = []
     cpu = torch.nn.Module.cpu
     monkeypatch.setattr(torch.nn.Module, "cpu", lambda self: moved.append(type(self).__name__) or cpu(self))
     kept = _fit(bench, tmp_path / "kept", method, *EXTRA[method])
     assert moved == []
-    monkeypatch.setattr(resident, "phase_strategy", lambda *args, **kwargs: None)  # Lightning's own strategy
+    monkeypatch.setattr(fit, "phase_strategy", lambda *args, **kwargs: None)  # Lightning's own strategy
     stock = _fit(bench, tmp_path / "stock", method, *EXTRA[method])
     assert "ContinualMLLM" in moved  # its teardown sends the module to the CPU after every phase
     assert kept["matrix"] == stock["matrix"] and kept.get("method_metrics") == stock.get("method_metrics")
@@ -185,7 +187,7 @@ def test_precision_plugins_train_the_expert_layers(bench, tmp_path, precision, a
     assert {v.dtype for k, v in adapters.items() if ".experts." in k} == {adapter_dtype}
     with open(run / "logs/metrics.csv") as f:
         losses = [float(v) for row in csv.DictReader(f) for k, v in row.items() if k.endswith("/loss") and v]
-    assert len(losses) == 6 and all(0 < l < 20 for l in losses)  # 3 steps per task, finite
+    assert len(losses) == 6 and all(0 < loss < 20 for loss in losses)  # 3 steps per task, finite
 
 
 def test_the_gate_phase_trains_with_its_own_lr_warmup_and_accumulation(bench, tmp_path):
