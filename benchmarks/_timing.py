@@ -10,10 +10,11 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
-def interleaved(variants: dict[str, Callable[[], None]], *, rounds: int, warmup: int = 3, seed: int = 0) -> dict[str, list[float]]:
+def interleaved(variants: dict[str, Callable[[], None]], *, rounds: int, warmup: int = 3,
+                seed: int = 0) -> dict[str, list[float]]:
     """Seconds per call for each variant; each round runs every variant once, in a shuffled order."""
     rng = random.Random(seed)
     names = list(variants)
@@ -37,7 +38,7 @@ def quantile(xs: list[float], q: float) -> float:
 
 def ratio_line(label: str, num: list[float], den: list[float]) -> str:
     """Median of per-round ratios, with the 10th-90th percentile spread."""
-    r = [a / b for a, b in zip(num, den)]
+    r = [a / b for a, b in zip(num, den, strict=False)]
     return (
         f"{label:<44} median {statistics.median(r):6.3f}   "
         f"p10-p90 {quantile(r, 0.1):.3f}-{quantile(r, 0.9):.3f}   "

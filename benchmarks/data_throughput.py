@@ -126,6 +126,7 @@ def main() -> None:
     steps: dict[str, int] = {}
     if not reader_only:
         from mllm_cl.data_modules import TaskSequence
+
         from mllm_cl.experts import ExpertSetup
         from mllm_cl.methods import LoRAFineTune
         from mllm_cl.system.module import ContinualMLLM

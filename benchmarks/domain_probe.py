@@ -37,7 +37,7 @@ def _features(model, images: ImageProcessor, paths: list[Path], batch: int = 100
 
 def _confusion(truth: list[int], pred: list[int], n: int) -> list[list[int]]:
     m = [[0] * n for _ in range(n)]
-    for t, p in zip(truth, pred):
+    for t, p in zip(truth, pred, strict=False):
         m[t][p] += 1
     return m
 
@@ -48,7 +48,7 @@ def _print(title: str, names: list[str], m: list[list[int]]) -> float:
     width = max(8, max(map(len, names)) + 1)
     print(f"\n{title}: {100.0 * right / total:.1f}% named right (rows: truth, columns: nearest centroid)")
     print(" " * width + "".join(f"{n[:width - 1]:>{width}}" for n in names))
-    for name, row in zip(names, m):
+    for name, row in zip(names, m, strict=False):
         print(f"{name:<{width}}" + "".join(f"{v:>{width}}" for v in row))
     return 100.0 * right / total
 
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     outside = sum(by_task[i][j] for i in range(len(tasks)) for j in range(len(tasks)) if domain_of[i] != domain_of[j])
     print(f"\ntest images whose nearest task centroid is of another domain: {outside} of {len(test_task)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"domains": domains, "by_domain": by_domain, "domain_accuracy": acc_domain,
-                                               "tasks": names, "by_task": by_task, "task_accuracy": acc_task,
-                                               "other_domain": outside}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"domains": domains, "by_domain": by_domain,
+                                               "domain_accuracy": acc_domain, "tasks": names, "by_task": by_task,
+                                               "task_accuracy": acc_task, "other_domain": outside}, indent=1) + "\n")
     return 0
 
 

@@ -46,7 +46,8 @@ def main() -> None:
     n = args.new_tokens
 
     def ours():
-        out = greedy_generate(model, ids, mask, pixels, max_new_tokens=n, eos_token_id=-1, pad_token_id=tok.pad_token_id)
+        out = greedy_generate(model, ids, mask, pixels, max_new_tokens=n, eos_token_id=-1,
+                              pad_token_id=tok.pad_token_id)
         assert out.shape == (args.batch, n)
 
     def hf():
@@ -57,8 +58,8 @@ def main() -> None:
 
     times = interleaved({"ours": ours, "hf": hf}, rounds=args.rounds)
     tokens = args.batch * n
-    print(f"torch {torch.__version__}, threads {args.threads}, {args.rounds} rounds, {args.preset}, batch {args.batch}, "
-          f"{n} new tokens, prompt {width} tokens")
+    print(f"torch {torch.__version__}, threads {args.threads}, {args.rounds} rounds, {args.preset}, "
+          f"batch {args.batch}, {n} new tokens, prompt {width} tokens")
     # tokens/s ratio = inverse time ratio
     print(ratio_line("tokens/s: ours / transformers generate", times["hf"], times["ours"]))
     print(f"ours {tokens / sorted(times['ours'])[len(times['ours']) // 2]:.0f} tokens/s")

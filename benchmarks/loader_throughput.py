@@ -45,8 +45,8 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _timing import interleaved, quantile  # noqa: E402
-
 from mllm_cl.data_modules import TaskSequence  # noqa: E402
+
 from mllm_cl.backbones.tokenizer import byte_tokenizer  # noqa: E402
 from mllm_cl.backbones.vision import CLIP_MEAN, CLIP_STD  # noqa: E402
 from mllm_cl.data.images import ImageProcessor  # noqa: E402
@@ -177,7 +177,7 @@ def main() -> None:
     for name in loaders:
         rates = [args.samples / t for t in times[name]]
         med = statistics.median(rates)
-        speedup = statistics.median([a / b for a, b in zip(rates, ref)])
+        speedup = statistics.median([a / b for a, b in zip(rates, ref, strict=False)])
         startup = max(0.0, firsts[name] - statistics.median(times[name]))
         rows.append({"loader": name, "samples_per_s": med, "p10": quantile(rates, 0.1), "p90": quantile(rates, 0.9),
                      "x_no_workers": speedup, "x_step": med / consume, "startup_s": startup})

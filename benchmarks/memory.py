@@ -73,7 +73,8 @@ def make_batch(module, args) -> dict:
     side = module.model.image_size
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
             "loss_positions": supervised_positions(labels), "image_mask": ids == module.model.image_token_id,
-            "pixel_values": torch.randn(args.batch, 3, side, side, generator=g), "has_image": torch.ones(args.batch).bool(),
+            "pixel_values": torch.randn(args.batch, 3, side, side, generator=g),
+            "has_image": torch.ones(args.batch).bool(),
             "task_ids": torch.ones(args.batch, dtype=torch.long), "instruction": ["What is shown?"] * args.batch,
             "ids": [f"s{i}" for i in range(args.batch)], "index": list(range(args.batch))}
 
@@ -136,7 +137,8 @@ def peft_row(args) -> dict:
 
     setup = load_method("lora_ft").experts
     module = ContinualMLLM(ZeroShot(), backbone_overrides=shape(args), precision="bf16-mixed")
-    inject_adapter_in_model(LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=list(setup.target_modules)),
+    inject_adapter_in_model(LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank,
+                                       target_modules=list(setup.target_modules)),
                             module.model.language_model)
     for n, p in module.model.named_parameters():  # fp32 adapters over the bf16 base, as PeftModel keeps them
         if "lora_" in n:
@@ -210,7 +212,8 @@ def structure_rows(args) -> tuple[int, list[dict]]:
             buffers = [b for layer in expert_layers(model).values() for b in layer.buffers()
                        if not any(b is p for p in layer.base_layer.buffers())]
             _, state = method.state()
-            row.update(total=sum(p.numel() for p in model.parameters()), trained=sum(p.numel() for p in trained.values()),
+            row.update(total=sum(p.numel() for p in model.parameters()),
+                       trained=sum(p.numel() for p in trained.values()),
                        trained_bytes=_bytes(trained.values()), state=_bytes(buffers) + _bytes(state.values()),
                        checkpoint=_bytes(adapters) + _bytes(state.values()), layers=len(expert_layers(model)))
         except Exception as e:  # noqa: BLE001
@@ -274,7 +277,8 @@ def _fmt(v: float) -> str:
 
 
 def render(args, act: list[dict], base_params: int, struct: list[dict]) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
     peft = next(r for r in act if r["method"] == "PEFT LoRA")
     lora = next(r for r in act if r["method"] == "lora_ft" and "plain" in r)
     lines = ["# What a 7B run costs", "",
@@ -283,9 +287,9 @@ def render(args, act: list[dict], base_params: int, struct: list[dict]) -> str:
              f"Commit {commit}, {datetime.date.today().isoformat()}, {platform.machine()} CPU, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}.", "",
              "## Activations kept for backward", "",
-             f"Per token per decoder layer, at width {args.width} / MLP {args.mlp} / {args.heads} heads (2 layers built "
-             f"with random weights), bf16 base under bf16 autocast, {args.batch} x {args.tokens} tokens of which "
-             f"{args.answer} supervised, each method in its second task. *Checkpointed*: "
+             f"Per token per decoder layer, at width {args.width} / MLP {args.mlp} / {args.heads} heads (2 layers "
+             f"built with random weights), bf16 base under bf16 autocast, {args.batch} x {args.tokens} tokens of "
+             f"which {args.answer} supervised, each method in its second task. *Checkpointed*: "
              "`model.gradient_checkpointing: true` (each layer keeps its bf16 input; the rest is recomputed). "
              "*Observed*: what a method's statistics keep per layer from the step's forward (SAME's rows, "
              "CRAM's per-sample image mean), a fixed size, not per token.", "",
@@ -300,13 +304,15 @@ def render(args, act: list[dict], base_params: int, struct: list[dict]) -> str:
                      f"{p['layer'] / peft['plain']['layer']:.2f} | {p['observed'] / KiB:.0f} KiB |")
     full = lora["full_logits"]["rest"]
     ours = lora["plain"]["rest"]
-    lines += ["", "Outside the decoder layers (embeddings, final norm, output head, loss), per token of the sequence:", "",
+    lines += ["",
+              "Outside the decoder layers (embeddings, final norm, output head, loss), per token of the sequence:", "",
               "| loss | KiB / token |", "|---|---|",
               f"| full-vocabulary logits at every position | {_fmt(full)} |",
               f"| logits at the supervised positions only (the framework's) | {_fmt(ours)} ({ours / full:.1%}) |", "",
               f"## LLaVA-1.5-7B, {args.tasks} tasks, on the meta device", "",
               f"Base: {base_params / 1e9:.3f}B parameters. CRAM and LLaVA-CMoE at the largest structure their options "
-              "allow (every slot at `r_max`; a new expert in every layer every task); the others as their hooks build them. "
+              "allow (every slot at `r_max`; a new expert in every layer every task); the others as their hooks "
+              "build them. "
               "Trained: the parameters the last task trains; state: statistics buffers and the method's own tensors "
               "(SAME's covariance and snapshots, CRAM's prototypes, CMoE's locator); checkpoint: what a task writes "
               "(adapters of every task so far, routers, state), fp32.", "",

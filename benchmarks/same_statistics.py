@@ -46,7 +46,7 @@ K, REFRESH, EXPERTS = 64, 20, 4
 class Clock:
     """Wall and process CPU seconds since ``start``."""
 
-    def start(self) -> "Clock":
+    def start(self) -> Clock:
         self.wall, self.cpu = time.perf_counter(), time.process_time()
         return self
 

@@ -30,21 +30,21 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
 from mllm_cl.data import benchmarks
 from mllm_cl.data.collate import Collator
 from mllm_cl.data.datasets import ConversationDataset, PromptDataset
+from mllm_cl.data.encoding import ConversationEncoder
 from mllm_cl.data.errors import BadSampleError, OnBadSample, SkipLog
 from mllm_cl.data.formats import load_conversations, load_test_records, read_annotation
 from mllm_cl.data.images import ImageProcessor
 from mllm_cl.data.loaders import KeptWorkers, check_pin_memory, check_workers, resolve_pin_memory, resolve_workers
 from mllm_cl.data.shards import EpochDataLoader, ShardDataset, shard_list
 from mllm_cl.data.tasks import TaskSpec, load_manifest
-from mllm_cl.data.encoding import ConversationEncoder
 from mllm_cl.distributed import world
 from mllm_cl.eval.sharding import ShardSampler
 
@@ -341,7 +341,7 @@ class TaskSequence(L.LightningDataModule):
         key = (tuple(indices), self.current, self.fraction, self.batch_size, workers, pin, rank, size)
         if self._kept is not None:
             kept_key, kept_data, loader = self._kept
-            if kept_key == key and all(a is b for a, b in zip(kept_data, datasets)):
+            if kept_key == key and all(a is b for a, b in zip(kept_data, datasets, strict=False)):
                 return loader.rewind()
             self._kept = None
             loader.close()

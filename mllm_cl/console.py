@@ -50,7 +50,7 @@ def quiet_third_party() -> None:
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
     try:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # heavy: commands that load no model import this
     except ImportError:  # pragma: no cover - transformers is a dependency
         return
     hf_logging.disable_progress_bar()  # the weight-loading bars; transformers' warnings stay on

@@ -19,18 +19,22 @@ import time
 import torch
 from torch import nn
 
+from mllm_cl.backbones import PRESETS, build_preset
+from mllm_cl.console import Progress
+from mllm_cl.experts import ExpertSetup, TopKRouter, expert_layers, mark_only_experts_trainable
+
 HELP = "train a pool of LoRA experts on a toy colour task (tiny model, CPU, ~10 s)"
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 210, 40)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from mllm_cl.backbones import PRESETS
-
-    p.add_argument("--preset", default="tiny-clip-llama", choices=list(PRESETS), help="tiny backbone preset (default: %(default)s)")
+    p.add_argument("--preset", default="tiny-clip-llama", choices=list(PRESETS),
+                   help="tiny backbone preset (default: %(default)s)")
     p.add_argument("--experts", type=int, default=4, help="experts per adapted layer (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=2, help="experts each token is routed to (default: %(default)s)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of each expert (default: %(default)s)")
-    p.add_argument("--targets", nargs="+", default=["q_proj", "v_proj", "up_proj"], help="module names to adapt, in the language model (default: %(default)s)")
+    p.add_argument("--targets", nargs="+", default=["q_proj", "v_proj", "up_proj"],
+                   help="module names to adapt, in the language model (default: %(default)s)")
     p.add_argument("--steps", type=int, default=150, help="training steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: %(default)s)")
@@ -69,14 +73,10 @@ def _accuracy(model, tok, names, generator) -> float:
                          max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     answers = [tok.decode(o, skip_special_tokens=True).strip() for o in out]
     model.train()
-    return sum(a == n for a, n in zip(answers, names)) / len(names)
+    return sum(a == n for a, n in zip(answers, names, strict=False)) / len(names)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_cl.backbones import build_preset
-    from mllm_cl.console import Progress
-    from mllm_cl.experts import ExpertSetup, TopKRouter, expert_layers, mark_only_experts_trainable
-
     torch.manual_seed(args.seed)
     t0 = time.time()
     backbone = build_preset(args.preset, seed=args.seed)

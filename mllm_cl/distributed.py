@@ -60,4 +60,4 @@ def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     padded[: rows.shape[0]] = rows.to(where)
     parts = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)]).to(rows.device)
+    return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts, strict=False)]).to(rows.device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import inspect
 import re
 import textwrap
@@ -184,8 +185,6 @@ def option_keys(parser: argparse.ArgumentParser) -> list[str]:
 
 def init_params(class_path: str) -> list[str]:
     """The keyword arguments a class accepts (following ``**kwargs`` to its bases, as jsonargparse does)."""
-    import importlib
-
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)

@@ -35,8 +35,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
+from tqdm import tqdm
+
+from mllm_cl.data.collate import Collator
+from mllm_cl.data.draw import render_word
+from mllm_cl.data.encoding import ConversationEncoder
+from mllm_cl.data.formats import Conversation
+from mllm_cl.data.images import ImageProcessor
+from mllm_cl.data.synth import SUITES, WORDS, Sample, sample
+from mllm_cl.eval.rules import normalize
 
 HELP = "pretrain the tiny base model on the synthetic caption set (configs/pretrain_tiny.yaml)"
 
@@ -69,8 +79,6 @@ def _parser() -> ArgumentParser:
 
 def _corpus(seed: int, image_size: int, suite: str) -> list[str]:
     """Text of every task of the suite (instructions and answers) and the chat template's words."""
-    from mllm_cl.data.synth import SUITES, sample
-
     texts = ["USER: ASSISTANT:"] + [f" the word {w} is written." for w in READING]
     for task in SUITES[suite]:
         for i in range(300):
@@ -89,11 +97,6 @@ READING = ("ant", "bag", "bed", "bee", "car", "cow", "egg", "elk", "fan", "fig",
 
 def _word_caption(i: int, seed: int, size: int, split: str):
     """Sample ``i`` of the written-word captions: a pure function of its coordinates."""
-    import numpy as np
-
-    from mllm_cl.data.draw import render_word
-    from mllm_cl.data.synth import WORDS, Sample
-
     rng = np.random.default_rng([seed, 77, {"train": 0, "test": 1}[split], i])
     words = WORDS + READING
     word = words[int(rng.integers(len(words)))]
@@ -101,8 +104,6 @@ def _word_caption(i: int, seed: int, size: int, split: str):
 
 
 def _encode(encoder, images, s):
-    from mllm_cl.data.formats import Conversation
-
     conv = Conversation("c", None, [("user", "<image>\n" + s.instruction), ("assistant", s.answer)])
     enc = encoder.encode_conversation(conv)
     return {"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": images(s.image),
@@ -110,13 +111,7 @@ def _encode(encoder, images, s):
 
 
 def run(argv: list[str]) -> int:
-    from tqdm import tqdm
-
-    from mllm_cl.backbones import build_preset, train_bpe_tokenizer
-    from mllm_cl.data.collate import Collator
-    from mllm_cl.data.encoding import ConversationEncoder
-    from mllm_cl.data.images import ImageProcessor
-    from mllm_cl.data.synth import sample
+    from mllm_cl.backbones import build_preset, train_bpe_tokenizer  # heavy: transformers; `--help` stays light
 
     cfg = _parser().parse_args(argv)
     if cfg.threads:
@@ -163,7 +158,7 @@ def run(argv: list[str]) -> int:
     hits = _exact(model, encoder, images, tokenizer, held_out)
     accuracy = 100.0 * sum(hits) / len(hits)
     by_domain: dict[str, list[bool]] = {}
-    for s, hit in zip(held_out, hits):
+    for s, hit in zip(held_out, hits, strict=False):
         by_domain.setdefault((s.facts or {}).get("domain", "shapes"), []).append(hit)
     reading = None  # a base that saw no written-word captions is not scored on them
     if cfg.word_fraction > 0:
@@ -189,8 +184,7 @@ def run(argv: list[str]) -> int:
 
 def _exact(model, encoder, images, tokenizer, held_out) -> list[bool]:
     """Whether each held-out caption is generated exactly (after normalization)."""
-    from mllm_cl.eval.generation import greedy_generate
-    from mllm_cl.eval.rules import normalize
+    from mllm_cl.eval.generation import greedy_generate  # heavy: transformers; `--help` stays light
 
     right = []
     for k in range(0, len(held_out), 50):
@@ -202,7 +196,7 @@ def _exact(model, encoder, images, tokenizer, held_out) -> list[bool]:
                               torch.stack([images(s.image) for s in chunk]), max_new_tokens=64,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        right += [normalize(t) == normalize(s.answer) for t, s in zip(texts, chunk)]
+        right += [normalize(t) == normalize(s.answer) for t, s in zip(texts, chunk, strict=False)]
     return right
 
 

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     results = [load_results(d) for d in run_dirs]
     blocks = [[f"{r['method']}:"] + _matrix_lines(r) for r in results]
     print()
-    for lines in zip(*blocks):
+    for lines in zip(*blocks, strict=False):
         print("    ".join(line.ljust(len(blocks[0][1])) for line in lines))
     print("\n" + verdict(results))
     print(f"\nquickstart finished in {time.time() - t0:.0f}s; reports: "

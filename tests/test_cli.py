@@ -70,6 +70,6 @@ def test_custom_router_example_selects_the_router_from_yaml():
     out = subprocess.run([sys.executable, str(example / "run.py"), "--config", str(example / "config.yaml")],
                          capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    lines = [l for l in out.stdout.splitlines() if ": CosineRouter -> " in l]
+    lines = [line for line in out.stdout.splitlines() if ": CosineRouter -> " in line]
     assert len(lines) == 4  # q_proj and v_proj in both LLM layers
-    assert all("shapes=" in l and "colours=" in l and "counts=" in l for l in lines)
+    assert all("shapes=" in line and "colours=" in line and "counts=" in line for line in lines)

@@ -90,8 +90,8 @@ def test_quiet_third_party_silences_only_what_it_names(caplog, restore_transform
         warnings.simplefilter("always")
         quiet_third_party()
         _tree_flatten(1)  # Lightning builds a LeafSpec: torch's FutureWarning, inside lightning's module
-        warnings.warn("a FutureWarning of ours", FutureWarning)
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, from elsewhere", FutureWarning)
+        warnings.warn("a FutureWarning of ours", FutureWarning, stacklevel=1)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, from elsewhere", FutureWarning, stacklevel=1)
     messages = [str(w.message) for w in caught]
     assert messages == ["a FutureWarning of ours", "`isinstance(treespec, LeafSpec)` is deprecated, from elsewhere"]
 

@@ -51,7 +51,8 @@ def test_skip_report_is_said_once_per_task_with_the_prefix_and_only_when_somethi
     train.insert(2, {**train[0], "id": "mood-missing", "image": "images/nowhere.png"})
     (bench / "mood_train.json").write_text(json.dumps(train))
     # routing: two phases per task (expert, gate), so a per-phase report would show twice.
-    out = _cli("fit", "--config", str(ROOT / "configs/micro.yaml"), "--config", str(ROOT / "configs/methods/routing.yaml"),
+    out = _cli("fit", "--config", str(ROOT / "configs/micro.yaml"),
+               "--config", str(ROOT / "configs/methods/routing.yaml"),
                "--data.benchmark", str(bench), "--trainer.default_root_dir", str(tmp_path / "run"),
                "--data.on_bad_sample", "skip", "--model.method.init_args.gate_steps", "2",
                "--model.method.init_args.gate_batch", "null", "--model.method.init_args.gate_lr", "null",

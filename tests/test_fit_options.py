@@ -2,11 +2,12 @@
 these errors come before any model is built)."""
 
 import lightning.pytorch  # noqa: F401 - imported at collection: its log handler binds the stderr of that moment,
-import pytest              # not the stderr of the first test's capsys (closed for every later test)
+import pytest  # not the stderr of the first test's capsys (closed for every later test)
 
 from mllm_cl.cli import main
 
-BASE = ["fit", "--config", "configs/micro.yaml", "--config", "configs/methods/lora_ft.yaml", "--data.benchmark", "unused"]
+BASE = ["fit", "--config", "configs/micro.yaml", "--config", "configs/methods/lora_ft.yaml",
+        "--data.benchmark", "unused"]
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +23,7 @@ def _error(capsys, *args):
     err = capsys.readouterr().err
     assert code == 2, err
     assert "usage:" not in err and "Traceback" not in err
-    lines = [l for l in err.splitlines() if l.startswith("mllm-cl: error: ")]
+    lines = [line for line in err.splitlines() if line.startswith("mllm-cl: error: ")]
     assert len(lines) == 1, err
     return err
 

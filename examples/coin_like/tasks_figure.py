@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=int, default=5, help="which test sample of each task to show")
     args = p.parse_args(argv)
     fig, axes = plt.subplots(1, len(COIN_ORDER), figsize=(2.1 * len(COIN_ORDER), 3.0))
-    for ax, task in zip(axes, COIN_ORDER):
+    for ax, task in zip(axes, COIN_ORDER, strict=False):
         s = sample(task, "test", args.index)
         ax.imshow(s.image, interpolation="nearest")
         ax.set_xticks([])

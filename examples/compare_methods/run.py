@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequence", choices=[*SEQUENCES, "both"], default="both",
                    help="which canonical sequence(s) to run (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
-                   help="one sweep per sequence: its canonical order, seed 0 (the default, and the tables of docs/results.md; "
-                        "over 3 h on 2 cores, most of it routing-CL's gate phase)")
+                   help="one sweep per sequence: its canonical order, seed 0 (the default, and the tables of "
+                        "docs/results.md; over 3 h on 2 cores, most of it routing-CL's gate phase)")
     p.add_argument("--reproduce", action="store_true",
                    help="three sweeps per sequence: canonical order seeds 0 and 1, reversed order seed 0 (about "
                         "three times --quick)")

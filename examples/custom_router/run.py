@@ -39,7 +39,7 @@ def main() -> None:
         router = layer.routers["default"]
         w = layer.last_routing.weights  # (B, L, E)
         assert torch.allclose(w.sum(-1), torch.ones(w.shape[:-1])), "routing weights must sum to 1"
-        means = ", ".join(f"{e}={v:.2f}" for e, v in zip(router.expert_names, w.mean((0, 1)).tolist()))
+        means = ", ".join(f"{e}={v:.2f}" for e, v in zip(router.expert_names, w.mean((0, 1)).tolist(), strict=False))
         print(f"{name}: {type(router).__name__} -> {means}")
 
 

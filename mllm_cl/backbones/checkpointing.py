@@ -8,7 +8,7 @@ routing context of a forward reaches the recomputation of its layers during back
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -26,6 +26,7 @@ from torch import nn
 from mllm_cl.backbones.checkpointing import set_activation_checkpointing
 from mllm_cl.backbones.kv_cache import cache_kwargs, take_cache
 from mllm_cl.backbones.vision import VisionTower, load_vision_tower, read_json
+from mllm_cl.experts import expert_layers
 
 FORMAT = "mllm-cl/composed-mllm"
 FORMAT_VERSION = 1
@@ -190,8 +191,6 @@ class ComposedMLLM(nn.Module):
 
     # ------------------------------------------------------------- save / load
     def _expert_layers(self):
-        from mllm_cl.experts import expert_layers
-
         return expert_layers(self).values()
 
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
@@ -203,7 +202,8 @@ class ComposedMLLM(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         vision_spec = self.vision.save(directory / "vision")
-        save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, directory / "projector.safetensors")
+        save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()},
+                  directory / "projector.safetensors")
         self.language_model.save_pretrained(directory / "llm")
         if tokenizer is not None:
             tokenizer.save_pretrained(directory / "llm")
@@ -220,8 +220,8 @@ class ComposedMLLM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, torch_dtype: torch.dtype | None = None,
                         attn_implementation: str | None = None,
-                        device: torch.device | str | None = None) -> "ComposedMLLM":
-        from transformers import AutoModelForCausalLM
+                        device: torch.device | str | None = None) -> ComposedMLLM:
+        from transformers import AutoModelForCausalLM  # heavy: transformers' auto classes load their code on first use
 
         directory = Path(directory)
         meta = read_json(directory / "mllm_cl.json")

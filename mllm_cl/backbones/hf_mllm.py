@@ -34,11 +34,13 @@ import math
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 
 from mllm_cl.backbones.checkpointing import set_activation_checkpointing
 from mllm_cl.backbones.kv_cache import cache_kwargs, take_cache
 from mllm_cl.data.model_inputs import Qwen2VLInputs
+from mllm_cl.experts import expert_layers
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +136,6 @@ class HFMLLM(nn.Module):
         set_activation_checkpointing(self.hf, enabled, context_fn=context_fn)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        from mllm_cl.experts import expert_layers
-
         if expert_layers(self):
             raise RuntimeError("save_pretrained saves the base model only; this model has expert layers injected")
         self.hf.save_pretrained(directory)
@@ -205,7 +205,8 @@ class Qwen2VLMLLM(HFMLLM):
                                     temporal_patch_size=v.temporal_patch_size)
         side = v.patch_size * v.spatial_merge_size
         if image_size % side:
-            raise ValueError(f"{model.config.model_type}: image_size {image_size} must be a multiple of {side} (patch x merge)")
+            raise ValueError(f"{model.config.model_type}: image_size {image_size} must be a multiple of {side} "
+                             "(patch x merge)")
         self._rope_deltas: torch.Tensor | None = None
 
     @property
@@ -246,7 +247,7 @@ class Qwen2VLMLLM(HFMLLM):
 
 def _processor_geometry(path: Path, family: str, model: nn.Module, image_size: int | None):
     """(image side, mean, std) from the directory's image processor."""
-    from transformers import AutoImageProcessor
+    from transformers import AutoImageProcessor  # heavy: transformers' auto classes load their code on first use
 
     if not (path / "preprocessor_config.json").exists():
         raise FileNotFoundError(f"{path / 'preprocessor_config.json'} is missing: the image processor's "
@@ -273,8 +274,7 @@ def load_hf_mllm(path: str | Path, *, dtype: torch.dtype | None = None, image_si
     weights are read to, straight from the files (``device_map``; ``None``: the CPU). On the ``meta``
     device nothing but ``config.json`` is needed: the model is built from it without weights (what
     ``mllm-cl plan`` counts), the tokenizer and image processor read only if the folder has them."""
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer  # heavy: transformers' auto classes load their code on first use
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
@@ -311,8 +311,7 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 def _skeleton(path: Path, config, family: str, *, dtype: torch.dtype | None, image_size: int | None):
     """(HFMLLM on the meta device, tokenizer or None) from ``config.json`` alone."""
-    import transformers
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: transformers' auto classes load their code on first use
 
     with torch.device("meta"):
         model = getattr(transformers, FAMILIES[family])._from_config(config, dtype=dtype)

@@ -13,6 +13,8 @@ import argparse
 from pathlib import Path
 
 import torch
+import transformers
+from tokenizers import processors
 
 from mllm_cl.backbones.tokenizer import byte_tokenizer
 
@@ -31,7 +33,14 @@ def _text_config(tok, width: int, layers: int) -> dict:
 
 def tiny_llava(directory: str | Path, *, seed: int = 0, width: int = 64, layers: int = 2, image_size: int = 32):
     """A LLaVA-1.5-shaped model (CLIP tower, penultimate layer, CLS dropped, MLP projector, Llama)."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    # heavy: this family's code only
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     tok = byte_tokenizer()
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -51,8 +60,7 @@ def tiny_llava(directory: str | Path, *, seed: int = 0, width: int = 64, layers:
 def tiny_qwen2_vl(directory: str | Path, *, seed: int = 0, width: int = 64, layers: int = 2, image_size: int = 56,
                   v2_5: bool = False):
     """A Qwen2-VL (or Qwen2.5-VL) model: 14 px patches merged 2 x 2, M-RoPE text model."""
-    import transformers
-    from transformers import Qwen2VLImageProcessor
+    from transformers import Qwen2VLImageProcessor  # heavy: this family's code only
 
     tok = byte_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": [VISION_START, VISION_END]})
@@ -86,6 +94,7 @@ def tiny_qwen2_vl(directory: str | Path, *, seed: int = 0, width: int = 64, laye
 def tiny_qwen3_vl(directory: str | Path, *, seed: int = 0, width: int = 64, layers: int = 2, image_size: int = 64):
     """A Qwen3-VL model: 16 px patches merged 2 x 2, deepstack features from vision layer 0, interleaved M-RoPE
     Qwen3 text model; one 64 px image is 4 image tokens."""
+    # heavy: this family's code only
     from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     tok = byte_tokenizer()
@@ -113,6 +122,7 @@ def tiny_qwen3_vl(directory: str | Path, *, seed: int = 0, width: int = 64, laye
 def tiny_internvl(directory: str | Path, *, seed: int = 0, width: int = 64, layers: int = 2, image_size: int = 32):
     """An InternVL-shaped model (InternViT with a CLS token, 8 px patches, pixel shuffle 0.5, MLP projector, Qwen2),
     its images wrapped in ``<img>`` / ``</img>``; one 32 px tile is 4 image tokens."""
+    # heavy: this family's code only
     from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration
 
     tok = byte_tokenizer()
@@ -134,8 +144,7 @@ def tiny_internvl(directory: str | Path, *, seed: int = 0, width: int = 64, laye
 def tiny_clip(directory: str | Path, *, seed: int = 0, width: int = 32, projection: int = 16, image_size: int = 32):
     """A CLIPModel (both towers and projections) with a CLIP-like tokenizer: ``<|startoftext|> ... <|endoftext|>``,
     the end token the highest id (CLIP's text tower pools there), right padding. A routing encoder for tests."""
-    from tokenizers import processors
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel  # heavy: this family's code only
 
     tok = byte_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|startoftext|>", "<|endoftext|>"]})

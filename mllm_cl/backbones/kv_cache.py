@@ -16,13 +16,13 @@ the name their language model expects.
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 NEW, OLD = "cache", "past_key_values"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _keyword(cls: type) -> str:
     params = inspect.signature(cls.forward).parameters  # follows functools.wraps of transformers' decorators
     return NEW if NEW in params else OLD

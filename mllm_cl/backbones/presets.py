@@ -8,6 +8,7 @@ a preset name (random weights from a seed) or a local directory written by
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -67,11 +68,11 @@ def _vision(p: Preset) -> VisionTower:
         patch_size=p.patch_size,
     )
     if p.vision == "clip":
-        from transformers import CLIPVisionConfig, CLIPVisionModel
+        from transformers import CLIPVisionConfig, CLIPVisionModel  # heavy: this family's code only
 
         return HFVisionTower(CLIPVisionModel(CLIPVisionConfig(**common)), feature_layer=-2, drop_cls=True)
     if p.vision == "siglip":
-        from transformers import SiglipVisionConfig, SiglipVisionModel
+        from transformers import SiglipVisionConfig, SiglipVisionModel  # heavy: this family's code only
 
         return HFVisionTower(SiglipVisionModel(SiglipVisionConfig(**common)), feature_layer=-2, drop_cls=False)
     if p.vision == "timm":
@@ -101,11 +102,11 @@ def _llm(p: Preset, vocab_size: int, tokenizer: PreTrainedTokenizerBase, attn_im
     if attn_implementation is not None:
         common["attn_implementation"] = attn_implementation
     if p.llm == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaConfig, LlamaForCausalLM  # heavy: this family's code only
 
         return LlamaForCausalLM(LlamaConfig(**common))
     if p.llm == "qwen2":
-        from transformers import Qwen2Config, Qwen2ForCausalLM
+        from transformers import Qwen2Config, Qwen2ForCausalLM  # heavy: this family's code only
 
         return Qwen2ForCausalLM(Qwen2Config(**common))
     raise ValueError(f"unknown preset llm {p.llm!r}")
@@ -141,7 +142,7 @@ def load_backbone(path: str | Path, *, torch_dtype: torch.dtype | None = None, i
     ``mllm_cl.json``), or a transformers Llava / Qwen2-VL / Qwen2.5-VL checkpoint (``config.json``,
     tokenizer and image processor files); ``image_size`` applies to Qwen2-VL only. ``device``: where
     the weights are loaded to, straight from the files (``None``: the CPU)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: transformers' auto classes load their code on first use
 
     path = Path(path)
     if not path.is_dir():
@@ -167,8 +168,6 @@ ATTENTION = {"sdpa": None, "eager": None, "flash_attention_2": "flash_attn"}
 
 def check_attention(name: str | None) -> None:
     """A clear error for an unknown kernel or one whose package is not installed."""
-    import importlib.util
-
     if name is None:
         return
     if name not in ATTENTION:

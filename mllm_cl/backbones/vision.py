@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -79,7 +80,7 @@ class TimmVisionTower(VisionTower):
 
     def __init__(self, model_name: str, model_args: dict, *, checkpoint: str | None = None) -> None:
         super().__init__()
-        import timm
+        import timm  # heavy, and needed by timm towers only
 
         if checkpoint is None:
             model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_args)
@@ -100,8 +101,6 @@ class TimmVisionTower(VisionTower):
         return feats[:, self.model.num_prefix_tokens:]
 
     def save(self, directory: Path) -> dict:
-        from safetensors.torch import save_file
-
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, directory / "model.safetensors")
         return {**self.spec(), "model_name": self.model_name, "model_args": self.model_args}
@@ -111,7 +110,7 @@ def load_vision_tower(directory: Path, spec: dict) -> VisionTower:
     """Rebuild a tower saved by ``VisionTower.save`` from ``directory``."""
     kind = spec.get("kind")
     if kind == "hf":
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig, AutoModel  # heavy: transformers' auto classes load their code on first use
 
         config = AutoConfig.from_pretrained(directory)
         model = AutoModel.from_pretrained(directory, config=config)

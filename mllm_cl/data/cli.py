@@ -13,6 +13,9 @@ import argparse
 import sys
 import time
 
+from mllm_cl.data import benchmarks, synth
+from mllm_cl.data.errors import BadSampleError, SkipLog
+
 HELP = "generate the synthetic benchmark (synth), write WebDataset shards (shard), show benchmark layouts (benchmarks)"
 QUIET_HELP = ("no progress (without it: one line redrawn on a terminal; in a pipe or a file, a line every "
               "MLLM_CL_PROGRESS_SECONDS seconds, default 30, and one at the end)")
@@ -27,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "train.json (LLaVA conversations), test.json (test rows), images/, and a benchmark.json manifest. "
         "The same seed gives byte-identical files.",
     )
-    s.add_argument("--out", help="output folder (created; existing task folders are overwritten); required unless --list")
+    s.add_argument("--out",
+                   help="output folder (created; existing task folders are overwritten); required unless --list")
     s.add_argument("--tasks", nargs="+", default=None,
                    help="tasks to write, in this order (default: the --suite's tasks; see --list)")
     s.add_argument("--suite", choices=("shapes", "coin"), default=None,
@@ -36,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--train-size", type=int, default=300, help="training samples per task (default: %(default)s)")
     s.add_argument("--test-size", type=int, default=100, help="test samples per task (default: %(default)s)")
     s.add_argument("--image-size", type=int, default=48, help="image side in pixels, >= 32 (default: %(default)s)")
-    s.add_argument("--seed", type=int, default=0, help="seed; the same seed gives identical files (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seed; the same seed gives identical files (default: %(default)s)")
     s.add_argument("--list", action="store_true", help="list the tasks with their suite, domain and scorer, and exit")
     s.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
@@ -73,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("name", nargs="?", default=None, help="coin, ucit or mllm_dcl (default: list them)")
     b.add_argument("--root", metavar="DIR", default=None, help="check this folder against the layout")
     b.add_argument("--path", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a folder name of the layout, as data.paths does (e.g. instructions=Instructions_Diverse)")
+                   help="override a folder name of the layout, as data.paths does "
+                        "(e.g. instructions=Instructions_Diverse)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,8 +94,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from mllm_cl.data import synth
-
     if args.list:
         for suite, names in synth.SUITES.items():
             for name in names:
@@ -114,8 +118,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _shard(args: argparse.Namespace) -> int:
-    from mllm_cl.data.errors import BadSampleError, SkipLog
-    from mllm_cl.data.shards import MANIFEST, write_shards
+    from mllm_cl.data.shards import MANIFEST, write_shards  # heavy: torch; `mllm-cl --help` stays fast
 
     t0 = time.time()
     skips = SkipLog()
@@ -133,8 +136,6 @@ def _shard(args: argparse.Namespace) -> int:
 
 
 def _benchmarks(args: argparse.Namespace) -> int:
-    from mllm_cl.data import benchmarks
-
     if args.name is None:
         for b in benchmarks.BENCHMARKS.values():
             print(f"{b.name:<9} {b.title}: {' -> '.join(b.task_names)}")

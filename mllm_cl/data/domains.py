@@ -14,7 +14,7 @@ image and the facts its answers are derived from.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +36,9 @@ CHART_BACKGROUND = (255, 255, 255)
 AXIS = (60, 60, 60)
 
 
-@lru_cache(maxsize=None)
+@cache
 def font(name: str, size: int) -> ImageFont.FreeTypeFont:
-    import matplotlib
+    import matplotlib  # heavy: only for a task that draws text
 
     path = Path(matplotlib.get_data_path(), "fonts", "ttf", name)
     if not path.is_file():
@@ -67,7 +67,7 @@ def bar_chart(rng: np.random.Generator, size: int, colours: list[str]) -> tuple[
     draw.line([(left, top), (left, bottom), (size - 2, bottom)], fill=AXIS, width=1)
     slot = (size - 2 - left - 1) / n
     width = max(3.0, slot * 0.7)
-    for i, (colour, h) in enumerate(zip(colours, heights)):
+    for i, (colour, h) in enumerate(zip(colours, heights, strict=False)):
         x0 = left + 1 + i * slot + (slot - width) / 2
         draw.rectangle([x0, bottom - 1 - h * (bottom - 1 - top), x0 + width - 1, bottom - 1], fill=COLOURS[colour])
     return image, [round(h, 3) for h in heights]
@@ -164,7 +164,8 @@ def book_cover(rng: np.random.Generator, size: int, title: str) -> tuple[Image.I
     return image, colour
 
 
-def shape_scene(rng: np.random.Generator, size: int, specs: list[tuple[str, str, float]]) -> tuple[Image.Image, list[Obj]]:
+def shape_scene(rng: np.random.Generator, size: int,
+                specs: list[tuple[str, str, float]]) -> tuple[Image.Image, list[Obj]]:
     """The shared domain: today's shape scenes."""
     objs = place(rng, size, specs)
     return render(objs, size), objs

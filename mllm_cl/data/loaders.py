@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from mllm_cl.distributed import world
+
 MAX_AUTO_WORKERS = 8
 
 
@@ -57,8 +59,6 @@ def processes_per_node() -> int:
     else the processes of the run (``WORLD_SIZE`` or the process group) capped by the visible GPUs, one each."""
     if os.environ.get("LOCAL_WORLD_SIZE"):
         return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
-    from mllm_cl.distributed import world
-
     size = max(world()[1], int(os.environ.get("WORLD_SIZE") or 1))
     if size > 1 and cuda_usable():
         size = min(size, max(1, torch.cuda.device_count()))

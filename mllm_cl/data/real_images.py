@@ -34,7 +34,7 @@ TEST_EVERY = 5
 def digits() -> tuple[np.ndarray, np.ndarray]:
     """``(images, labels)``: images float32 in [0, 1] of shape (1797, 8, 8), ink = 1."""
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # heavy, and an optional extra
     except ImportError:
         raise ImportError("the CoIN-shaped synthetic tasks draw real handwritten digits from scikit-learn's bundled "
                           "copy; install the extra: pip install 'mllm-cl[coin]'") from None

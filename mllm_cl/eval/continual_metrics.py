@@ -18,10 +18,10 @@ entries. A one-row method (multitask, zero_shot) has only MFN.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from statistics import fmean
-from typing import Optional, Sequence
 
-Row = Sequence[Optional[float]]
+Row = Sequence[float | None]
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -32,7 +32,8 @@ def continual_metrics(matrix: Sequence[Row], zero_shot: Row | None = None) -> di
     """All summaries of a T x T matrix (``None`` where undefined or not evaluated)."""
     T = len(matrix)
     if T == 0 or any(len(row) != T for row in matrix):
-        raise ValueError(f"the accuracy matrix must be T x T with T >= 1, got rows of lengths {[len(r) for r in matrix]}")
+        raise ValueError("the accuracy matrix must be T x T with T >= 1, "
+                         f"got rows of lengths {[len(r) for r in matrix]}")
     last = matrix[-1]
     if any(v is None for v in last):
         raise ValueError("the final row of the accuracy matrix must be complete")

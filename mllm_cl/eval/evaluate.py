@@ -11,17 +11,18 @@ context (e.g. true task ids for ``individual``).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from mllm_cl.console import ProgressLine, duration
 from mllm_cl.data.collate import batch_to
-from mllm_cl.eval.generation import greedy_generate
-from mllm_cl.eval.common import answers
-from mllm_cl.eval.rules import CORPUS_RULES, get_rule
 from mllm_cl.distributed import is_writer
+from mllm_cl.eval.common import answers
+from mllm_cl.eval.generation import greedy_generate
+from mllm_cl.eval.rules import CORPUS_RULES, get_rule
 from mllm_cl.eval.sharding import gather_rows
 from mllm_cl.experts import RoutingContext
 
@@ -61,7 +62,7 @@ def predict(model, tokenizer, loader, *, max_new_tokens: int,
             model_inputs=batch.get("model_inputs"),
         )
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        for record, text, index in zip(batch["records"], texts, batch["index"]):
+        for record, text, index in zip(batch["records"], texts, batch["index"], strict=False):
             rows.append({"question_id": record["question_id"], "prompt": record["text"], "text": text.strip(),
                          "answer": record["answer"], "record": record, "index": index})
     line.close(f"{desc or 'evaluating'} · {len(rows)} prompts · {duration(line.elapsed())}")
@@ -84,4 +85,5 @@ def write_predictions(rows: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps({k: r[k] for k in ("question_id", "prompt", "text", "answer")}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({k: r[k] for k in ("question_id", "prompt", "text", "answer")},
+                               ensure_ascii=False) + "\n")

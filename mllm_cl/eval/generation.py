@@ -35,8 +35,8 @@ def greedy_generate(
     """(B, L) left-padded prompts -> (B, <= max_new_tokens) new tokens (pad after EOS).
 
     ``model`` is any backbone of ``mllm_cl.backbones`` (its forward takes the prompt with
-    ``pixel_values``, the KV cache as ``cache`` (``backbones.kv_cache``) and 1-D position ids); ``model_inputs`` are the batch's
-    backbone-specific inputs (``batch["model_inputs"]``), used at prefill only."""
+    ``pixel_values``, the KV cache as ``cache`` (``backbones.kv_cache``) and 1-D position ids); ``model_inputs``
+    are the batch's backbone-specific inputs (``batch["model_inputs"]``), used at prefill only."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     context = context or RoutingContext()

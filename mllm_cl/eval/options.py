@@ -2,8 +2,8 @@
 
 Extractors:
 
-- ``coin_option_letter`` -- zackschen/CoIN ``llava/eval/CoIN/eval_science_qa.py`` (2412675; the ``ETrain/`` copy agrees):
-  the text if it is exactly one of ``A``-``E``; else its first character if
+- ``coin_option_letter`` -- zackschen/CoIN ``llava/eval/CoIN/eval_science_qa.py`` (2412675; the ``ETrain/``
+  copy agrees): the text if it is exactly one of ``A``-``E``; else its first character if
   it is one of ``A``-``E`` followed by ``". "``; else the first
   one-character word of any kind (letter, digit or underscore), upper-cased.
   So ``"I think it is B"`` answers ``I``, ``"a cat"`` answers ``A`` and

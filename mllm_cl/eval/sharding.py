@@ -8,7 +8,8 @@ all ranks are gathered and put back in dataset order.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch.distributed as dist
 from torch.utils.data import Sampler

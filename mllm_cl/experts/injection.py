@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 from torch import nn
 
@@ -135,7 +135,7 @@ def inject_experts(
 
 
 def _model_slot(model: nn.Module) -> ContextSlot:
-    slots = {id(l.slot): l.slot for l in expert_layers(model).values() if l.slot is not None}
+    slots = {id(layer.slot): layer.slot for layer in expert_layers(model).values() if layer.slot is not None}
     return next(iter(slots.values())) if slots else ContextSlot()
 
 
@@ -159,7 +159,7 @@ def routing_context(model: nn.Module, context: RoutingContext | None = None, **s
     elif signals:
         raise TypeError("pass either a RoutingContext or keyword signals, not both")
     layers = expert_layers(model)
-    slots = {id(l.slot): l.slot for l in layers.values() if l.slot is not None}
+    slots = {id(layer.slot): layer.slot for layer in layers.values() if layer.slot is not None}
     if not slots and layers:
         raise RuntimeError("expert layers have no context slot; wrap modules with inject_experts()")
     with contextlib.ExitStack() as stack:
@@ -171,7 +171,7 @@ def routing_context(model: nn.Module, context: RoutingContext | None = None, **s
 def checkpoint_contexts(model: nn.Module):
     """``context_fn`` for ``torch.utils.checkpoint`` over ``model``'s layers: the routing context of each
     checkpointed forward is put back for its recomputation (``ContextSlot.checkpoint_contexts``)."""
-    slots = {id(l.slot): l.slot for l in expert_layers(model).values() if l.slot is not None}
+    slots = {id(layer.slot): layer.slot for layer in expert_layers(model).values() if layer.slot is not None}
     if not slots:
         return None
     if len(slots) > 1:

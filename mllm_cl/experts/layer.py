@@ -35,7 +35,7 @@ Pure ``nn.Module``: no Lightning import.
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -372,7 +372,7 @@ def _drop_unrouted(layers: list[ExpertLayer]) -> None:
     start = 0
     for layer, names, _ in records:
         named[id(layer)].update(names)
-        used[id(layer)].update(n for n, f in zip(names, flags[start:start + len(names)]) if f)
+        used[id(layer)].update(n for n, f in zip(names, flags[start:start + len(names)], strict=False) if f)
         start += len(names)
     for layer in layers:
         for name in named[id(layer)] - used[id(layer)]:
@@ -384,7 +384,7 @@ def _drop_unrouted(layers: list[ExpertLayer]) -> None:
 
 def _expand_index(positions: tuple[int, ...], ranks: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """(sum of ranks,) the routing-weight column of each rank row of the concatenated experts ``positions``."""
-    return index_on(device, [p for p, r in zip(positions, ranks) for _ in range(r)])
+    return index_on(device, [p for p, r in zip(positions, ranks, strict=False) for _ in range(r)])
 
 
 def _dispatch(x: torch.Tensor, routing: Routing, experts: list[LoRAExpert], out_features: int,
@@ -433,7 +433,8 @@ def _grouped_lora(xs: torch.Tensor, ws: torch.Tensor, offs: torch.Tensor, expert
     r = max(e.rank for e in experts)
     # Experts of lower rank are zero-padded to the largest rank (zero rows add nothing).
     At = torch.stack([(e.A if e.rank == r else F.pad(e.A, (0, 0, 0, r - e.rank))).t() for e in experts])  # (E, d_in, r)
-    Bt = torch.stack([(e.B if e.rank == r else F.pad(e.B, (0, r - e.rank))).t() * e.scale for e in experts])  # (E, r, d_out)
+    # (E, r, d_out)
+    Bt = torch.stack([(e.B if e.rank == r else F.pad(e.B, (0, r - e.rank))).t() * e.scale for e in experts])
     h = F.grouped_mm(xs, At, offs=offs) * ws  # (M, r); weights applied in rank space
     return F.grouped_mm(h, Bt, offs=offs)  # (M, d_out)
 

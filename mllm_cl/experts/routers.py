@@ -351,8 +351,8 @@ class TaskRouter(Router):
 
     ``task_experts`` maps a task id to an expert name; an expert added without a
     mapping takes the next task id (task ``i`` -> the ``i``-th expert added),
-    recorded explicitly so later removals never shift the mapping. Used by the ``individual`` baseline and for evaluation with the true
-    task id. Task id -1 (a general task's samples: no trained task) routes to no expert.
+    recorded explicitly so later removals never shift the mapping. Used by the ``individual`` baseline and for
+    evaluation with the true task id. Task id -1 (a general task's samples: no trained task) routes to no expert.
     """
 
     level = "sample"

@@ -15,8 +15,9 @@ temporary pre-hooks; a shared slot is simpler and survives ``generate``).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -116,7 +117,7 @@ class RoutingContext:
     cache: dict[str, Any] = field(default_factory=dict)
     # Host copies of per-sample signals (``host_list``); a subset's come from its parent's by row.
     host_lists: dict[str, list] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _parent: tuple["RoutingContext", list[int]] | None = field(default=None, init=False, repr=False, compare=False)
+    _parent: tuple[RoutingContext, list[int]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def host_list(self, name: str) -> list:
         """``task_ids`` or ``extra[name]`` (a 1-D tensor) as a Python list, for routing decisions made on
@@ -153,7 +154,7 @@ class RoutingContext:
             self.cache[key] = {name: (pick, self.device_index(pick, device)) for name, pick in rows.items()}
         return self.cache[key]
 
-    def subset(self, rows: torch.Tensor, pick: Sequence[int] | None = None) -> "RoutingContext":
+    def subset(self, rows: torch.Tensor, pick: Sequence[int] | None = None) -> RoutingContext:
         """The context restricted to the samples ``rows`` (a 1-D index tensor); ``pick``: the same rows
         as a list, when the caller has them (otherwise read from ``rows``)."""
         pick = rows.tolist() if pick is None else list(pick)

@@ -14,7 +14,7 @@ layer's input size is supplied here, so YAML omits it::
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 

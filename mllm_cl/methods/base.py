@@ -16,8 +16,9 @@ of its task prior, ``cmoe`` picks the true task's router instead of the located 
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
-from typing import Any, Container
+from typing import Any
 
 import torch
 from torch import nn

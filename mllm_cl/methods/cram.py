@@ -27,8 +27,14 @@ from mllm_cl.distributed import all_reduce_sum
 from mllm_cl.experts import CentroidRouter, ExpertLayer, ExpertSetup, FixedRouter, RoutingContext, expert_layers
 from mllm_cl.experts.routing import index_on
 from mllm_cl.methods.base import ORACLE_ROUTER, Method, Phase, add_oracle_route, oracle_context
-from mllm_cl.methods.cram_slots import (assign_group, instantiate_slot, novelty_threshold, orthogonality_penalty,
-                                        penalty_basis, standardize)
+from mllm_cl.methods.cram_slots import (
+    assign_group,
+    instantiate_slot,
+    novelty_threshold,
+    orthogonality_penalty,
+    penalty_basis,
+    standardize,
+)
 from mllm_cl.methods.routing_encoder import RoutingEncoder
 
 CHOICES = {"threshold": ("relative", "absolute"), "bandwidth": ("spread", "absolute"),
@@ -222,7 +228,8 @@ class CRAM(Method):
     def _update_prototype(self, group: int, sums: dict[str, torch.Tensor]) -> None:
         n_old, n_new = self.prototype_counts[group], float(sums["instruction_count"])
         mean = sums["instruction"] / max(n_new, 1.0)
-        self.prototypes[group] = (self.prototypes[group] * n_old + mean.to(self.prototypes[group]) * n_new) / (n_old + n_new)
+        self.prototypes[group] = ((self.prototypes[group] * n_old + mean.to(self.prototypes[group]) * n_new)
+                                  / (n_old + n_new))
         self.prototype_counts[group] = n_old + n_new
         for key in list(self._sums):
             if key not in ("first", "first_count"):
@@ -293,11 +300,11 @@ class CRAM(Method):
     def _count(self, tasks: list[int], groups: list[int], image: torch.Tensor) -> None:
         """Group accuracy, and the centroid weight on the sample's own slot (mean over the layers)."""
         task_group = {t: s["group"] for t, s in self.slots.items()}
-        right = [task_group.get(t) == g for t, g in zip(tasks, groups)]
+        right = [task_group.get(t) == g for t, g in zip(tasks, groups, strict=False)]
         own = [0.0] * len(tasks)
         layers = list(expert_layers(self._model).values())
         for g in set(groups):
-            rows = [b for b, (t, c) in enumerate(zip(tasks, groups)) if c == g and right[b]]
+            rows = [b for b, (t, c) in enumerate(zip(tasks, groups, strict=False)) if c == g and right[b]]
             if not rows:
                 continue
             picked = image.index_select(0, index_on(image.device, rows))
@@ -310,9 +317,9 @@ class CRAM(Method):
                     columns[cols] = index_on(w.device, cols)
                 weights.append(w.gather(1, columns[cols][:, None])[:, 0])
             for per_layer in torch.stack(weights).tolist():  # one read-back for every layer
-                for b, v in zip(rows, per_layer):
+                for b, v in zip(rows, per_layer, strict=False):
                     own[b] += v / len(layers)
-        for t, g, r, o in zip(tasks, groups, right, own):
+        for t, g, r, o in zip(tasks, groups, right, own, strict=False):
             if t < 0:  # a general task's sample: no true task to find
                 continue
             hits = self._hits.setdefault(t, [0.0, 0.0, 0.0])
@@ -398,7 +405,8 @@ class CRAM(Method):
         return facts, {f"prototype.{g}": p.cpu() for g, p in enumerate(self.prototypes)}
 
     def load_state(self, facts: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        self.slots = {int(t): {"group": s["group"], "ranks": dict(s["ranks"])} for t, s in facts.get("slots", {}).items()}
+        self.slots = {int(t): {"group": s["group"], "ranks": dict(s["ranks"])}
+                      for t, s in facts.get("slots", {}).items()}
         self.prototype_counts = list(facts.get("prototype_counts", []))
         self.prototypes = [tensors[f"prototype.{g}"] for g in range(len(self.prototype_counts))]
 

@@ -86,7 +86,7 @@ class RoutingEncoder:
         return f"RoutingEncoder(kind={self.kind!r}" + (f", path={self.path!r})" if self.path else ")")
 
     # ------------------------------------------------------------------ setup
-    def bind(self, model: nn.Module, tokenizer: Any) -> "RoutingEncoder":
+    def bind(self, model: nn.Module, tokenizer: Any) -> RoutingEncoder:
         """Attach to the backbone (and its tokenizer); a ``clip`` encoder loads its model here."""
         self.model, self.tokenizer = model, tokenizer
         if self.kind == "clip" and self.clip is None:

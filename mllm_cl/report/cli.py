@@ -7,6 +7,7 @@ lists them per task and stage."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # heavy: torch; `mllm-cl --help` stays fast
     from mllm_cl.report.summary import load_results, markdown, row, table, write_csv
 
     rows = []
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append(row(run_dir, results))
         write_csv(results, run_dir / "accuracy_matrix.csv")
         if not args.no_plots:
-            from mllm_cl.report.plots import heatmap, task_curves
+            from mllm_cl.report.plots import heatmap, task_curves  # heavy: matplotlib, unless --no-plots
 
             (run_dir / "plots").mkdir(exist_ok=True)
             heatmap(results, run_dir / "plots/accuracy_matrix.png")
@@ -50,9 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def routing(run_dir: Path, args: argparse.Namespace) -> None:
-    import json
-
-    from mllm_cl.report import routing as diag
+    from mllm_cl.report import routing as diag  # heavy: torch and lightning, for --routing only
     from mllm_cl.system.restore import restore
 
     restored = restore(run_dir, getattr(args, "stage", None))

@@ -152,7 +152,7 @@ def table(found: dict[str, list[dict[str, Any]]], order: list[str] | None = None
 def figures(found: dict[str, list[dict[str, Any]]], out: Path, title: str = "") -> list[Path]:
     """``mfn_vs_params.png`` (each method's sweeps as points, the mean marked; an oracle row hollow) and
     ``task_curves.png`` (per method, oracle rows left out, each task's score after each stage, first sweep)."""
-    from mllm_cl.report.plots import draw_task_curves, plt  # plots selects the Agg backend first
+    from mllm_cl.report.plots import draw_task_curves, plt  # heavy: matplotlib (plots selects the Agg backend)
 
     out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -160,7 +160,7 @@ def figures(found: dict[str, list[dict[str, Any]]], out: Path, title: str = "") 
     for i, (m, runs) in enumerate(sorted(found.items())):
         xs = [_stored(r) / 1000 for r in runs]
         ys = [_metric(r, "MFN") for r in runs]
-        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        pts = [(x, y) for x, y in zip(xs, ys, strict=False) if y is not None]
         if not pts:
             continue
         hollow = m.endswith(ORACLE_SUFFIX)  # the same experts as its method: same x, the MFN routing could reach
@@ -185,7 +185,7 @@ def figures(found: dict[str, list[dict[str, Any]]], out: Path, title: str = "") 
     cols = 3
     rows = (len(methods) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False, sharey=True)
-    for ax, m in zip(axes.flat, methods):
+    for ax, m in zip(axes.flat, methods, strict=False):
         stages = draw_task_curves(ax, found[m][0], markersize=3)
         ax.set_title(m, fontsize=10)
         ax.set_xticks(range(len(stages)))

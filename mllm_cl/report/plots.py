@@ -46,7 +46,7 @@ def draw_task_curves(ax, results: dict[str, Any], markersize: float = 6) -> list
         points = [(x, scores[j]) for x, (_, scores) in enumerate(rows) if scores[j] is not None]
         (marks,) = ax.plot([x for x, _ in points], [y for _, y in points], linestyle="none", marker="o",
                            markersize=markersize, label=name)
-        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
             ax.plot([x0, x1], [y0, y1], color=marks.get_color(), linestyle="-" if x1 - x0 == 1 else "--",
                     linewidth=1.5 if x1 - x0 == 1 else 1.0)
     ax.set_ylim(-3, 103)

@@ -140,7 +140,8 @@ def markdown(diag: dict[str, Any]) -> str:
              f"(first {diag['prompts_per_task']} test prompts per task)", ""]
     if diag["summary"]:
         lines += ["Share of tokens whose top-1 expert is the task's own (mean weight on its own experts), "
-                  "over every adapted layer:", "", "| task | " + " | ".join(KINDS) + " |", "|---|" + "---|" * len(KINDS)]
+                  "over every adapted layer:", "", "| task | " + " | ".join(KINDS) + " |",
+                  "|---|" + "---|" * len(KINDS)]
         for task, by_kind in diag["summary"].items():
             lines.append(f"| {task} | " + " | ".join(
                 f"{100 * by_kind[k]['own_top1']:.0f}% ({by_kind[k]['own_weight']:.2f})" if k in by_kind else "–"
@@ -157,15 +158,15 @@ def heatmap(diag: dict[str, Any], path: Path) -> Path | None:
     """Own-expert top-1 share per task (rows) and layer (columns), one panel per token kind."""
     if not diag["per_layer"]:
         return None
-    import matplotlib
+    import matplotlib  # heavy: for the figure only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: after the backend is chosen
 
     tasks, layers = list(diag["per_layer"]), diag["layers"]
     fig, axes = plt.subplots(len(KINDS), 1, figsize=(max(6, 0.35 * len(layers) + 2), 1.1 * len(tasks) * 3 + 1.5),
                              squeeze=False)
-    for ax, kind in zip(axes[:, 0], KINDS):
+    for ax, kind in zip(axes[:, 0], KINDS, strict=False):
         grid = torch.full((len(tasks), len(layers)), float("nan"))
         for i, t in enumerate(tasks):
             for j, layer in enumerate(layers):
@@ -174,8 +175,8 @@ def heatmap(diag: dict[str, Any], path: Path) -> Path | None:
                     grid[i, j] = cell["own_top1"]
         im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_yticks(range(len(tasks)), tasks)
-        ax.set_xticks(range(len(layers)), [l.replace("language_model.", "").replace("model.layers.", "") for l in layers],
-                      rotation=90, fontsize=6)
+        short = [name.replace("language_model.", "").replace("model.layers.", "") for name in layers]
+        ax.set_xticks(range(len(layers)), short, rotation=90, fontsize=6)
         ax.set_title(f"{kind} tokens: share whose top-1 is the task's own expert")
         fig.colorbar(im, ax=ax)
     fig.tight_layout()

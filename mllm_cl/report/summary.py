@@ -20,7 +20,8 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} does not exist: not a finished or started mllm-cl run directory")
     results = json.loads(path.read_text())
     if results.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {results.get('schema_version')!r}, this mllm-cl reads {SCHEMA_VERSION}")
+        raise ValueError(f"{path}: schema_version {results.get('schema_version')!r}, "
+                         f"this mllm-cl reads {SCHEMA_VERSION}")
     return results
 
 
@@ -100,7 +101,7 @@ def matrix_rows(results: dict[str, Any]) -> list[tuple[str, list[float | None]]]
     """(label, scores) for the zero-shot row and the row after each task."""
     names = results["order"]
     rows = [("zero-shot", results["zero_shot"] or [None] * len(names))]
-    rows += [(f"after {i + 1}: {name}", r) for i, (name, r) in enumerate(zip(names, results["matrix"]))]
+    rows += [(f"after {i + 1}: {name}", r) for i, (name, r) in enumerate(zip(names, results["matrix"], strict=False))]
     return rows
 
 
@@ -125,7 +126,7 @@ def markdown(run_dir: Path, results: dict[str, Any]) -> str:
               "| " + " | ".join(_fmt(metrics.get(m)) for m in METRICS) + " |", ""]
     if results.get("locator_accuracy"):
         lines += ["Task-locator accuracy: " + ", ".join(f"{n} {_fmt(a)}" for n, a in
-                                                        zip(names, results["locator_accuracy"])), ""]
+                                                        zip(names, results["locator_accuracy"], strict=False)), ""]
     lines += general_markdown(results)
     lines += method_metrics_markdown(results)
     lines += _bad_samples_section(results)
@@ -178,7 +179,8 @@ def general_markdown(results: dict[str, Any]) -> list[str]:
     lines = ["## General tasks (never trained; not in MFN/BWT)", "",
              "| stage | " + " | ".join(f"{t} {s}" for t, s in cols) + " |", "|---|" + "---|" * len(cols)]
     for stage, scores in sorted(general["scores"].items()):
-        lines.append(f"| {stage.replace('_', ' ')} | " + " | ".join(_fmt(scores.get(t, {}).get(s)) for t, s in cols) + " |")
+        lines.append(f"| {stage.replace('_', ' ')} | "
+                     + " | ".join(_fmt(scores.get(t, {}).get(s)) for t, s in cols) + " |")
     if general.get("retention"):
         lines += ["", "Retention (last stage / zero-shot): " + retention_text(results) + "."]
     return lines + [""]

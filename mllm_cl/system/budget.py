@@ -16,8 +16,8 @@ its epochs shorter). ``max_phase_steps`` caps every phase.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from mllm_cl.methods.base import Phase
 from mllm_cl.system.schedule import PhaseSchedule, check_schedule
@@ -35,7 +35,7 @@ class TaskBudget:
     epochs: float | None = None
 
     @classmethod
-    def of(cls, steps: int | None, epochs: float | None, key: str) -> "TaskBudget":
+    def of(cls, steps: int | None, epochs: float | None, key: str) -> TaskBudget:
         if (steps is None) == (epochs is None):
             raise ValueError(f"{key}: give exactly one of steps and epochs (the other null), got steps={steps}, "
                              f"epochs={epochs}")
@@ -130,7 +130,7 @@ class Budget:
             plans.append({"phase": phase, "steps": steps, "acc": acc, "mb": mb, "rule": rule})
         return [PhasePlan(steps=p["steps"], accumulation=p["acc"], samples_per_step=batch_size * world_size * p["acc"],
                           schedule=schedule, batches_per_epoch=p["mb"], rule=p["rule"])
-                for p, schedule in zip(plans, self._schedules(plans))]
+                for p, schedule in zip(plans, self._schedules(plans), strict=False)]
 
     def _steps(self, name: str, micro_batches: int, accumulation: int) -> int:
         rule = self.task(name)

@@ -38,11 +38,19 @@ import os
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
+
+from mllm_cl.data.collate import supervised_positions
+from mllm_cl.eval.generation import greedy_generate
+from mllm_cl.experts import ExpertSetup, expert_layers
+from mllm_cl.methods import CRAM, SAME, Individual, LLaVACMoE, LoRAFineTune, MoELoRA, RoutingCL
+from mllm_cl.methods.locator import prompt_features
+from mllm_cl.system.module import ContinualMLLM
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _HERE = os.path.abspath(__file__)
@@ -56,7 +64,7 @@ class HostSyncs:
 
     kinds: Counter = field(default_factory=Counter)
     sites: Counter = field(default_factory=Counter)
-    calls: list["HostSyncs"] = field(default_factory=list)
+    calls: list[HostSyncs] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -296,9 +304,6 @@ DEFAULT_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 def make_method(name: str):
     """A method as ``configs/methods`` sets it up (``NAME:ROUTE_BY``: its oracle), with one-step
     probe and gate phases and CRAM's tasks in one group, so that two tasks build every router kind."""
-    from mllm_cl.experts import ExpertSetup
-    from mllm_cl.methods import CRAM, SAME, Individual, LLaVACMoE, LoRAFineTune, MoELoRA, RoutingCL
-
     kind, _, route_by = name.partition(":")
     route = {"route_by": route_by} if route_by else {}
     targets = TARGETS.get(kind, DEFAULT_TARGETS)
@@ -322,8 +327,6 @@ def make_method(name: str):
 def make_batch(model: nn.Module, task_ids: list[int], *, seed: int, answer: int | None = 3, text: int = 6) -> dict:
     """A batch as the collator makes it: image placeholders then text; the last ``answer`` tokens
     are the labels (``None``: a prompt-only evaluation batch)."""
-    from mllm_cl.data.collate import supervised_positions
-
     g = torch.Generator().manual_seed(seed)
     B, image = len(task_ids), model.image_token_id
     ids = torch.randint(10, 200, (B, model.num_image_tokens + text), generator=g)
@@ -350,12 +353,6 @@ def method_syncs(name: str, layers: int, *, tasks: int = 2, steps: int = 1) -> d
     gradient hooks between backward and the optimizer step, ``ContinualMLLM.on_before_optimizer_step``),
     ``context`` (the evaluation routing context of a batch), ``prefill`` and ``decode`` (one forward
     each of a greedy generation with a KV cache; ``decode`` the most of its steps)."""
-    from mllm_cl.eval.generation import greedy_generate
-    from mllm_cl.experts import expert_layers
-    from mllm_cl.methods import SAME, LLaVACMoE
-    from mllm_cl.methods.locator import prompt_features
-    from mllm_cl.system.module import ContinualMLLM
-
     torch.manual_seed(0)
     method = make_method(name)
     module = ContinualMLLM(method, backbone_overrides={"llm_layers": layers})

@@ -36,8 +36,7 @@ import contextlib
 import copy
 import os
 import time
-from collections.abc import Iterator
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import yaml
@@ -118,7 +117,7 @@ class ContinualLoop:
         except KeyboardInterrupt:
             last = Resume.read(self.run) if self.checkpoint_every else None  # the checkpoint a rerun resumes from
             within = (last.phase_name, last.step) if last is not None and last.task == self._done else None
-            raise Interrupted(interrupted_message(*self._at, self._done, within))
+            raise Interrupted(interrupted_message(*self._at, self._done, within)) from None
 
     def _run(self) -> dict:
         module, dm, method = self.module, self.dm, self.module.method
@@ -142,7 +141,8 @@ class ContinualLoop:
         self.global_step = results.setdefault("global_step", 0)
         self._log_config()
         self.bad_samples = results.setdefault("bad_samples", {"train": {}, "eval": {}})  # results.json's counts
-        self.print(f"mllm-cl: run directory {self.run.path} ({'resuming after task ' + str(done) if done else 'new run'})")
+        self.print(f"mllm-cl: run directory {self.run.path} "
+                   f"({'resuming after task ' + str(done) if done else 'new run'})")
         self.print(f"mllm-cl: {record_environment(results, self.device)}")  # results.json's environment block
         rebuild(module, self.run, done)
         self._resume = broadcast(Resume.read(self.run) if self.run.writer else None)
@@ -194,7 +194,7 @@ class ContinualLoop:
         if resume is not None:
             trainable, timings = resume.trainable(), resume.timings()
         plans = self._plan(t, phases)
-        for k, (phase, plan) in enumerate(zip(phases, plans)):
+        for k, (phase, plan) in enumerate(zip(phases, plans, strict=False)):
             if resume is not None and k < resume.phase:
                 self.global_step += plan.steps  # its steps were taken (each phase runs to its budget)
                 continue  # ended before the checkpoint: what it did is in the method's state and the tensors
@@ -363,10 +363,11 @@ class ContinualLoop:
                 scores.append(round(score(rows, dm.tasks[i].scorer, self.score_mode), 4))
         finally:
             module.model.train()
-        self._log({f"eval/{dm.tasks[i].name}": s for i, s in zip(tasks, scores)}, stage=stage)
-        names = ", ".join(f"{dm.tasks[i].name}={s:.1f}" + _dropped_note(*d) for i, s, d in zip(tasks, scores, dropped))
+        self._log({f"eval/{dm.tasks[i].name}": s for i, s in zip(tasks, scores, strict=False)}, stage=stage)
+        names = ", ".join(f"{dm.tasks[i].name}={s:.1f}" + _dropped_note(*d)
+                          for i, s, d in zip(tasks, scores, dropped, strict=False))
         self.print(f"mllm-cl: stage {stage:02d}: {names}")
-        for i, (_, d) in zip(tasks, dropped):
+        for i, (_, d) in zip(tasks, dropped, strict=False):
             if d.total:
                 self.print(d.summary(f"{dm.tasks[i].name} (stage {stage:02d} evaluation)"))
         return scores

@@ -17,19 +17,18 @@ LLaVA-CMoE's grown layers) the largest structure their options allow.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from mllm_cl.experts import expert_layers
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The LLM's decoder layers (transformers' ``GradientCheckpointingLayer`` blocks of the language model)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     layers = [m for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)
               and ("language_model" in n or ".layers." in n) and "vision" not in n and "visual" not in n]
     if not layers:
@@ -53,7 +52,7 @@ class SavedBytes:
     _current: int | None = None
 
     @contextlib.contextmanager
-    def count(self) -> Iterator["SavedBytes"]:
+    def count(self) -> Iterator[SavedBytes]:
         layers = decoder_layers(self.model)
         self.per_layer = [0] * len(layers)
         params = {_storage_key(p) for p in self.model.parameters()}

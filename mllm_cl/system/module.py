@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from mllm_cl.backbones import build_backbone
 from mllm_cl.data.images import ImageProcessor
@@ -173,8 +174,9 @@ class ContinualMLLM(L.LightningModule):
                              warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, max_phase_steps=max_phase_steps)
         base_dtype = base_dtype_for(backbone_dtype, precision)
         device = load_device_for(load_device, accelerator if isinstance(accelerator, str) else None)
-        built = build_backbone(backbone, path=backbone_path, seed=backbone_seed, dtype=base_dtype, image_size=image_size,
-                               attn_implementation=attn_implementation, overrides=backbone_overrides, device=device)
+        built = build_backbone(backbone, path=backbone_path, seed=backbone_seed, dtype=base_dtype,
+                               image_size=image_size, attn_implementation=attn_implementation,
+                               overrides=backbone_overrides, device=device)
         self.model, self.tokenizer = built.model, built.tokenizer
         self.model.requires_grad_(False)
         self.method = method
@@ -187,7 +189,8 @@ class ContinualMLLM(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
             self.model.set_checkpointing(True, context_fn=checkpoint_contexts(self.model))
-        self.backbone_info = {"preset": None if backbone_path else backbone, "path": backbone_path, "seed": backbone_seed,
+        self.backbone_info = {"preset": None if backbone_path else backbone, "path": backbone_path,
+                              "seed": backbone_seed,
                               "overrides": backbone_overrides, "dtype": str(base_dtype).removeprefix("torch.")
                               if base_dtype is not None else None, "expert_dtype": expert_dtype,
                               "image_size": image_size, "attn_implementation": attn_implementation}
@@ -277,8 +280,6 @@ class ContinualMLLM(L.LightningModule):
         """Clip a stand-in gradient as every optimizer step will, under ``trainer``'s options and precision:
         a clash (``trainer.gradient_clip_val``) or a precision that cannot clip fails here, before a run
         evaluates anything. Raises UserError."""
-        from lightning.fabric.utilities.exceptions import MisconfigurationException
-
         stand_in = torch.nn.Parameter(torch.zeros(1))
         stand_in.grad = torch.ones(1)
         optimizer = torch.optim.SGD([stand_in], lr=0.0)

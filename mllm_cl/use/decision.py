@@ -61,7 +61,7 @@ def _choice(method, batch: dict[str, Any], context: RoutingContext | None, task_
         prior = method.task_prior(method.routing_encoder(batch))  # (B, T_seen), no side effects
         seen = method.seen_tasks()
         return ["task prior " + ", ".join(f"{task(t)} {float(p):.2f}" for t, p in
-                                          sorted(zip(seen, row.tolist()), key=lambda tp: -tp[1]))
+                                          sorted(zip(seen, row.tolist(), strict=False), key=lambda tp: -tp[1]))
                 for row in prior]
     return [None] * B
 
@@ -97,7 +97,7 @@ def decisions(module, batch: dict[str, Any], context: RoutingContext | None,
                 for i, b in enumerate(rows):
                     mean = dense[i][real[b]].mean(0)  # (E,) over the prompt's real tokens
                     acc = sums[b].setdefault(group, {})
-                    for e, w in zip(names, mean.tolist()):
+                    for e, w in zip(names, mean.tolist(), strict=False):
                         acc[e] = acc.get(e, 0.0) + w
                     acc[NONE] = acc.get(NONE, 0.0) + max(0.0, 1.0 - float(mean.sum()))
                     modules[b][group] = modules[b].get(group, 0) + 1

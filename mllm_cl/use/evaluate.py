@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from mllm_cl.errors import UserError
+from mllm_cl.use.quiet import restore_quietly
 
 HELP = "evaluate a finished run again under other evaluation-time options (e.g. the oracle routing), no training"
 
@@ -66,10 +67,10 @@ def reevaluate(source: str | Path, out: str | Path, options: list[str], *, devic
                print_fn=print, verbose: bool = False) -> dict[str, Any]:
     """Every stage of the finished run ``source`` evaluated again with ``options`` into ``out``; its results.
     ``verbose``: also what rebuilding each stage prints (``mllm_cl.use.quiet``)."""
+    # heavy: torch and lightning; the command loads without it
     from mllm_cl.system.environment import record_environment
     from mllm_cl.system.loop import ContinualLoop
     from mllm_cl.system.run_dir import RunDir, config_differences
-    from mllm_cl.use.quiet import restore_quietly
 
     src, dst = RunDir(source), RunDir(out)
     first = src.finished()

@@ -49,6 +49,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mllm_cl.use.quiet import restore_quietly
+
 if TYPE_CHECKING:  # torch is imported when the command runs, not to build the parser
     import torch
     from torch import nn
@@ -95,6 +97,7 @@ def peft_base(backbone: nn.Module) -> tuple[nn.Module, str]:
 
 
 def _build(info: dict[str, Any]):
+    # heavy: torch, lightning and transformers; the command loads without it
     from mllm_cl.backbones.presets import build_backbone
     from mllm_cl.system.module import parse_dtype
 
@@ -112,7 +115,7 @@ def base_path(info: dict[str, Any], out: str | Path) -> Path:
     """The folder the adapters' base loads from (``base_model_name_or_path``), absolute: the run's
     checkpoint (a composed one's ``llm/``), a packaged preset's ``llm/``, or ``out/base``, written
     here from the preset and seed of a random tiny preset."""
-    from mllm_cl.backbones.presets import PACKAGED
+    from mllm_cl.backbones.presets import PACKAGED  # heavy: transformers; the command loads without it
 
     if info.get("path"):
         path = Path(info["path"])
@@ -130,7 +133,7 @@ def base_path(info: dict[str, Any], out: str | Path) -> Path:
 def fixed_mixture(layer, task: int) -> dict[str, float] | None:
     """Task ``task``'s fixed expert weights in ``layer`` under true-task routing ({} = no expert: the
     base output), or ``None`` when the layer's routing depends on the input."""
-    from mllm_cl.experts import FixedRouter, TaskRouter
+    from mllm_cl.experts import FixedRouter, TaskRouter  # heavy: torch; the command loads without it
 
     if not layer.experts:
         return {}
@@ -159,7 +162,7 @@ def alone(layers, mixtures: dict[str, dict[str, float]]) -> str | None:
 
 def _lora(layer, mixture: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (R, in), B (out, R)) with ``B A = sum_i w_i s_i B_i A_i``: PEFT's scale must be 1 (alpha = R)."""
-    import torch
+    import torch  # heavy: torch; the command loads without it
 
     experts = [(layer.experts[n], w) for n, w in mixture.items()]
     A = torch.cat([e.A.detach() for e, _ in experts])
@@ -173,6 +176,7 @@ def write_adapter(folder: Path, modules: dict[str, tuple[torch.Tensor, torch.Ten
     """A PEFT LoRA adapter: ``modules`` maps a module name of the base to (A (r, in), B (out, r), alpha).
     ``base_class``: the base's transformers class, recorded as PEFT's ``auto_mapping`` (what
     ``AutoPeftModel`` builds the base with)."""
+    # heavy: peft and torch; the command loads without it
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -209,7 +213,7 @@ def _routers(layers) -> dict[str, dict[str, Any]]:
 
 def export(restored, out: str | Path) -> dict[str, Any]:
     """Write the adapters of ``restored`` (``mllm_cl.system.restore``'s model) to ``out``; the routing.json."""
-    from mllm_cl.experts import expert_layers
+    from mllm_cl.experts import expert_layers  # heavy: torch; the command loads without it
 
     module, dm, stage = restored.module, restored.datamodule, restored.stage
     method, out = module.method, Path(out)
@@ -231,7 +235,7 @@ def export(restored, out: str | Path) -> dict[str, Any]:
     # every seen task's mixture, where its routing is fixed
     names = dm.task_names
     seen = list(range(len(names) if method.one_row else stage))
-    fixed = method.fixed_routing and all(fixed_mixture(l, t) is not None for l in layers.values() for t in seen)
+    fixed = method.fixed_routing and all(fixed_mixture(layer, t) is not None for layer in layers.values() for t in seen)
     mixtures = {t: {name: fixed_mixture(layer, t) for name, layer in layers.items()} for t in seen} if fixed else {}
     task_adapters: dict[int, dict[str, tuple]] = {}
     for t, mix in mixtures.items():
@@ -289,8 +293,6 @@ def export(restored, out: str | Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_cl.use.quiet import restore_quietly
-
     restored = restore_quietly(args.run, args.stage, verbose=args.verbose)
     routing = export(restored, args.out)
     out = Path(args.out)

@@ -24,7 +24,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mllm_cl.data.formats import TestRecord, load_test_records
 from mllm_cl.errors import UserError
+from mllm_cl.eval.rules import CORPUS_RULES, RULES
+from mllm_cl.use.quiet import restore_quietly
 
 HELP = "answer a prompt (or a test file) with a run's model, routed as its evaluation routes; print the routing"
 
@@ -45,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "task; other methods ignore it except for counting their choice's accuracy")
     p.add_argument("--scorer", default=None, help="score the predictions with this rule (see docs/scorers.md)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="generation budget (default: the task's, else %d)" % 16)
+                   help="generation budget (default: the task's, else 16)")
     p.add_argument("--show-routing", type=int, default=0, metavar="N",
                    help="with --input: also print the answer and routing decision of the first N rows")
     p.add_argument("--device", default=None, help="run on this device (cpu, cuda, ...; default: where it loads)")
@@ -66,8 +69,6 @@ def _check(args: argparse.Namespace) -> None:
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"--image {args.image} does not exist")
     if args.scorer is not None:  # before the model is built
-        from mllm_cl.eval.rules import CORPUS_RULES, RULES
-
         if args.scorer not in RULES and args.scorer not in CORPUS_RULES:
             raise UserError(f"mllm-cl predict: unknown --scorer {args.scorer!r}; scorers: "
                             f"{', '.join(sorted({*RULES, *CORPUS_RULES}))}")
@@ -75,7 +76,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def needs_task_id(module) -> bool:
     """Whether the method's evaluation routes by the true task id (a ``TaskRouter``, cmoe's oracle)."""
-    from mllm_cl.experts import TaskRouter, expert_layers
+    from mllm_cl.experts import TaskRouter, expert_layers  # heavy: torch; the command loads without it
 
     if getattr(module.method, "route_by", None) == "task_id":
         return True
@@ -103,8 +104,7 @@ def _task_id(index: int | None) -> int:
 
 def _dataset(args: argparse.Namespace, dm):
     """(dataset, task index or None, task spec or None) for the arguments."""
-    from mllm_cl.data.datasets import PromptDataset
-    from mllm_cl.data.formats import TestRecord, load_test_records
+    from mllm_cl.data.datasets import PromptDataset  # heavy: torch; the command loads without it
 
     encoder = dm._need_model()
     if args.prompt is not None:
@@ -131,11 +131,11 @@ def _dataset(args: argparse.Namespace, dm):
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    # heavy: torch; the command loads without it
     from torch.utils.data import DataLoader
 
     from mllm_cl.eval.evaluate import predict, score, write_predictions
     from mllm_cl.use.decision import decisions, describe
-    from mllm_cl.use.quiet import restore_quietly
 
     restored = restore_quietly(args.run, args.stage, device=args.device, verbose=args.verbose)
     module, dm, results = restored.module, restored.datamodule, restored.results
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         print("routing:")
         print(describe(found[0]))
         return 0
-    for row, decision in zip(rows, found):
+    for row, decision in zip(rows, found, strict=False):
         print(f"{row['question_id']}: {row['prompt']!r} -> {row['text']!r} (answer {row['answer']!r})")
         print(describe(decision))
     write_predictions(rows, Path(args.out))

@@ -46,7 +46,7 @@ def quiet_build(verbose: bool = False) -> Iterator[None]:
 def restore_quietly(run_dir: str | Path, stage: int | None = None, *, device: str | None = None,
                     overrides: list[str] = (), verbose: bool = False):
     """``restore(run_dir, stage, device=..., overrides=...)`` under ``quiet_build(verbose)``."""
-    from mllm_cl.system.restore import restore
+    from mllm_cl.system.restore import restore  # heavy: torch and lightning; the commands load without them
 
     with quiet_build(verbose):
         return restore(run_dir, stage, device=device, overrides=overrides)

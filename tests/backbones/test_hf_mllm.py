@@ -9,7 +9,8 @@ import torch
 
 from mllm_cl.backbones import HFMLLM, build_backbone, load_backbone
 from mllm_cl.backbones.hf_mllm import FAMILIES as HF_FAMILIES
-from mllm_cl.backbones.hf_tiny import BUILDERS, main as tiny_main
+from mllm_cl.backbones.hf_tiny import BUILDERS
+from mllm_cl.backbones.hf_tiny import main as tiny_main
 from mllm_cl.data.encoding import ConversationEncoder
 from mllm_cl.data.model_inputs import Qwen2VLInputs
 from mllm_cl.eval.generation import greedy_generate

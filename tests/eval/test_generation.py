@@ -2,16 +2,15 @@
 
 import pytest
 import torch
+from mllm_cl.data_modules import TaskSequence
 from torch import nn
 
-from mllm_cl.data_modules import TaskSequence
 from mllm_cl.backbones import build_preset
 from mllm_cl.data.images import ImageProcessor
 from mllm_cl.data.synth import generate as synth
 from mllm_cl.eval.evaluate import predict
 from mllm_cl.eval.generation import greedy_generate
 from mllm_cl.experts import ExpertSetup, RoutingContext, SequenceTopKRouter, TopKRouter, expert_layers
-
 
 ROUTERS = {"token_top2": lambda d: TopKRouter(d, top_k=2), "sequence_top2": lambda d: SequenceTopKRouter(d, top_k=2)}
 

@@ -9,6 +9,7 @@ from mllm_cl.eval.sharding import ShardSampler
 
 def _predict_all(bench: str, batch_size: int):
     from mllm_cl.data_modules import TaskSequence
+
     from mllm_cl.backbones import build_preset
     from mllm_cl.data.images import ImageProcessor
     from mllm_cl.eval.evaluate import predict

@@ -69,7 +69,7 @@ def test_contexts_nest_and_restore(tiny):
     model, _, _ = tiny
     ExpertSetup(["q_proj"], rank=4, initial_experts=["e0"]).apply(model)
     slot = next(iter(expert_layers(model).values())).slot
-    assert all(l.slot is slot for l in expert_layers(model).values())
+    assert all(layer.slot is slot for layer in expert_layers(model).values())
     outer = RoutingContext(task_ids=torch.tensor([0]))
     with routing_context(model, outer):
         with routing_context(model, disable_adapters=True) as inner:

@@ -15,8 +15,8 @@ LAYERS below; ``test_every_component_is_covered`` fails until it is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -24,14 +24,14 @@ from torch import nn
 
 import mllm_cl.experts as experts_pkg
 from mllm_cl.experts import (
+    BatchMeanRouter,
+    CentroidRouter,
     ExpertLayer,
     FixedRouter,
     LinearRouter,
     PostHocGateRouter,
     Router,
     RoutingContext,
-    BatchMeanRouter,
-    CentroidRouter,
     SequenceTopKRouter,
     SoftmaxRouter,
     TaskRouter,

@@ -39,7 +39,7 @@ def test_dispatch_paths_match_reference_values_and_grads(monkeypatch, grouped):
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x1] + [p for e in experts for p in e.parameters()], g)
     ref_grads = torch.autograd.grad(ref, [x2] + [p for e in experts for p in e.parameters()], g)
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # sums in another order
 
 
@@ -97,7 +97,8 @@ def test_per_sample_router_choice_in_a_mixed_batch():
     torch.testing.assert_close(y[0], base[0] + layer.experts["a"](x[0]))
     torch.testing.assert_close(y[1], base[1] + layer.experts["b"](x[1]))
     torch.testing.assert_close(y[2], base[2] + layer.experts["a"](x[2]))
-    with routing_context(holder, router_choice=["ra", "rb"]), pytest.raises(ValueError, match="2 entries for a batch of 3"):
+    with (routing_context(holder, router_choice=["ra", "rb"]),
+          pytest.raises(ValueError, match="2 entries for a batch of 3")):
         holder(x)
 
 
@@ -105,9 +106,9 @@ def test_gradient_transforms_run_on_request_and_can_be_removed():
     layer = _pool(2, router=TopKRouter(16, top_k=1))
     seen = []
 
-    def halve(l):
-        seen.append(l)
-        for p in l.experts.parameters():
+    def halve(layer):
+        seen.append(layer)
+        for p in layer.experts.parameters():
             if p.grad is not None:
                 p.grad.mul_(0.5)
 

@@ -5,10 +5,10 @@ import torch
 
 from mllm_cl.experts.spectral import (
     CovarianceSketch,
-    range_finder,
     expert_rewrite,
     kept_directions,
     kept_mask,
+    range_finder,
     router_rewrite,
     smoothed,
 )
@@ -134,4 +134,5 @@ def test_a_kept_mask_is_the_slice_it_marks():
     grad, sigma = torch.randn(3, 12, generator=g), vals.sqrt()
     mask = kept_mask(vals, trace, 0.8, 6)
     k = int(mask.sum())
-    torch.testing.assert_close(router_rewrite(grad, dirs, sigma, kept=mask), router_rewrite(grad, dirs[:, :k], sigma[:k]))
+    torch.testing.assert_close(router_rewrite(grad, dirs, sigma, kept=mask),
+                               router_rewrite(grad, dirs[:, :k], sigma[:k]))

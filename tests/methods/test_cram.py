@@ -33,7 +33,8 @@ def _buffer(rank: int, d_in=32, d_out=24, seed=0, values=None):
     g = torch.Generator().manual_seed(seed)
     u, _ = torch.linalg.qr(torch.randn(d_out, rank, generator=g, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(d_in, rank, generator=g, dtype=torch.float64))
-    s = torch.tensor(values, dtype=torch.float64) if values is not None else torch.linspace(2.0, 1.0, rank, dtype=torch.float64)
+    s = (torch.tensor(values, dtype=torch.float64) if values is not None
+         else torch.linspace(2.0, 1.0, rank, dtype=torch.float64))
     B = torch.zeros(d_out, 48, dtype=torch.float64)
     A = torch.randn(48, d_in, generator=g, dtype=torch.float64) * 1e-9  # noise far below the threshold
     B[:, :rank] = u * s

@@ -9,7 +9,13 @@ from mllm_cl.backbones import build_preset
 from mllm_cl.data.synth import sample
 from mllm_cl.experts import CentroidRouter, ExpertSetup, expert_layers
 from mllm_cl.methods import CRAM
-from mllm_cl.methods.cram_slots import assign_group, instantiate_slot, novelty_threshold, orthogonality_penalty, standardize
+from mllm_cl.methods.cram_slots import (
+    assign_group,
+    instantiate_slot,
+    novelty_threshold,
+    orthogonality_penalty,
+    standardize,
+)
 from mllm_cl.methods.routing_encoder import RoutingEncoder
 
 
@@ -36,7 +42,7 @@ def ref_consolidate(A, B, scale, older_A, *, tau_alloc=0.08, rank_max=9, tau_nov
     else:
         Vc = Vh[cand]
         alpha = (Vc - (Vc @ Q) @ Q.T).norm(dim=1) / Vc.norm(dim=1).clamp(min=1e-12)
-        sel = [int(c) for c, a in zip(cand, alpha) if a > tau_novel] or [int(cand[0])]
+        sel = [int(c) for c, a in zip(cand, alpha, strict=False) if a > tau_novel] or [int(cand[0])]
     target = min(max(rank_min, len(sel)), rank_max, n)
     pool = torch.argsort(S, descending=True)[: min(rank_max, n)].tolist()
     sel = sorted(sel, key=lambda k: -float(S[k]))
@@ -90,7 +96,8 @@ def test_spread_bandwidth_is_scale_free():
 @pytest.mark.parametrize("older", [0, 1])
 def test_slot_in_the_authors_setting_equals_their_consolidation(older):
     A, B, v = _buffer()
-    old = [v[:, 1:3].T.clone() + 0.05 * torch.randn(2, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    old = [v[:, 1:3].T.clone()
+           + 0.05 * torch.randn(2, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
            ] if older else []
     sel, ref_delta = ref_consolidate(A, B, 2.0, old)
     A_e, B_e = instantiate_slot(A, B, 2.0, old, threshold="absolute", absolute=0.08, novelty=0.99, r_min=4, r_max=9,

@@ -26,7 +26,8 @@ def _batch(backbone, instructions, has_image):
     size = backbone.model.image_size
     return {"input_ids": torch.zeros(len(instructions), 4, dtype=torch.long), "instruction": instructions,
             "has_image": torch.tensor(has_image),
-            "pixel_values": torch.randn(n_img, 3, size, size, generator=torch.Generator().manual_seed(0)) if n_img else None}
+            "pixel_values": (torch.randn(n_img, 3, size, size, generator=torch.Generator().manual_seed(0))
+                             if n_img else None)}
 
 
 def test_backbone_features_are_the_instruction_tokens_mean_embedding(backbone):

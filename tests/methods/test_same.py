@@ -135,7 +135,8 @@ def test_masks_never_take_the_current_tasks_expert_and_freeze_once_complete():
     stats.utilization_seen = False
     method._activation(layer, activation_sums(tokens, probs))
     assert router.masked == {"e0", "e2"} and stats.masks_final
-    method._activation(layer, activation_sums(tokens, torch.tensor([[0.9, 0.05, 0.05]], dtype=torch.float64).expand(10, 3)))
+    method._activation(layer, activation_sums(tokens, torch.tensor([[0.9, 0.05, 0.05]],
+                                                                   dtype=torch.float64).expand(10, 3)))
     assert router.masked == {"e0", "e2"}  # kept once every other expert is masked
     method.on_task_start(model, 2)
     assert router.masked == set() and not stats.masks_final

@@ -225,6 +225,7 @@ def test_authors_initialization_and_ema_start():
     method.on_task_start(model, 0)
     layer = next(iter(expert_layers(model).values()))
     A = torch.cat([e.A.detach().flatten() for e in layer.experts.values()])
-    assert abs(float(A.detach().std()) - 0.01) < 0.002 and all(float(e.B.detach().abs().sum()) == 0 for e in layer.experts.values())
+    assert (abs(float(A.detach().std()) - 0.01) < 0.002
+            and all(float(e.B.detach().abs().sum()) == 0 for e in layer.experts.values()))
     assert torch.allclose(layer.same.utilization, torch.full((E,), 1 / E, dtype=torch.float64))
     assert torch.allclose(layer.same.importance, torch.full((E,), 1 / E, dtype=torch.float64))

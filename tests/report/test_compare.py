@@ -77,11 +77,11 @@ def test_two_orders_and_two_seeds_make_one_table_with_the_spread(experiments, tm
     assert order == ["mood", "colour"]
     rows = _sections(runs / "comparison.md")["shapes"]
     assert set(rows) == {"zero_shot", "lora_ft"} and rows["lora_ft"][1] == "3"
-    cells = dict(zip(HEAD, rows["lora_ft"]))
+    cells = dict(zip(HEAD, rows["lora_ft"], strict=False))
     assert "(" in cells["MFN"] and "–" in cells["MFN"]  # MFN: mean (min–max) over the three sweeps
     first = json.loads((runs / "shapes/colour-mood-s0/lora_ft/results.json").read_text())["matrix"]
     assert cells["right after"] == f"{first[0][0]:.0f} / {first[1][1]:.0f}"  # right after each task, first sweep
-    assert dict(zip(HEAD, rows["zero_shot"]))["right after"] == "–"  # one row: no diagonal
+    assert dict(zip(HEAD, rows["zero_shot"], strict=False))["right after"] == "–"  # one row: no diagonal
     assert cells["ratio"].startswith("1.00") and cells["gap to oracle"] == "–"
     for png in ("mfn_vs_params.png", "task_curves.png"):
         with Image.open(runs / "shapes" / png) as im:
@@ -104,24 +104,25 @@ def test_both_sequences_with_oracle_rows_and_the_numbers_of_each_results_json(ex
         assert oracle["reevaluated"]["options"] == ["--model.method.init_args.route_by", "task_id"]
         assert oracle["params"] == res["cram"]["params"]  # the same experts
         for m, r in res.items():
-            cells = dict(zip(HEAD, rows[m]))
+            cells = dict(zip(HEAD, rows[m], strict=False))
             for metric in ("MFT", "MFN", "MAA", "BWT"):
                 value = r["metrics"][metric]
                 want = "–" if value is None else f"{value:.1f}".replace("-", "−")
                 assert cells[metric] == want, (name, m, metric)
             assert cells["stored"] == f"{r['params']['stored_per_task'][-1]['total'] / 1000:.1f}k"
             assert cells["final row"] == " / ".join(f"{v:.0f}" for v in r["matrix"][-1])
-        cram = dict(zip(HEAD, rows["cram"]))
+        cram = dict(zip(HEAD, rows["cram"], strict=False))
         gap = res["cram"]["metrics"]["MFN"] - oracle["metrics"]["MFN"]
         assert cram["gap to oracle"] == f"{gap:.1f}".replace("-", "−")
         groups = res["cram"]["method_metrics"]["stage_02"]["group_accuracy"]
         assert cram["routing"] == f"group {sum(groups.values()) / len(groups):.0f}"
-        assert dict(zip(HEAD, rows["cram_oracle"]))["routing"] == "true task"
+        assert dict(zip(HEAD, rows["cram_oracle"], strict=False))["routing"] == "true task"
         seconds = lambda r: (r["timings"]["zero_shot_eval_s"]  # noqa: E731
                              + sum(sum(t["phases"].values()) + t["eval_s"] for t in r["timings"]["tasks"]))
         assert cram["ratio"] == f"{seconds(res['cram']) / seconds(res['lora_ft']):.2f}"
-        assert dict(zip(HEAD, rows["cram_oracle"]))["time"] == f"{oracle['reevaluated']['eval_s']:.0f} s (eval)"
-        general = dict(zip(HEAD, rows["lora_ft"]))["general"]
+        assert (dict(zip(HEAD, rows["cram_oracle"], strict=False))["time"]
+                == f"{oracle['reevaluated']['eval_s']:.0f} s (eval)")
+        general = dict(zip(HEAD, rows["lora_ft"], strict=False))["general"]
         if name == "coin":  # the sequence with a general task (retention None where the zero-shot score is 0)
             kept = res["lora_ft"]["general"]["retention"]["hue"]["token_f1"]
             assert general == ("–" if kept is None else f"{100 * kept:.0f}%")

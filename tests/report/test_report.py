@@ -17,7 +17,8 @@ def _run(tmp_path, name, method, matrix):
     r.update(zero_shot=[10.0, 5.0, 0.0], matrix=matrix, metrics=continual_metrics(matrix, [10.0, 5.0, 0.0]),
              completed_tasks=3)
     r["params"]["trainable_per_task"] = [{"total": 1000, "by_kind": {"expert": 1000}}] * 3
-    r["params"]["stored_per_task"] = [{"total": 1000 * (i + 1), "by_kind": {"expert": 1000 * (i + 1)}} for i in range(3)]
+    r["params"]["stored_per_task"] = [{"total": 1000 * (i + 1), "by_kind": {"expert": 1000 * (i + 1)}}
+                                      for i in range(3)]
     r["timings"] = {"zero_shot_eval_s": 1.0, "tasks": [{"phases": {"train": 10.0}, "eval_s": 2.0}] * 3}
     run = tmp_path / name
     run.mkdir()
@@ -80,12 +81,12 @@ def test_task_curves_draw_measured_points_only_dashed_across_skipped_stages(tmp_
     labels = draw_task_curves(ax, r)
     plt.close(fig)
     assert labels == ["zero-shot", "after 1: shape", "after 2: colour", "after 3: count"]
-    marks = [l for l in ax.get_lines() if l.get_linestyle() == "None"]
+    marks = [ln for ln in ax.get_lines() if ln.get_linestyle() == "None"]
     assert [list(m.get_xdata()) for m in marks] == [[0, 1, 2, 3], [0, 2, 3], [0, 3]]
     assert [list(m.get_ydata()) for m in marks] == [[10.0, 90.0, 20.0, 0.0], [5.0, 80.0, 10.0], [0.0, 70.0]]
-    joins = {(tuple(l.get_xdata()), l.get_linestyle()) for l in ax.get_lines() if l.get_linestyle() != "None"}
+    joins = {(tuple(ln.get_xdata()), ln.get_linestyle()) for ln in ax.get_lines() if ln.get_linestyle() != "None"}
     assert joins == {((0, 1), "-"), ((1, 2), "-"), ((2, 3), "-"), ((0, 2), "--"), ((2, 3), "-"), ((0, 3), "--")}
-    colour_of = {tuple(l.get_xdata()): l.get_color() for l in ax.get_lines() if l.get_linestyle() == "--"}
+    colour_of = {tuple(ln.get_xdata()): ln.get_color() for ln in ax.get_lines() if ln.get_linestyle() == "--"}
     assert colour_of == {(0, 2): marks[1].get_color(), (0, 3): marks[2].get_color()}  # each join in its task's colour
     assert len({m.get_color() for m in marks}) == 3
 
@@ -97,11 +98,12 @@ def test_skipped_bad_input_gets_columns_only_where_a_run_skipped_any(tmp_path):
     r = json.loads((a / "results.json").read_text())
     row = {"scored": 9, "skipped": 1, "reasons": {"corrupt image": 1}}
     r["bad_samples"] = {"train": {"shape": {"skipped": 2, "reasons": {"missing image": 2}}},
-                        "eval": {"stage_02": {"shape": row}, "stage_03": {"shape": row, "count": {**row, "skipped": 0}}}}
+                        "eval": {"stage_02": {"shape": row},
+                                 "stage_03": {"shape": row, "count": {**row, "skipped": 0}}}}
     (a / "results.json").write_text(json.dumps(r))
-    run = lambda *dirs: subprocess.run([sys.executable, "-m", "mllm_cl.cli", "report", "--no-plots", *map(str, dirs)],
-                                       capture_output=True, text=True, timeout=120,
-                                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    def run(*dirs):
+        return subprocess.run([sys.executable, "-m", "mllm_cl.cli", "report", "--no-plots", *map(str, dirs)],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     out = run(b)
     assert out.returncode == 0 and "skipped" not in out.stdout.splitlines()[0]
     lines = run(a, b).stdout.splitlines()

@@ -30,5 +30,7 @@ def test_the_header_names_command_commit_date_machine_and_versions():
     line = provenance("make compare", env, date=datetime.date(2026, 12, 7))
     assert line.startswith("`make compare` · commit 0123456 (uncommitted changes) · 2026-12-07 · AMD EPYC (")
     assert line.endswith("Python 3.12.3, torch 2.14.1, transformers 5.25.0")
-    gpu = {**env, "cuda": {"device_name": "NVIDIA H100 80GB HBM3"}, "code": {"commit": None, "note": "not a git checkout"}}
-    assert " · not a git checkout · 2026-12-07 · NVIDIA H100 80GB HBM3 · " in provenance("x", gpu, datetime.date(2026, 12, 7))
+    gpu = {**env, "cuda": {"device_name": "NVIDIA H100 80GB HBM3"},
+           "code": {"commit": None, "note": "not a git checkout"}}
+    assert (" · not a git checkout · 2026-12-07 · NVIDIA H100 80GB HBM3 · "
+            in provenance("x", gpu, datetime.date(2026, 12, 7)))

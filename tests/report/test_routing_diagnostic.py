@@ -36,7 +36,7 @@ def test_own_expert_shares_match_a_hand_computation_from_the_gates(run):
     for t, task in enumerate(dm.task_names):
         batch = dm.eval_collate([dm.test_dataset(t)[i] for i in range(3)])
         inputs = {}
-        hooks = [layer.register_forward_hook(lambda m, a, out, name=name: inputs.__setitem__(name, a[0]))
+        hooks = [layer.register_forward_hook(lambda m, a, out, name=name, inputs=inputs: inputs.__setitem__(name, a[0]))
                  for name, layer in layers.items()]
         mask = batch["attention_mask"]
         with torch.no_grad(), routing_context(module.model, module.method.routing_context(batch, training=False)):
@@ -60,7 +60,8 @@ def test_own_expert_shares_match_a_hand_computation_from_the_gates(run):
 
 def test_report_routing_writes_json_markdown_and_heatmap(run):
     out = subprocess.run([sys.executable, "-m", "mllm_cl.cli", "report", str(run), "--routing", "--limit", "2"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                         capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     saved = json.loads((run / "routing/stage_02.json").read_text())
     assert saved["stage"] == 2 and set(saved["summary"]) == {"colour", "mood"}

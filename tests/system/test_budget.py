@@ -46,7 +46,8 @@ def test_an_epoch_is_a_pass_over_the_task_in_optimizer_steps():
 def test_samples_per_step_mean_the_same_on_one_process_and_on_eight():
     one = _plan(_budget(samples_per_step=128), [Phase()], task=1, batch=16, world=1)[0]
     eight = _plan(_budget(samples_per_step=128), [Phase()], task=1, batch=16, world=8)[0]
-    assert (one.accumulation, one.samples_per_step) == (8, 128) and (eight.accumulation, eight.samples_per_step) == (1, 128)
+    assert ((one.accumulation, one.samples_per_step) == (8, 128)
+            and (eight.accumulation, eight.samples_per_step) == (1, 128))
     assert one.steps == eight.steps == 1  # 80 samples: one step of 128 on either
     # The configured accumulation applies where nothing sets samples per step.
     assert _plan(_budget(), [Phase()], configured=4)[0].accumulation == 4

@@ -76,7 +76,8 @@ def test_refused_resume_names_full_keys_and_a_finished_run_is_left_alone(tmp_pat
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"mllm-cl: {run} holds a finished run of this config (2 of 2 tasks); nothing to do" in again.stdout
     assert "resuming" not in again.stdout and "GPU available" not in again.stderr
-    assert (run / "results.json").read_bytes() == results and sorted(p.relative_to(run) for p in run.rglob("*")) == files
+    assert ((run / "results.json").read_bytes() == results
+            and sorted(p.relative_to(run) for p in run.rglob("*")) == files)
 
     other = _cli(*_fit_args(bench, run, "--model.lr", "0.01", "--data.batch_size", "2"))
     assert other.returncode == 2 and "Traceback" not in other.stderr

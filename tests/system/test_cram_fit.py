@@ -36,7 +36,8 @@ def test_cram_instantiates_slots_freezes_them_and_stores_effective_ranks(bench, 
     assert stored < at_rmax
     # The second slot shares the group with the first: the orthogonality penalty is on, and positive.
     with open(run / "logs/metrics.csv") as f:
-        penalty = [float(r["task2_mood/stable/extra_loss"]) for r in csv.DictReader(f) if r.get("task2_mood/stable/extra_loss")]
+        penalty = [float(r["task2_mood/stable/extra_loss"]) for r in csv.DictReader(f)
+                   if r.get("task2_mood/stable/extra_loss")]
     assert penalty and all(p > 0 for p in penalty)
     # Older slots and their centroids are bit-identical after the next task.
     a1 = load_file(run / "checkpoints/task_01/adapters.safetensors")

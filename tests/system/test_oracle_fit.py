@@ -23,7 +23,8 @@ def test_oracle_trains_the_same_tensors_and_restores(method, bench, tmp_path):
     runs = {}
     for route in (None, "task_id"):
         run = runs[route] = tmp_path / f"{method}-{route or 'own'}"
-        fit_main(["--config", str(ROOT / "configs/micro.yaml"), "--config", str(ROOT / f"configs/methods/{method}.yaml"),
+        fit_main(["--config", str(ROOT / "configs/micro.yaml"),
+                  "--config", str(ROOT / f"configs/methods/{method}.yaml"),
                   "--data.benchmark", str(bench), "--trainer.default_root_dir", str(run), *EXTRA[method],
                   *(["--model.method.init_args.route_by", route] if route else [])])
     own, oracle = (load_file(runs[r] / "checkpoints/task_02/adapters.safetensors") for r in runs)

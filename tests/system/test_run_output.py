@@ -28,8 +28,8 @@ def test_progress_in_optimizer_steps_and_no_third_party_lines(piped_run):
     _, text = piped_run
     lines = text.splitlines()
     for task, name in ((1, "colour"), (2, "mood")):  # every step printed (interval 0), the phase's last one too
-        steps = [l for l in lines if l.startswith(f"task {task}/2 {name} · train · ")]
-        assert [re.match(r".* · (\d+)/3 · loss \d+\.\d\d · \d+s$", l).group(1) for l in steps] == ["1", "2", "3"]
+        steps = [line for line in lines if line.startswith(f"task {task}/2 {name} · train · ")]
+        assert [re.match(r".* · (\d+)/3 · loss \d+\.\d\d · \d+s$", line).group(1) for line in steps] == ["1", "2", "3"]
     for noise in ("Epoch", "GPU available", "TPU available", "litlogger", "LeafSpec", "Loading weights",
                   "FutureWarning", "past_key_values", "Warning"):
         assert noise not in text, (noise, text)

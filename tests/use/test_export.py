@@ -110,7 +110,8 @@ def test_a_transformers_backbone_exports_onto_the_transformers_model(micro_run, 
     module, dm = restored.module, restored.datamodule
     for t, task in enumerate(dm.task_names):
         adapter = out / routing["tasks"][task]["adapter"]
-        assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(checkpoint.resolve())
+        assert (json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+                == str(checkpoint.resolve()))
         data = dm.test_dataset(t)
         batch = dm.eval_collate([data[i] for i in range(len(data))])
         ids, mask, inputs = batch["input_ids"], batch["attention_mask"], batch["model_inputs"]

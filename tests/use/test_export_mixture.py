@@ -43,9 +43,9 @@ def test_a_fixed_mixture_is_one_exact_lora_of_the_summed_rank(backbone, tmp_path
         first = ".layers.0." in name  # two experts (rank 2 and 3) there, one (rank 2) elsewhere: rank_pattern
         weights = [0.3, 0.7] if first else [1.0]
         layer = ExpertLayer(linear, router=Constant(linear.in_features, weights))
-        for e, r in zip("ab", (2, 3)[:len(weights)]):
+        for e, r in zip("ab", (2, 3)[:len(weights)], strict=False):
             torch.nn.init.normal_(layer.add_expert(e, rank=r).B, std=0.05)
-        mixtures[name] = dict(zip("ab", weights))
+        mixtures[name] = dict(zip("ab", weights, strict=False))
         return layer
 
     inject_experts(model, ["q_proj", "v_proj", "down_proj"], make, scope=language_model_scope(model))

@@ -60,7 +60,7 @@ def test_one_prompt_prints_the_answer_and_the_routing_decision(micro_run, use_be
     expected = _predictions(run / "predictions/stage_02/colour.jsonl")[0]["text"]
     assert f"answer: {expected}\n" in out.stdout
     lines = out.stdout.split("routing:\n", 1)[1].splitlines()
-    groups = [l.split() for l in lines[2:]]
+    groups = [line.split() for line in lines[2:]]
     assert [g[0] for g in groups] == [f"layers.{i}" for i in range(len(groups))] and groups
     if method == "lora_ft":
         assert "choice: none" in lines[0]
