@@ -124,7 +124,7 @@ class BuildCLI(LightningCLI):
         """The run directory, checked before the backbone is built: another config there is refused
         (``ConfigMismatch``), a finished run of this one is left as it is (``RunFinished``)."""
         self.run_dir = _run_dir(cfg, method_name)
-        self.config_text = self._parser("fit").dump(cfg, skip_link_targets=False, skip_none=False)
+        self.config_text = self._parser("fit").dump(cfg, skip_link_targets=False, skip_unset=False)
         run = RunDir(self.run_dir)
         if run.check_config(self.config_text) and (results := run.finished()) is not None:
             raise RunFinished(f"mllm-cl: {self.run_dir} holds a finished run of this config "

@@ -66,6 +66,7 @@ HEAD = ["method", "runs", "MFT", "MFN", "gap to oracle", "MAA", "BWT", "routing"
         "final row", "stored", "time", "ratio"]
 
 
+@pytest.mark.slow  # three sweeps; the default run keeps the two-sequence test of the same script
 def test_two_orders_and_two_seeds_make_one_table_with_the_spread(experiments, tmp_path):
     runs = tmp_path / "compare"
     _sweep(experiments, runs, "--sequence", "shapes", "--order", "colour,mood", "--seed", "0")
@@ -154,6 +155,7 @@ def _ablations(experiments, runs, *only):
     return _script("ablations.py", *experiments[:2], "--only", *only, "--runs", str(runs))
 
 
+@pytest.mark.slow
 def test_ablations_train_or_evaluate_each_row_beside_the_canonical_sweep(experiments, tmp_path):
     runs = tmp_path / "compare"
     _sweep(experiments, runs, "--sequence", "shapes")  # the canonical order (colour, mood), seed 0: no cram yet
