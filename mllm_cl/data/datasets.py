@@ -13,10 +13,10 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from mllm_cl.data.collate import Skipped
+from mllm_cl.data.encoding import ConversationEncoder
 from mllm_cl.data.errors import BadSampleError, OnBadSample
 from mllm_cl.data.formats import Conversation, TestRecord
 from mllm_cl.data.images import ImageProcessor
-from mllm_cl.data.encoding import ConversationEncoder
 
 
 class _Base(Dataset):

@@ -62,7 +62,8 @@ class ConversationEncoder:
         self.template = get_template(template)
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
-        self.image_token_id = image_token_id if image_token_id is not None else getattr(tokenizer, "image_token_id", None)
+        self.image_token_id = (image_token_id if image_token_id is not None
+                               else getattr(tokenizer, "image_token_id", None))
         if self.image_token_id is None:
             raise ValueError("the tokenizer has no image token: pass image_token_id")
         self.image_open, self.image_close = list(image_wrap[0]), list(image_wrap[1])
@@ -88,7 +89,7 @@ class ConversationEncoder:
             offsets = enc.offsets  # (start, end) characters, in text order
             starts = [start for start, _ in offsets]
             counts = [bisect_left(starts, cut) for cut in cuts]
-            if any(n and offsets[n - 1][1] > cut for n, cut in zip(counts, cuts)):
+            if any(n and offsets[n - 1][1] > cut for n, cut in zip(counts, cuts, strict=False)):
                 raise self._merged(source)
             return enc.ids, counts
         ids = self.tokenizer(part, add_special_tokens=False).input_ids
@@ -120,7 +121,7 @@ class ConversationEncoder:
             inside = [cut for cut in cuts if start <= cut <= end and cut not in counts]
             part_ids, before = ([], [0] * len(inside)) if not part else \
                 self._part(part, [cut - start for cut in inside], source)
-            counts.update({cut: len(ids) + n for cut, n in zip(inside, before)})
+            counts.update({cut: len(ids) + n for cut, n in zip(inside, before, strict=False)})
             ids += part_ids
             start = end
         return ids, counts
@@ -142,7 +143,7 @@ class ConversationEncoder:
             if ends_with_eos and (last <= first or ids[last - 1] != self.tokenizer.eos_token_id):
                 raise ValueError(f"the tokenizer does not read its EOS token text {eos!r} as the EOS token")
             labels[first:last] = ids[first:last]
-        labels = [IGNORE if t == self.image_token_id else l for t, l in zip(ids, labels)]
+        labels = [IGNORE if t == self.image_token_id else label for t, label in zip(ids, labels, strict=False)]
         return Encoded(self.bos + ids, [IGNORE] * len(self.bos) + labels)
 
     def _hf_ids(self, turns: list[tuple[str, str]], add_generation_prompt: bool) -> Encoded:
@@ -165,13 +166,13 @@ class ConversationEncoder:
             ids = prompt
         # Expand each single image token to the model's placeholders (and wrap tokens).
         out_ids, out_labels = [], []
-        for t, l in zip(ids, labels):
+        for t, label in zip(ids, labels, strict=False):
             if t == self.image_token_id:
                 out_ids += self._image_ids
                 out_labels += self._image_labels
             else:
                 out_ids.append(t)
-                out_labels.append(l)
+                out_labels.append(label)
         return Encoded(out_ids, out_labels)
 
     def _apply(self, messages, add_generation_prompt: bool = False) -> list[int]:
@@ -191,8 +192,9 @@ class ConversationEncoder:
             if self.image_token_id in cut:
                 raise BadSampleError(conv.source, f"too long: image tokens end after max_length {self.max_length}")
             enc = Encoded(enc.input_ids[: self.max_length], enc.labels[: self.max_length])
-            if all(l == IGNORE for l in enc.labels):
-                raise BadSampleError(conv.source, f"too long: the first answer starts after max_length {self.max_length}")
+            if all(label == IGNORE for label in enc.labels):
+                raise BadSampleError(conv.source,
+                                     f"too long: the first answer starts after max_length {self.max_length}")
         return enc
 
     def encode_prompt(self, prompt: str, source: str = "") -> list[int]:

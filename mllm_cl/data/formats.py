@@ -17,9 +17,10 @@ them in each row's ``answer``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mllm_cl.data.errors import BadSampleError, OnBadSample, SkipLog, handle
 
@@ -97,7 +98,8 @@ def _image(record: dict, image_root: Path | None, where: str, resolve: Resolve |
     return path
 
 
-def parse_conversation(record: Any, image_root: Path | None, where: str, *, resolve: Resolve | None = None) -> Conversation:
+def parse_conversation(record: Any, image_root: Path | None, where: str, *,
+                       resolve: Resolve | None = None) -> Conversation:
     """One training record checked and parsed; ``where`` ("file, record N") starts every error message."""
     if not isinstance(record, dict):
         raise BadSampleError(where, f"malformed record: expected an object, got {type(record).__name__}")
@@ -127,7 +129,8 @@ def parse_conversation(record: Any, image_root: Path | None, where: str, *, reso
     return Conversation(id=str(record.get("id", where)), image=image, turns=turns, source=where)
 
 
-def parse_test_record(record: Any, image_root: Path | None, where: str, *, resolve: Resolve | None = None) -> TestRecord:
+def parse_test_record(record: Any, image_root: Path | None, where: str, *,
+                      resolve: Resolve | None = None) -> TestRecord:
     """One test row checked and parsed; the row's other keys (``image`` as written included) go to ``extra``."""
     if not isinstance(record, dict):
         raise BadSampleError(where, f"malformed record: expected an object, got {type(record).__name__}")
@@ -159,7 +162,8 @@ def _load(path, image_root, parse, on_bad_sample: OnBadSample, skips: SkipLog | 
         try:
             if answers_from is not None:
                 if not isinstance(record, dict):
-                    raise BadSampleError(str(path), f"malformed record: expected an object, got {type(record).__name__}", i)
+                    raise BadSampleError(str(path),
+                                         f"malformed record: expected an object, got {type(record).__name__}", i)
                 record = {**record, "answer": answers_from(i, record, f"{path}, record {i}")}
             out.append(parse(record, root, f"{path}, record {i}"))
         except BadSampleError as e:
@@ -222,7 +226,8 @@ def read_annotation(path: str | Path, fmt: str) -> AnswerSource:
                 table.setdefault(int(entry["image_id"]), []).append(str(entry["caption"]))
     except (KeyError, TypeError, ValueError) as e:
         what = "'data': [{question_id, answers}]" if fmt == "textvqa" else "'annotations': [{image_id, caption}]"
-        raise BadSampleError(str(path), f"not a {fmt} annotation file (expected {what}): {type(e).__name__} {e}") from None
+        raise BadSampleError(str(path),
+                             f"not a {fmt} annotation file (expected {what}): {type(e).__name__} {e}") from None
 
     def answers_from(position: int, record: dict, where: str) -> list[str]:
         key = str(record.get("question_id")) if fmt == "textvqa" else position + 1

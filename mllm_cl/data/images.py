@@ -31,7 +31,8 @@ class ImageBytes(NamedTuple):
 
 
 class ImageProcessor:
-    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], *, pad_to_square: bool = True) -> None:
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], *,
+                 pad_to_square: bool = True) -> None:
         self.size = size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
@@ -39,7 +40,7 @@ class ImageProcessor:
         self._fill = tuple(int(round(m * 255)) for m in mean)
 
     @classmethod
-    def for_model(cls, model) -> "ImageProcessor":
+    def for_model(cls, model) -> ImageProcessor:
         """Size and normalization a backbone's vision tower expects (``image_size``, ``image_mean``, ``image_std``)."""
         return cls(model.image_size, model.image_mean, model.image_std)
 

@@ -58,9 +58,10 @@ import math
 import os
 import random
 import tarfile
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generator, Iterator, Sequence
+from typing import Any
 
 import webdataset as wds
 from PIL import Image
@@ -217,7 +218,8 @@ def shard_list(source: str | Path, task_id: int = 0) -> list[ShardFile]:
         tars = sorted(glob.glob(src))
         if tars:
             return [ShardFile(t, None, task_id) for t in tars]
-    raise FileNotFoundError(f"{src}: no shards there (a folder written by `mllm-cl data shard`, a .tar file, or a glob)")
+    raise FileNotFoundError(f"{src}: no shards there (a folder written by `mllm-cl data shard`, a .tar file, "
+                            "or a glob)")
 
 
 # --------------------------------------------------------------------------- reading
@@ -333,7 +335,7 @@ class ShardDataset(IterableDataset):
             raise ValueError("resample_batches needs a positive count and a batch_size")
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        per_source = [shard_list(src, tid) for src, tid in zip(sources, ids)]
+        per_source = [shard_list(src, tid) for src, tid in zip(sources, ids, strict=False)]
         self.files = [f for files in per_source for f in files]
         counted = all(f.samples is not None for f in self.files)
         for need, what in ((equal_ranks, "equal_ranks"), (fraction < 1, "fraction < 1"), (limit is not None, "limit")):

@@ -52,7 +52,7 @@ def _classify(rng, size):
 def _color(rng, size):
     n = int(rng.integers(1, 4))
     shapes, colours = pick(rng, SHAPES, n), pick(rng, list(COLOURS), n)
-    objs = place(rng, size, [(s, c, radius(size, 0.12, 0.18, rng)) for s, c in zip(shapes, colours)])
+    objs = place(rng, size, [(s, c, radius(size, 0.12, 0.18, rng)) for s, c in zip(shapes, colours, strict=False)])
     target = objs[int(rng.integers(n))]
     return Sample(render(objs, size), f"What color is the {target.shape}?", target.colour, {}, tuple(objs))
 
@@ -76,7 +76,7 @@ def _ocr(rng, size):
 def _ground(rng, size):
     n = int(rng.integers(1, 4))
     shapes, colours = pick(rng, SHAPES, n), pick(rng, list(COLOURS), n)
-    objs = place(rng, size, [(s, c, radius(size, 0.12, 0.2, rng)) for s, c in zip(shapes, colours)])
+    objs = place(rng, size, [(s, c, radius(size, 0.12, 0.2, rng)) for s, c in zip(shapes, colours, strict=False)])
     target = objs[int(rng.integers(n))]
     box = box_text(target, size)
     return Sample(render(objs, size), f"Where is the {target.colour} {target.shape}? Answer with a bounding box.",
@@ -98,7 +98,7 @@ def _choice(rng, size):
         raise ValueError(f"choice: could not draw {n} distinct sizes on a {size}px image")
     radii[-1] = round(radii[-1] * 1.45, 1)
     rng.shuffle(radii)
-    objs = place(rng, size, [(s, c, r) for s, c, r in zip(shapes, colours, radii)])
+    objs = place(rng, size, [(s, c, r) for s, c, r in zip(shapes, colours, radii, strict=False)])
     largest = max(objs, key=lambda o: o.r).shape
     options = list(shapes) + pick(rng, [s for s in SHAPES if s not in shapes], 4 - n)
     options = [options[i] for i in rng.permutation(4)]
@@ -111,7 +111,7 @@ def _choice(rng, size):
 def _spatial(rng, size):
     shapes, colours = pick(rng, SHAPES, 2), pick(rng, list(COLOURS), 2)
     for _ in range(100):
-        objs = place(rng, size, [(s, c, radius(size, 0.1, 0.15, rng)) for s, c in zip(shapes, colours)])
+        objs = place(rng, size, [(s, c, radius(size, 0.1, 0.15, rng)) for s, c in zip(shapes, colours, strict=False)])
         if abs(objs[0].cx - objs[1].cx) > size * 0.15:  # clearly left or right
             break
     else:
@@ -125,7 +125,7 @@ def _spatial(rng, size):
 def _caption(rng, size):
     n = int(rng.integers(1, 4))
     shapes, colours = pick(rng, SHAPES, n), pick(rng, list(COLOURS), n)
-    objs = place(rng, size, [(s, c, radius(size, 0.1, 0.16, rng)) for s, c in zip(shapes, colours)])
+    objs = place(rng, size, [(s, c, radius(size, 0.1, 0.16, rng)) for s, c in zip(shapes, colours, strict=False)])
     return Sample(render(objs, size), "Describe the scene.", scene_caption(objs, size), {}, tuple(objs))
 
 

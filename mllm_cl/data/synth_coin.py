@@ -83,7 +83,8 @@ def _imagenet(rng, size, split):
 def _gqa(rng, size):
     n = int(rng.integers(1, 4))
     shapes, colours = pick(rng, SHAPES, n), pick(rng, list(COLOURS), n)
-    image, objs = shape_scene(rng, size, [(s, c, radius(size, 0.12, 0.18, rng)) for s, c in zip(shapes, colours)])
+    specs = [(s, c, radius(size, 0.12, 0.18, rng)) for s, c in zip(shapes, colours, strict=False)]
+    image, objs = shape_scene(rng, size, specs)
     target = objs[int(rng.integers(n))]
     return Sample(image, f"What is the color of the {target.shape}?\n{SHORT}", target.colour, {}, tuple(objs))
 
@@ -142,7 +143,8 @@ def _describe(rng, size, split):
     elif domain == "shapes":
         n = int(rng.integers(1, 4))
         shapes, colours = pick(rng, SHAPES, n), pick(rng, list(COLOURS), n)
-        image, objs = shape_scene(rng, size, [(s, c, radius(size, 0.1, 0.16, rng)) for s, c in zip(shapes, colours)])
+        specs = [(s, c, radius(size, 0.1, 0.16, rng)) for s, c in zip(shapes, colours, strict=False)]
+        image, objs = shape_scene(rng, size, specs)
         text = scene_caption(objs, size)
     elif domain == "photos":
         kind = int(rng.integers(4))

@@ -27,11 +27,13 @@ def llava_dir(tmp_path):
          "conversations": [{"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "blue"}]},
         {"id": "s3", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]},
         {"id": "s4", "image": "images/c.png",
-         "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "green"}]},
+         "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"},
+                           {"from": "gpt", "value": "green"}]},
     ]
     shapes_test = [
         {"question_id": "q1", "image": "images/a.png", "text": "What colour is it?", "answer": "red"},
-        {"question_id": "q2", "image": "images/b.png", "text": "<image>\nWhat colour is it?", "answer": ["blue", "navy"]},
+        {"question_id": "q2", "image": "images/b.png", "text": "<image>\nWhat colour is it?",
+         "answer": ["blue", "navy"]},
         {"question_id": "q3", "text": "Say hi.", "answer": "hi"},
     ]
     ground_test = [

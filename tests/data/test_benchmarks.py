@@ -49,7 +49,7 @@ def test_sample_files_load_batch_and_score_through_the_definition(name, make_ben
     bench = get_benchmark(name)
     dm = _dm(backbone, benchmark=name, root=str(root))
     assert dm.task_names == bench.task_names
-    for i, (spec, tdef) in enumerate(zip(dm.tasks, bench.tasks)):
+    for i, (spec, tdef) in enumerate(zip(dm.tasks, bench.tasks, strict=False)):
         assert (spec.scorer, spec.max_new_tokens) == (tdef.scorer, tdef.max_new_tokens)
         dm.set_task(i)
         (batch,) = list(dm.train_dataloader())
@@ -67,7 +67,7 @@ def test_sample_files_load_batch_and_score_through_the_definition(name, make_ben
             assert [r["answer"] for r in records] == [[g, g + " today"] for g in gold]
         if spec.annotation_format == "textvqa":  # the ten human answers from the annotation, not the row's answer
             assert [r["answer"] for r in records] == [[g] * 10 for g in gold]
-        right = [{"text": g, "record": r} for g, r in zip(gold, records)]
+        right = [{"text": g, "record": r} for g, r in zip(gold, records, strict=False)]
         wrong = [{"text": "zzz", "record": r} for r in records]
         if spec.scorer in CORPUS_RULES:  # the caption scorers run Java: tests/eval/test_captions.py (slow)
             continue

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-
 from mllm_cl.data_modules import TaskSequence
+
 from mllm_cl.backbones import build_preset
+from mllm_cl.data.encoding import IGNORE
 from mllm_cl.data.errors import BadSampleError
 from mllm_cl.data.images import ImageProcessor
 from mllm_cl.data.tasks import TaskSpec
-from mllm_cl.data.encoding import IGNORE
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,8 @@ def backbone():
 def _tasks(root):
     return [
         TaskSpec("colour", str(root / "colour_train.json"), str(root / "colour_test.json"), str(root)),
-        TaskSpec("ground", str(root / "ground_train.json"), str(root / "ground_test.jsonl"), str(root), scorer="grounding"),
+        TaskSpec("ground", str(root / "ground_train.json"), str(root / "ground_test.jsonl"), str(root),
+                 scorer="grounding"),
     ]
 
 
@@ -126,7 +127,8 @@ def test_check_files_reads_every_task_at_once_and_stops_at_the_last_tasks_bad_re
     with pytest.raises(BadSampleError, match=r"ground_test.jsonl, record 0: missing image: .*gone.png"):
         TaskSequence(_tasks(llava_dir), template="short").check_files()
     dm = TaskSequence(_tasks(llava_dir), template="short", on_bad_sample="skip")
-    with pytest.raises(BadSampleError, match=r"ground_test.jsonl: task ground: no usable test rows \(1 skipped as bad\)"):
+    with pytest.raises(BadSampleError,
+                       match=r"ground_test.jsonl: task ground: no usable test rows \(1 skipped as bad\)"):
         dm.check_files()
 
 

@@ -3,10 +3,10 @@
 import pytest
 
 from mllm_cl.backbones import build_preset
+from mllm_cl.data.encoding import IGNORE, ConversationEncoder
 from mllm_cl.data.errors import BadSampleError
 from mllm_cl.data.formats import Conversation
 from mllm_cl.data.template import VICUNA_SYSTEM
-from mllm_cl.data.encoding import IGNORE, ConversationEncoder
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,10 @@ MULTI = Conversation("m", None, [("user", "<image>\nWhat colour?"), ("assistant"
 def _spans(labels):
     """Runs of consecutive trained positions."""
     spans, start = [], None
-    for i, l in enumerate(labels + [IGNORE]):
-        if l != IGNORE and start is None:
+    for i, label in enumerate(labels + [IGNORE]):
+        if label != IGNORE and start is None:
             start = i
-        if l == IGNORE and start is not None:
+        if label == IGNORE and start is not None:
             spans.append((start, i))
             start = None
     return spans
@@ -55,7 +55,8 @@ def test_truncation_never_cuts_image_tokens(backbone):
     tok = backbone.tokenizer
     long_answer = Conversation("l", None, [("user", "<image>\nDescribe."), ("assistant", "word " * 50)], "f, record 1")
     full = ConversationEncoder(tok, num_image_tokens=16, template="short").encode_conversation(long_answer)
-    cut = ConversationEncoder(tok, num_image_tokens=16, template="short", max_length=60).encode_conversation(long_answer)
+    cut = ConversationEncoder(tok, num_image_tokens=16, template="short",
+                              max_length=60).encode_conversation(long_answer)
     assert len(cut.input_ids) == 60 and cut.input_ids == full.input_ids[:60]
     assert cut.labels[-1] != IGNORE  # the answer is cut, not the image
     with pytest.raises(BadSampleError, match="f, record 1: too long: image tokens end after max_length 10"):
@@ -94,7 +95,9 @@ def test_the_fast_backend_gives_the_wrappers_ids(name):
     assert fast._backend is not None
     slow = ConversationEncoder(tok, num_image_tokens=4, template="vicuna_v1")
     slow._backend = None  # the transformers wrapper, segment by segment
-    conv = Conversation("u", None, [("user", "<image>\nWhat  is written? wörld ß 漢字 </s> <s>"), ("assistant", " Fiction."),
-                                    ("user", "And\tthen?"), ("assistant", "[0.12, 0.20, 0.58, 0.64]")], "f, record 2")
+    conv = Conversation("u", None, [("user", "<image>\nWhat  is written? wörld ß 漢字 </s> <s>"),
+                                    ("assistant", " Fiction."), ("user", "And\tthen?"),
+                                    ("assistant", "[0.12, 0.20, 0.58, 0.64]")], "f, record 2")
     assert fast.encode_conversation(conv) == slow.encode_conversation(conv)
-    assert fast.encode_prompt("<image>\nTest question 0 about RS?") == slow.encode_prompt("<image>\nTest question 0 about RS?")
+    prompt = "<image>\nTest question 0 about RS?"
+    assert fast.encode_prompt(prompt) == slow.encode_prompt(prompt)

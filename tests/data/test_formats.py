@@ -45,15 +45,18 @@ def test_malformed_json_names_file_and_line(tmp_path):
 BAD_RECORDS = [
     ({"id": "x"}, "malformed record: 'conversations' must be a non-empty list"),
     ({"id": "x", "conversations": [{"from": "human", "value": "hi"}]}, "no assistant turn"),
-    ({"id": "x", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "a"}]}, "malformed record: turn 0 has unknown role 'robot'"),
+    ({"id": "x", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "a"}]},
+     "malformed record: turn 0 has unknown role 'robot'"),
     ({"id": "x", "image": "images/missing.png",
-      "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "missing image: .*missing.png"),
+      "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+     "missing image: .*missing.png"),
     ({"id": "x", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
      "malformed record: '<image>' in the text but no 'image' field"),
 ]
 
 
-@pytest.mark.parametrize("record,reason", BAD_RECORDS, ids=["no-turns", "no-assistant", "role", "missing-image", "placeholder"])
+@pytest.mark.parametrize("record,reason", BAD_RECORDS,
+                         ids=["no-turns", "no-assistant", "role", "missing-image", "placeholder"])
 def test_bad_records_raise_naming_file_and_record_or_are_skipped_and_counted(llava_dir, record, reason):
     good = json.loads((llava_dir / "colour_train.json").read_text())
     path = llava_dir / "mixed.json"

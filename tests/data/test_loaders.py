@@ -7,8 +7,8 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
-
 from mllm_cl.data_modules import TaskSequence, continual
+
 from mllm_cl.backbones import build_preset
 from mllm_cl.data.images import ImageProcessor
 from mllm_cl.data.loaders import KeptWorkers, resolve_workers

@@ -7,10 +7,10 @@ from collections import Counter
 import pytest
 import torch
 import webdataset as wds
+from mllm_cl.data_modules import TaskSequence
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mllm_cl.data_modules import TaskSequence
 from mllm_cl.backbones import build_preset
 from mllm_cl.data import synth
 from mllm_cl.data.collate import Skipped
@@ -64,7 +64,7 @@ def test_round_trip_keeps_records_and_image_bytes(llava_dir, tmp_path):
     assert [s["id"] for s in streamed] == [c.id for c in loaded]
     assert [s["index"] for s in streamed] == list(range(6))
     images = ImageProcessor(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    for s, c in zip(streamed, loaded):
+    for s, c in zip(streamed, loaded, strict=False):
         conv = s["conversation"]
         assert conv.turns == c.turns and (conv.image is None) == (c.image is None)
         if c.image is not None:
@@ -300,15 +300,22 @@ def test_a_bad_shard_is_counted_once_over_two_workers_and_two_processes(colors, 
     assert sorted(s["index"] for s in drawn if not isinstance(s, Skipped)) == sorted(set(range(23)) - lost)
 
 
+def _damage_header(path) -> tuple[int, bytes]:
+    """Flip a byte in the header of the third sample's JSON (member 4); (its offset, the shard's bytes before)."""
+    with tarfile.open(path) as tar:
+        offset = tar.getmembers()[4].offset
+    before = path.read_bytes()
+    damaged = bytearray(before)
+    damaged[offset + 10] ^= 0x55
+    path.write_bytes(bytes(damaged))
+    return offset, before
+
+
 def test_a_damaged_header_or_a_missing_shard_is_a_bad_shard(colors, tmp_path):
     _shard(colors, tmp_path, 10)
     data = ShardDataset(str(tmp_path), on_bad_sample="skip")
     path = tmp_path / "train-000001.tar"
-    with tarfile.open(path) as tar:
-        member = tar.getmembers()[4]  # the header of the third sample's JSON
-    damaged = bytearray(path.read_bytes())
-    damaged[member.offset + 10] ^= 0x55
-    path.write_bytes(bytes(damaged))
+    _damage_header(path)
     # tarfile ends the stream at a bad header without an error: the manifest's count tells.
     with pytest.raises(BadSampleError, match=r"train-000001.tar: truncated shard: its manifest lists 10 samples, "
                                              r"read 2"):
@@ -326,17 +333,13 @@ def test_a_damaged_header_without_a_manifest_is_found_by_walking_the_headers(col
     intact = list(ShardDataset(str(tmp_path)))
     assert len(intact) == 23  # an intact archive passes the walk
     path = tmp_path / "train-000001.tar"
-    with tarfile.open(path) as tar:
-        member = tar.getmembers()[4]
-    damaged = bytearray(path.read_bytes())
-    damaged[member.offset + 10] ^= 0x55
-    path.write_bytes(bytes(damaged))
+    offset, original = _damage_header(path)
     with pytest.raises(BadSampleError, match=rf"train-000001.tar: corrupt shard: bad tar header at byte "
-                                             rf"{member.offset} \(.*\) \(after 2 samples\)"):
+                                             rf"{offset} \(.*\) \(after 2 samples\)"):
         list(ShardDataset(str(tmp_path)))
     items = list(ShardDataset(str(tmp_path / "*.tar"), on_bad_sample="skip"))
     # shard 0, the first of the two samples read before the damage (the last one may be partial), shard 2
     assert sum(isinstance(s, Skipped) for s in items) == 1 and len(items) - 1 == 10 + 1 + 3
-    path.write_bytes(bytes(damaged[:member.offset]))  # cut at a header: no end-of-archive block
+    path.write_bytes(original[:offset])  # cut at a header: no end-of-archive block
     with pytest.raises(BadSampleError, match=r"without its end-of-archive block"):
         list(ShardDataset(str(tmp_path)))

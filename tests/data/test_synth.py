@@ -32,7 +32,7 @@ def _components(mask: np.ndarray) -> int:
     """8-connected blobs of a boolean mask (no scipy in the stack)."""
     seen, n = np.zeros_like(mask), 0
     h, w = mask.shape
-    for y, x in zip(*np.nonzero(mask)):
+    for y, x in zip(*np.nonzero(mask), strict=False):
         if seen[y, x]:
             continue
         n, stack, seen[y, x] = n + 1, [(y, x)], True

@@ -63,7 +63,7 @@ CASES = {
 def _expand(ids: list[int], labels: list[int], image_id: int, n: int, wrap=([], [])) -> tuple[list, list]:
     """One image id -> ``wrap[0] + [image_id] * n + wrap[1]``, never trained."""
     out_ids, out_labels = [], []
-    for t, label in zip(ids, labels):
+    for t, label in zip(ids, labels, strict=False):
         if t == image_id:
             piece = list(wrap[0]) + [image_id] * n + list(wrap[1])
             out_ids += piece
@@ -263,7 +263,7 @@ def test_hf_template_is_qwen2_vls_training_sample(qwen, case):
     out = _qwen_encoder(qwen, N_IMAGE).encode_conversation(Conversation("c", None, CASES[case], "f, record 0"))
     assert qwen.convert_ids_to_tokens(out.input_ids) == qwen.convert_ids_to_tokens(ids)
     assert out.labels == labels
-    trained = [t for t, label in zip(ids, labels) if label != IGNORE]
+    trained = [t for t, label in zip(ids, labels, strict=False) if label != IGNORE]
     answers = [text for role, text in CASES[case] if role == "assistant"]
     assert qwen.decode(trained) == "".join(f"{a}<|im_end|>\n" for a in answers)
 
@@ -313,6 +313,7 @@ def qwen2_vl_dir(tmp_path):
 
 def _connected(bench, backbone, **options):
     from mllm_cl.data_modules import TaskSequence
+
     from mllm_cl.data.images import ImageProcessor
 
     dm = TaskSequence(benchmark=str(bench), batch_size=4, **options)
@@ -335,13 +336,14 @@ def test_a_qwen2_vl_run_with_auto_trains_on_its_chat_template(qwen2_vl_dir, tmp_
     image = "<|vision_start|>" + tok.convert_ids_to_tokens(backbone.model.image_token_id) * n + "<|vision_end|>"
     assert tok.decode(row).startswith(f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\n{image}\n"
                                       "What colour is it?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n")
-    assert tok.decode([t for t, label in zip(row, labels) if label != IGNORE]) == "red<|im_end|>\n"
+    assert tok.decode([t for t, label in zip(row, labels, strict=False) if label != IGNORE]) == "red<|im_end|>\n"
     _, batch = _connected(bench, backbone, template="short")  # an explicit data.template wins
     assert tok.decode(batch["input_ids"][0].tolist()).startswith(f"<s>USER: {image}\nWhat colour is it? ASSISTANT: red")
 
 
 def test_auto_needs_a_template_from_the_backbone_and_the_encoder_a_resolved_one(tmp_path, make_bench):
     from mllm_cl.data_modules import TaskSequence
+
     from mllm_cl.backbones import build_backbone
     from mllm_cl.data.images import ImageProcessor
 
