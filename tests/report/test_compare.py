@@ -90,6 +90,30 @@ def test_two_orders_and_two_seeds_make_one_table_with_the_spread(experiments, tm
     assert "lora_ft" in out
 
 
+def test_the_tables_and_figures_become_a_generated_section_of_the_results_page(experiments, tmp_path):
+    runs = tmp_path / "compare"
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    page.write_text("# Measurements\n\nWritten by hand.\n")
+    out = _sweep(experiments, runs, "--quick", "--results", str(page))
+    assert "wrote the section 'comparison'" in out
+    sections = _sections(runs / "comparison.md")
+    text = page.read_text()
+    assert text.startswith("# Measurements\n\nWritten by hand.\n")  # the rest of the page is kept
+    section = text.split("<!-- generated: comparison -->\n", 1)[1].split("<!-- end generated: comparison -->")[0]
+    header = section.splitlines()[0]
+    assert header.startswith("`python examples/compare_methods/run.py ") and "--quick" in header
+    assert " · commit " in header and " · Python " in header and "torch " in header
+    for name in ("shapes", "coin"):  # the same rows as comparison.md, and the figures beside the page
+        assert f"### {name}" in section
+        for row in sections[name].values():
+            assert " | ".join(row) in section
+        for png in ("mfn_vs_params.png", "task_curves.png"):
+            assert (page.parent / "figures" / f"compare_{name}_{png}").is_file()
+            assert f"(figures/compare_{name}_{png})" in section
+
+
+@pytest.mark.slow  # cram's fits and oracles on both sequences; the section test above covers the script's path
 def test_both_sequences_with_oracle_rows_and_the_numbers_of_each_results_json(experiments, tmp_path):
     runs = tmp_path / "compare"
     out = _sweep(experiments, runs, "--quick", methods=("lora_ft", "cram"))
@@ -131,24 +155,8 @@ def test_both_sequences_with_oracle_rows_and_the_numbers_of_each_results_json(ex
             assert "general" not in res["lora_ft"] and general == "–"
         for png in ("mfn_vs_params.png", "task_curves.png"):
             assert (runs / name / png).is_file()
-    page = tmp_path / "docs" / "results.md"
-    page.parent.mkdir()
-    page.write_text("# Measurements\n\nWritten by hand.\n")
-    again = _sweep(experiments, runs, "--quick", "--results", str(page), methods=("lora_ft", "cram"))
+    again = _sweep(experiments, runs, "--quick", methods=("lora_ft", "cram"))
     assert again.count("done in") == 6  # everything kept: nothing trains
-    text = page.read_text()
-    assert text.startswith("# Measurements\n\nWritten by hand.\n")  # the rest of the page is kept
-    section = text.split("<!-- generated: comparison -->\n", 1)[1].split("<!-- end generated: comparison -->")[0]
-    header = section.splitlines()[0]
-    assert header.startswith("`python examples/compare_methods/run.py ") and "--quick" in header
-    assert " · commit " in header and " · Python " in header and "torch " in header
-    for name in ("shapes", "coin"):  # the same rows as comparison.md, and the figures beside the page
-        assert f"### {name}" in section
-        for row in sections[name].values():
-            assert " | ".join(row) in section
-        for png in ("mfn_vs_params.png", "task_curves.png"):
-            assert (page.parent / "figures" / f"compare_{name}_{png}").is_file()
-            assert f"(figures/compare_{name}_{png})" in section
 
 
 def _ablations(experiments, runs, *only):

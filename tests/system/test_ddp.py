@@ -45,7 +45,7 @@ def _run(bench, run, method, *extra, check=True, env=None):
     return out
 
 
-@pytest.mark.parametrize("method", ["individual", "cmoe", "cram", "routing"])
+@pytest.mark.parametrize("method", [pytest.param("individual", marks=pytest.mark.slow), "cmoe", "cram", "routing"])
 def test_two_processes_train_what_one_does(equal_bench, tmp_path, method):
     one, two = tmp_path / "one", tmp_path / "ddp"
     _run(equal_bench, one, method, "--data.batch_size", "8", *EXTRA_ONE.get(method, []))
