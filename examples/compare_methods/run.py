@@ -153,13 +153,15 @@ def compare(runs: Path, sequences: list[str], results: Path | None = None, comma
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(plot, target)
             links.append(f"![{plot.parent.name}: {plot.stem.replace('_', ' ')}](figures/{target.name})")
-        publish(results, "comparison", command, COLUMNS_NOTE.replace("# Method comparison", "## Method comparison")
-                + "\n" + text.replace("\n## ", "\n### ").replace("## ", "### ", 1) + "\n" + "\n".join(links))
+        note = (COLUMNS_NOTE.replace("# Method comparison", "## Method comparison")
+                .replace("docs/metrics.md", "[metrics](metrics.md)"))  # the page sits beside metrics.md
+        publish(results, "comparison", command,
+                note + "\n" + text.replace("\n## ", "\n### ").replace("## ", "### ", 1) + "\n" + "\n".join(links))
 
 
 COLUMNS_NOTE = """# Method comparison
 
-Columns: MFT, MFN, MAA, BWT as in [metrics](metrics.md); *gap to oracle*: MFN − the MFN of the same run routed by the
+Columns: MFT, MFN, MAA, BWT as in docs/metrics.md; *gap to oracle*: MFN − the MFN of the same run routed by the
 true task (`METHOD_oracle`, `mllm-cl evaluate ... route_by task_id`), per sweep; *routing*: how often the method's own
 choice is the sample's task (a locator's, a prior's, a group's accuracy, mean over tasks) or, for token-level
 routing, the share of tokens whose top-1 expert is their task's (image / instruction / answer tokens, from

@@ -104,6 +104,7 @@ def test_the_tables_and_figures_become_a_generated_section_of_the_results_page(e
     header = section.splitlines()[0]
     assert header.startswith("`python examples/compare_methods/run.py ") and "--quick" in header
     assert " · commit " in header and " · Python " in header and "torch " in header
+    assert "as in [metrics](metrics.md)" in section  # a link from the page, plain text in RUNS/comparison.md
     for name in ("shapes", "coin"):  # the same rows as comparison.md, and the figures beside the page
         assert f"### {name}" in section
         for row in sections[name].values():
