@@ -1,9 +1,12 @@
 """Routing-based CL: the post-hoc gate router's three modes and the method's phases, on real layers."""
 
+import inspect
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from mllm_cl.experts import ExpertSetup, PostHocGateRouter, RoutingContext, expert_layers, routing_context
@@ -131,3 +134,17 @@ def test_options_reach_the_router_and_bad_ones_are_refused():
         RoutingCL(ExpertSetup(["0"]), gate_steps=-1)
     with pytest.raises(ValueError, match="top_k"):
         PostHocGateRouter(D_IN, top_k=0)
+
+
+#: PHATGOOSE's gate recipe (r-three/phatgoose): 100 optimizer steps (train_gate.sh) of 32 x 32 = 1024 samples
+#: (batch 32 in the dataset configs, 32 accumulated in train_single_task.gin), lr 5e-3 with a 6% linear warm-up
+#: then constant (train.gin), top-2 renormalized at evaluation (eval_multitask.sh: topk_value=2).
+PHATGOOSE_GATE = {"gate_steps": 100, "gate_batch": 1024, "gate_lr": 5e-3, "gate_warmup": 0.06, "top_k": 2}
+
+
+def test_the_defaults_and_the_config_are_phatgooses_gate_recipe():
+    defaults = {name: p.default for name, p in inspect.signature(RoutingCL.__init__).parameters.items()}
+    assert {k: defaults[k] for k in PHATGOOSE_GATE} == PHATGOOSE_GATE
+    config = Path(__file__).resolve().parents[2] / "configs/methods/routing.yaml"
+    options = yaml.safe_load(config.read_text())["model"]["method"]["init_args"]
+    assert {k: options.get(k, defaults[k]) for k in PHATGOOSE_GATE} == PHATGOOSE_GATE
