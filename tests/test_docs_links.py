@@ -12,16 +12,11 @@ RUN_OUTPUTS = {"report.md", "comparison.md", "ablations.md"}
 DOC_NAME = re.compile(r"(?<![\w{}/.-])((?:\.\./)*(?:[\w-]+/)*[\w-]+\.md)\b")
 
 
-def _tracked(*patterns: str) -> list[Path]:
-    out = subprocess.run(["git", "ls-files", *patterns], cwd=ROOT, capture_output=True, text=True, check=True)
-    return [ROOT / line for line in out.stdout.splitlines() if (ROOT / line).is_file()]
-
-
 def _files(*patterns: str) -> list[Path]:
     """Tracked files and new ones not yet added (so the check runs on a working tree too)."""
-    out = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", *patterns], cwd=ROOT,
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", *patterns], cwd=ROOT,
                          capture_output=True, text=True, check=True)
-    return sorted(set(_tracked(*patterns)) | {ROOT / line for line in out.stdout.splitlines()})
+    return sorted({ROOT / line for line in out.stdout.splitlines() if (ROOT / line).is_file()})
 
 
 def _slug(heading: str) -> str:

@@ -198,8 +198,10 @@ def caption_average(predictions: list[str], references: list[list[str]], *, mode
     check_mode(mode)
     _check_inputs(predictions, references)
     _require(java=True)
-    tokenized_flat = ptb_tokenize([r for refs in references for r in refs])  # references first, as COCOEvalCap
-    tokenized_predictions = ptb_tokenize(predictions)
+    flat = [r for refs in references for r in refs]
+    # one tokenizer run (one JVM) for both: -preserveLines tokenizes each line on its own, as COCOEvalCap's two runs
+    tokenized_all = ptb_tokenize(flat + list(predictions))
+    tokenized_flat, tokenized_predictions = tokenized_all[:len(flat)], tokenized_all[len(flat):]
     if mode == "clean":
         tokenized_flat = [_drop_brackets(c) for c in tokenized_flat]
         tokenized_predictions = [_drop_brackets(c) for c in tokenized_predictions]

@@ -120,11 +120,16 @@ class BuildCLI(LightningCLI):
         if self.subcommand == "fit":
             self._check_run_dir(cfg, method.name)
 
+    def dump_config(self, cfg) -> str:
+        """The resolved config as ``config.yaml`` holds it: link targets and null values included (an option
+        set to null over a non-null default must read back as null)."""
+        return self._parser("fit").dump(cfg, skip_link_targets=False, skip_unset=False)
+
     def _check_run_dir(self, cfg, method_name: str) -> None:
         """The run directory, checked before the backbone is built: another config there is refused
         (``ConfigMismatch``), a finished run of this one is left as it is (``RunFinished``)."""
         self.run_dir = _run_dir(cfg, method_name)
-        self.config_text = self._parser("fit").dump(cfg, skip_link_targets=False, skip_unset=False)
+        self.config_text = self.dump_config(cfg)
         run = RunDir(self.run_dir)
         if run.check_config(self.config_text) and (results := run.finished()) is not None:
             raise RunFinished(f"mllm-cl: {self.run_dir} holds a finished run of this config "

@@ -44,7 +44,7 @@ class _Reading(BuildCLI):
     """Builds a run to read it, not to resume it: its directory is not checked (finished is fine)."""
 
     def _check_run_dir(self, cfg, method_name: str) -> None:
-        self.config_text = self._parser("fit").dump(cfg, skip_link_targets=False, skip_unset=False)
+        self.config_text = self.dump_config(cfg)
 
 
 def restore(run_dir: str | Path, stage: int | None = None, *, device: str | None = None,
