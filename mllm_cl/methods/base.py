@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mllm_cl.distributed import all_reduce_sum
 from mllm_cl.experts import ExpertLayer, ExpertSetup, InjectionReport, RoutingContext, TaskRouter, expert_layers
 
 #: The oracle's router (``route_by: task_id``) in every expert layer: a ``TaskRouter``, no parameters.
@@ -315,3 +316,28 @@ def oracle_context(task_ids: torch.Tensor, trained: Container[int]) -> RoutingCo
     ids = [t if t in trained else -1 for t in task_ids.tolist()]
     return RoutingContext(task_ids=torch.tensor(ids, dtype=torch.long, device=task_ids.device),
                           router_choice=[ORACLE_ROUTER] * len(ids))
+
+
+# ---------------------------------------------------------------- choice accuracy
+def choice_metrics(hits: dict[tuple[int, int], int], task_names: list[str], key: str, *,
+                   samples: bool = False) -> dict[str, Any]:
+    """What a method that chooses a task per sample reports after an evaluation: per true task, the share
+    of its samples given their own task (``KEY_accuracy``, %), the confusion (``KEY_confusion``: true task
+    -> chosen task -> samples) and, with ``samples``, the samples counted (``KEY_samples``). ``hits``:
+    (true task, chosen task) -> this process's samples; summed over processes here (every process scored
+    its share of the test sets). Empty when no sample of a trained task was scored."""
+    T = len(task_names)
+    confusion = torch.zeros(T, T, dtype=torch.float64)  # [true task, chosen task]
+    for (true, chosen), n in hits.items():
+        confusion[true, chosen] += n
+    confusion = all_reduce_sum(confusion)
+    total = confusion.sum(1)
+    seen = [t for t in range(T) if total[t]]
+    if not seen:
+        return {}
+    out = {f"{key}_accuracy": {task_names[t]: round(100.0 * float(confusion[t, t] / total[t]), 2) for t in seen}}
+    if samples:
+        out[f"{key}_samples"] = {task_names[t]: int(total[t]) for t in seen}
+    out[f"{key}_confusion"] = {task_names[t]: {task_names[c]: int(confusion[t, c]) for c in range(T) if confusion[t, c]}
+                               for t in seen}
+    return out

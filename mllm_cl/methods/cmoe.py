@@ -27,7 +27,7 @@ from torch import nn
 from mllm_cl.callbacks.cmoe import ProbeStatistics, TaskLocatorFitter
 from mllm_cl.distributed import all_reduce_sum
 from mllm_cl.experts import ExpertSetup, RoutingContext, TopKRouter, expert_layers
-from mllm_cl.methods.base import Method, Phase
+from mllm_cl.methods.base import Method, Phase, choice_metrics
 from mllm_cl.methods.locator import GaussianLocator, TaskLocator, prompt_features, task_features
 
 
@@ -262,20 +262,9 @@ class LLaVACMoE(Method):
         return RoutingContext(router_choice=[f"task{c}" for c in chosen])
 
     def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:
-        T = len(task_names)
-        confusion = torch.zeros(T, T, dtype=torch.float64)  # [true task, located task]
-        for (true, pred), n in self._hits.items():
-            confusion[true, pred] += n
+        out = choice_metrics(self._hits, task_names, "locator", samples=True)
         self._hits = {}
-        confusion = all_reduce_sum(confusion)  # every rank scored its share of the test sets
-        total = confusion.sum(1)
-        if not total.any():
-            return None
-        seen = [t for t in range(T) if total[t]]
-        return {"locator_accuracy": {task_names[t]: round(100.0 * float(confusion[t, t] / total[t]), 2) for t in seen},
-                "locator_samples": {task_names[t]: int(total[t]) for t in seen},
-                "locator_confusion": {task_names[t]: {task_names[p]: int(confusion[t, p]) for p in range(T)
-                                                      if confusion[t, p]} for t in seen}}
+        return out or None
 
     # ------------------------------------------------------------------- state
     def task_progress(self) -> dict[str, torch.Tensor]:

@@ -7,6 +7,10 @@ Hooks: ``on_task_start`` (freeze everything, add the expert), ``on_phase_start``
 gate trainable), ``on_task_end`` (freeze, switch the routers to routing), ``routing_context`` (the
 oracle, ``route_by: task_id``: each sample to its own task's expert).
 
+``route: mean_activation`` (an extension, not the paper's method): no gate phase; at each task's end
+its mean standardized input per expert layer is stored (``mllm_cl.methods.mean_activation``) and each
+evaluated sample goes, for its whole answer, to the expert of the task its prompt matches best.
+
 Mohta, Ak et al., arXiv 2511.01831. See docs/methods/routing.md.
 """
 
@@ -15,10 +19,15 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
 
+from mllm_cl.callbacks.routing import MeanActivationFitter
 from mllm_cl.experts import ExpertSetup, PostHocGateRouter, RoutingContext, expert_layers
-from mllm_cl.methods.base import Method, Phase, add_oracle_route, oracle_context
+from mllm_cl.methods.base import Method, Phase, add_oracle_route, choice_metrics, oracle_context
+from mllm_cl.methods.mean_activation import MeanActivations, pooled_inputs, task_means
+
+ROUTES = ("gates", "mean_activation")
 
 
 class RoutingCL(Method):
@@ -28,7 +37,8 @@ class RoutingCL(Method):
 
     def __init__(self, experts: ExpertSetup, *, top_k: int = 2, gate_steps: int = 100, gate_lr: float | None = 5e-3,
                  gate_warmup: float | None = 0.06, gate_batch: int | None = 1024, expert_scale: float = 1.0,
-                 null_expert: bool = False, null_score: float = 0.0, route_by: str = "gates") -> None:
+                 null_expert: bool = False, null_score: float = 0.0, route_by: str = "gates", route: str = "gates",
+                 mean_samples: int | None = 1024) -> None:
         """The method's options.
 
         Args:
@@ -43,7 +53,13 @@ class RoutingCL(Method):
                 1/16 is ``expert_scale: 0.03125``).
             null_expert: one more choice at evaluation that routes to no adapter.
             null_score: the null expert's constant score.
-            route_by: ``gates`` (the method) or ``task_id`` (the oracle: each sample to its task's expert).
+            route_by: ``gates`` (the method's routing, as ``route`` says) or ``task_id`` (the oracle: each
+                sample to its task's expert).
+            route: ``gates`` (the paper: per-token top-k over the trained gates) or ``mean_activation`` (an
+                extension: no gates; per sample, the task whose stored mean layer inputs its prompt matches,
+                that task's expert for the whole answer; needs ``gate_steps: 0``).
+            mean_samples: with ``route: mean_activation``, the training samples per task its means are taken
+                over (the first ones; ``null``: all).
         """
         if experts.router is not None:
             raise ValueError("routing builds its own post-hoc gate router: leave experts.router unset")
@@ -54,13 +70,29 @@ class RoutingCL(Method):
             raise ValueError(f"routing: gate_warmup is a share of the gate steps in [0, 1), got {gate_warmup}")
         if route_by not in ("gates", "task_id"):
             raise ValueError(f"routing: route_by must be 'gates' or 'task_id', got {route_by!r}")
+        if route not in ROUTES:
+            raise ValueError(f"routing: route must be one of {', '.join(ROUTES)}, got {route!r}")
+        if route == "mean_activation" and gate_steps:
+            raise ValueError(f"routing: route mean_activation trains no gates; set gate_steps: 0 (got {gate_steps})")
+        if mean_samples is not None and mean_samples < 1:
+            raise ValueError(f"routing: mean_samples must be >= 1 (or null: all), got {mean_samples}")
         experts.router = partial(PostHocGateRouter, top_k=top_k, null_expert=null_expert, null_score=null_score)
         super().__init__(experts)
         self.top_k, self.gate_steps = top_k, gate_steps
         self.gate_lr, self.gate_warmup, self.gate_batch = gate_lr, gate_warmup, gate_batch
         self.expert_scale = expert_scale
-        self.route_by = route_by
+        self.route_by, self.route, self.mean_samples = route_by, route, mean_samples
         self.tasks = 0  # tasks whose expert exists (the oracle routes only those)
+        self.means = MeanActivations()  # route: mean_activation
+        self._hits: dict[tuple[int, int], int] = {}  # (true task, chosen task) -> samples, this evaluation
+        self._model: nn.Module | None = None
+
+    def build(self, model: nn.Module):
+        self._model = model
+        return super().build(model)
+
+    def callbacks(self) -> list:
+        return [MeanActivationFitter(self)] if self.route == "mean_activation" else []
 
     def phases(self, task: int, num_tasks: int) -> list[Phase]:
         constant = None if self.gate_lr is None and self.gate_warmup is None else "constant"  # PHATGOOSE's
@@ -74,7 +106,7 @@ class RoutingCL(Method):
         alpha = (self.experts.alpha if self.experts.alpha is not None else 2.0 * rank) * self.expert_scale
         self.add_expert_everywhere(model, f"task{task}", alpha=alpha)
         self.tasks = task + 1
-        if self.route_by == "task_id":
+        if self.route_by == "task_id" or self.route == "mean_activation":  # a route per task id
             for layer in expert_layers(model).values():
                 add_oracle_route(layer, task, f"task{task}")
 
@@ -91,7 +123,40 @@ class RoutingCL(Method):
         for layer in expert_layers(model).values():
             layer.routers["default"].route()
 
+    def fit_mean_activations(self, module, task: int) -> None:
+        """Store task ``task``'s mean standardized input per expert layer (``route: mean_activation``).
+        ``module``: the ContinualMLLM, its task sequence connected."""
+        if self.means.num_tasks != task:
+            raise RuntimeError(f"routing: mean activations of {self.means.num_tasks} tasks stored at the end of task "
+                               f"{task}; expected one per finished task")
+        self.means.add_task(task_means(module, task, self.mean_samples))
+
     def routing_context(self, batch: dict[str, Any], *, training: bool) -> RoutingContext | None:
-        if training or self.route_by != "task_id":
-            return None  # the phase's mode of the gate router (training), the gates (evaluation)
-        return oracle_context(batch["task_ids"], range(self.tasks))
+        if training:
+            return None  # the phase's mode of the gate router
+        if self.route_by == "task_id":
+            return oracle_context(batch["task_ids"], range(self.tasks))
+        if self.route == "gates" or not self.means.num_tasks:
+            return None  # the gates
+        chosen = self.means.choose(pooled_inputs(self._model, batch))
+        ids = chosen.tolist()
+        for true, pred in zip(batch["task_ids"].tolist(), ids, strict=True):
+            if true >= 0:
+                self._hits[(true, pred)] = self._hits.get((true, pred), 0) + 1
+        context = oracle_context(chosen, range(self.tasks))  # each sample to its chosen task's expert
+        context.host_lists["task_ids"] = ids
+        return context
+
+    def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:
+        out = choice_metrics(self._hits, task_names, "mean_activation")
+        self._hits = {}
+        return out or None
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        if self.route != "mean_activation":
+            return {}, {}
+        return {"mean_activation_tasks": self.means.num_tasks}, self.means.state()
+
+    def load_state(self, facts: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        if self.route == "mean_activation":
+            self.means.load_state(tensors, facts.get("mean_activation_tasks", 0))

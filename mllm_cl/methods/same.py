@@ -28,7 +28,7 @@ from mllm_cl.distributed import all_reduce_sum
 from mllm_cl.experts import BatchMeanRouter, CovarianceSketch, ExpertLayer, ExpertSetup, RoutingContext, expert_layers
 from mllm_cl.experts.routing import index_on
 from mllm_cl.experts.spectral import expert_rewrite, kept_directions, kept_mask, range_finder, router_rewrite
-from mllm_cl.methods.base import Method
+from mllm_cl.methods.base import Method, choice_metrics
 from mllm_cl.methods.routing_encoder import RoutingEncoder, RoutingFeatures
 from mllm_cl.methods.same_drift import DriftMeter
 
@@ -377,17 +377,9 @@ class SAME(Method):
     def _prior_metrics(self, task_names: list[str]) -> dict[str, Any]:
         if self.prior == "none" or not self.anchors:
             return {}
-        T = len(task_names)
-        confusion = torch.zeros(T, T, dtype=torch.float64)  # [true task, the prior's top-1 task]
-        for (true, chosen), n in self._hits.items():
-            confusion[true, chosen] += n
-        confusion = all_reduce_sum(confusion)  # every process scored its share of the test sets
+        out = choice_metrics(self._hits, task_names, "prior")
         self._hits = {}
-        total = confusion.sum(1)
-        seen = [t for t in range(T) if total[t]]
-        return {"prior_accuracy": {task_names[t]: round(100.0 * float(confusion[t, t] / total[t]), 2) for t in seen},
-                "prior_confusion": {task_names[t]: {task_names[c]: int(confusion[t, c]) for c in range(T)
-                                                    if confusion[t, c]} for t in seen}}
+        return out
 
     # ------------------------------------------------------------------- state
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

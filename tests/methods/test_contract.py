@@ -58,6 +58,11 @@ EXPECTED: dict[str, list[str]] = {
     "same": ["--model.method.init_args.warmup_steps", "1", "--model.method.init_args.refresh_every", "2"],
     "cram": [],
 }
+#: A method's extensions run through the same checks: "METHOD:NAME" -> the fit options that select it.
+EXTENSIONS: dict[str, list[str]] = {
+    "routing:mean_activation": ["--model.method.init_args.route", "mean_activation",
+                                "--model.method.init_args.gate_steps", "0"],
+}
 
 
 def _subclasses(cls):
@@ -84,6 +89,7 @@ CONFIGS = {p.stem: p for p in sorted((ROOT / "configs/methods").glob("*.yaml"))}
 REGISTERED = sorted(set(CLASSES) | set(CONFIGS))
 #: (method config, fit options) per case: the registered methods, and the example's method.
 CASES = {**{name: (CONFIGS.get(name), EXPECTED.get(name, [])) for name in REGISTERED},
+         **{name: (CONFIGS.get(name.partition(":")[0]), options) for name, options in EXTENSIONS.items()},
          "example:warm_start": (EXAMPLE / "config.yaml", [])}
 
 
@@ -157,7 +163,7 @@ def bench(tmp_path_factory, make_bench):
 @pytest.fixture(scope="module", params=list(CASES))
 def fitted(request, bench, tmp_path_factory):
     name = request.param
-    if not name.startswith("example:") and name not in EXPECTED:
+    if not name.startswith("example:") and name not in EXPECTED and name not in EXTENSIONS:
         pytest.fail(f"method {name!r} is not in EXPECTED of {Path(__file__).relative_to(ROOT)}: add it there")
     config, options = CASES[name]
     if config is None:

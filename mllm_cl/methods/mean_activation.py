@@ -1,0 +1,151 @@
+"""Per-task mean activations: routing-based CL's ``route: mean_activation`` (docs/methods/routing.md).
+
+PHATGOOSE's "average activation" baseline, made continual. At the end of task t, each expert layer's
+input over the task's training prompts, from the frozen base model (adapters off), standardized per
+token as the gates standardize it (zero mean, unit variance over features, no affine), averaged over
+each sample's prompt tokens and then over the samples: the task's mean ``m_t`` per layer, stored and
+never changed again. At evaluation each sample's prompt goes once through the base model; per layer
+its pooled standardized input is scored against every seen task's mean minus the mean of all of them
+(the running mean over the tasks so far), standardized, ``x . c_bar / sqrt(d)`` as the gates score;
+each layer votes for its best task, the sample goes to the task with the most votes (ties: the larger
+summed score), and that task's expert serves every layer for the whole answer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from mllm_cl.data.collate import batch_to
+from mllm_cl.distributed import all_reduce_sum, is_writer, world
+from mllm_cl.experts import ExpertLayer, RoutingContext, expert_layers, routing_context
+
+EPS = 1e-5  # the gates' standardization epsilon (PostHocGateRouter)
+
+
+def prompt_mask(batch: dict) -> torch.Tensor:
+    """(B, L) bool: the real tokens before the answer (training batches carry ``labels``; evaluation
+    batches are prompts alone)."""
+    mask = batch["attention_mask"].bool()
+    labels = batch.get("labels")
+    if labels is None:
+        return mask
+    answer = labels != -100
+    started = answer.long().cumsum(-1) > 0  # the answer and everything after it
+    return mask & ~started
+
+
+@torch.no_grad()
+def pooled_inputs(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """Per expert layer, (B, d) float32: each sample's layer input standardized per token and averaged
+    over its prompt tokens, from one forward of the prompt through the frozen base (adapters off)."""
+    mask = prompt_mask(batch)
+    weights = (mask.float() / mask.sum(-1, keepdim=True).clamp(min=1)).unsqueeze(-1)  # (B, L, 1)
+    pooled: dict[str, torch.Tensor] = {}
+
+    def hook(name: str, layer: ExpertLayer):
+        def record(module, args):
+            x = args[0]
+            if x.shape[:2] != mask.shape:
+                raise ValueError(f"mean activations: {name} sees inputs {tuple(x.shape)}, not one row per token of "
+                                 f"the prompt {tuple(mask.shape)}; route: mean_activation needs adapted modules of "
+                                 "the language model (experts.target_modules / experts.scope)")
+            z = F.layer_norm(x.float(), (layer.in_features,), eps=EPS)
+            pooled[name] = (z * weights).sum(1)
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name, layer)) for name, layer in expert_layers(model).items()]
+    positions = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    try:
+        with routing_context(model, RoutingContext(disable_adapters=True)):
+            model(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch.get("pixel_values"),
+                  position_ids=positions, **batch.get("model_inputs", {}))
+    finally:
+        for h in handles:
+            h.remove()
+    return pooled
+
+
+def task_means(module, task: int, limit: int | None) -> dict[str, torch.Tensor]:
+    """Per expert layer, (d,) float64: the mean of ``pooled_inputs`` over task ``task``'s first ``limit``
+    training samples (all: ``None``). Under DDP each process takes every world-size-th of them and the
+    sums are added over processes, so every process gets the same means. ``module``: the ContinualMLLM."""
+    dm = module.sequence
+    data = dm.train_dataset(task)
+    n = len(data) if limit is None else min(limit, len(data))
+    rank, size = world()
+    loader = DataLoader(Subset(data, range(rank, n, size)), batch_size=dm.eval_batch_size, shuffle=False,
+                        collate_fn=dm.train_collate, num_workers=dm.num_workers)
+    was_training = module.model.training
+    module.model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), dtype=torch.float64, device=module.device)
+    for batch in tqdm(loader, desc=f"mean activations of {dm.tasks[task].name}", leave=False,
+                      disable=None if is_writer() else True):
+        if batch.get("empty"):
+            continue
+        batch = batch_to(batch, module.device)
+        for name, rows in pooled_inputs(module.model, batch).items():
+            total = rows.double().sum(0)
+            sums[name] = total if name not in sums else sums[name] + total
+        count += batch["input_ids"].shape[0]
+    module.model.train(was_training)
+    layers = expert_layers(module.model)
+    count = all_reduce_sum(count)
+    if not count:
+        raise RuntimeError(f"mean activations: task {dm.tasks[task].name} has no training sample to average")
+    return {name: all_reduce_sum(sums.get(name, torch.zeros(layer.in_features, dtype=torch.float64,
+                                                            device=module.device))) / count
+            for name, layer in layers.items()}
+
+
+class MeanActivations:
+    """Every seen task's mean standardized input per expert layer, and the per-sample choice they make."""
+
+    def __init__(self) -> None:
+        self.means: dict[str, list[torch.Tensor]] = {}  # layer -> one (d,) float32 mean per task
+
+    @property
+    def num_tasks(self) -> int:
+        return len(next(iter(self.means.values()), []))
+
+    def add_task(self, means: dict[str, torch.Tensor]) -> None:
+        if self.means and set(means) != set(self.means):
+            raise ValueError(f"mean activations: the new task's layers {sorted(means)[:3]}... differ from the "
+                             f"earlier tasks' {sorted(self.means)[:3]}...")
+        for name, mean in means.items():
+            self.means.setdefault(name, []).append(mean.detach().float().cpu())
+
+    def scores(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(layers, B, T): per layer, each sample's pooled input against every task's centred mean,
+        ``x . c_bar / sqrt(d)`` with ``c_t = m_t - mean_s m_s`` standardized."""
+        out = []
+        for name, rows in pooled.items():
+            means = torch.stack(self.means[name]).to(rows)  # (T, d)
+            centred = F.layer_norm(means - means.mean(0, keepdim=True), (means.shape[-1],), eps=EPS)
+            out.append(rows @ centred.T / math.sqrt(means.shape[-1]))
+        return torch.stack(out)
+
+    def choose(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) the task each sample goes to: the most layers' best, ties broken by the summed score."""
+        scores = self.scores(pooled)  # (layers, B, T)
+        T = scores.shape[-1]
+        votes = F.one_hot(scores.argmax(-1), T).sum(0).to(scores.dtype)  # (B, T)
+        total = scores.sum(0)
+        spread = total.abs().amax(-1, keepdim=True) + 1  # the summed score only separates equal votes
+        return (votes + total / (2 * spread)).argmax(-1)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"mean_activation.{name}.{t}": m for name, ms in self.means.items() for t, m in enumerate(ms)}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], tasks: int) -> None:
+        self.means = {}
+        names = {k.removeprefix("mean_activation.").rpartition(".")[0] for k in tensors
+                 if k.startswith("mean_activation.")}
+        for name in sorted(names):
+            self.means[name] = [tensors[f"mean_activation.{name}.{t}"].float() for t in range(tasks)]
