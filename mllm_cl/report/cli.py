@@ -19,7 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--routing", action="store_true",
                    help="also rebuild each run's model and diagnose its routing: per task, layer and token kind, the "
-                        "share of tokens whose top-1 is the task's own expert, and the method's task-choice accuracy "
+                        "share of tokens whose top-1 is the task's own expert, and the method's task-choice accuracy; "
+                        "for per-token routing over per-task experts, the separability diagnosis (separation ratio "
+                        "per layer, answer-token accuracy under the gates and under own-expert routing) "
                         "(writes RUN/routing/stage_NN.{json,md} and RUN/plots/routing_stage_NN.png)")
     p.add_argument("--stage", type=int, default=None, help="with --routing: the stage to diagnose (default: the last)")
     p.add_argument("--limit", type=int, default=50, help="with --routing: test prompts per task (default: %(default)s)")

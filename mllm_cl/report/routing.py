@@ -8,7 +8,9 @@ per token kind (``image``, ``instruction``: the prompt's text, ``answer``: the p
 answer's tokens), it reports the share of tokens whose top-1 choice is one of the task's
 own experts (``Method.task_experts``: the experts the task trained) and the mean routing
 weight on them; for methods that choose per sample (a task locator, a task prior, a group)
-the method's own choice accuracy and confusion matrix over the same prompts. Written to
+the method's own choice accuracy and confusion matrix over the same prompts. For methods that
+route every token over per-task experts, the separability diagnosis too (``separability``: the
+separation ratio per layer, answer-token accuracy under four routings). Written to
 ``RUN/routing/stage_NN.json`` and ``RUN/plots/routing_stage_NN.png`` (a heatmap per kind).
 """
 
@@ -23,6 +25,8 @@ from torch.utils.data import DataLoader, Subset
 
 from mllm_cl.data.collate import batch_to
 from mllm_cl.experts import RoutingContext, expert_layers, routing_context
+from mllm_cl.report.separability import markdown_lines as separability_lines
+from mllm_cl.report.separability import measure as measure_separability
 
 KINDS = ("image", "instruction", "answer")
 
@@ -78,9 +82,11 @@ def _accumulate(totals: dict, layer_name: str, record: list, tasks: torch.Tensor
 
 
 @torch.no_grad()
-def diagnose(restored, predictions: dict[str, dict[str, str]], *, limit: int = 50) -> dict[str, Any]:
+def diagnose(restored, predictions: dict[str, dict[str, str]], *, limit: int = 50,
+             separability: bool = True) -> dict[str, Any]:
     """``restored``: ``mllm_cl.system.restore.restore``'s model of a stage; ``predictions``: that
-    stage's predicted answers (``load_predictions``)."""
+    stage's predicted answers (``load_predictions``); ``separability``: add the separability
+    diagnosis (``separability.measure``) on the same tasks and test samples."""
     module, dm, stage = restored.module, restored.datamodule, restored.stage
     method, tokenizer = module.method, module.tokenizer
     layers = expert_layers(module.model)
@@ -130,9 +136,11 @@ def diagnose(restored, predictions: dict[str, dict[str, str]], *, limit: int = 5
                 summary.setdefault(task, {})[kind] = {
                     "own_top1": round(sum(c["own_top1"] * c["tokens"] for c in cells) / n, 4),
                     "own_weight": round(sum(c["own_weight"] * c["tokens"] for c in cells) / n, 4)}
-    return {"method": method.name, "stage": stage, "prompts_per_task": limit, "layers": list(layers),
-            "summary": summary, "per_layer": per,
-            "choice": {k: v for k, v in choice.items() if isinstance(v, dict)}}
+    out = {"method": method.name, "stage": stage, "prompts_per_task": limit, "layers": list(layers),
+           "summary": summary, "per_layer": per, "choice": {k: v for k, v in choice.items() if isinstance(v, dict)}}
+    if separability:
+        out.update(measure_separability(module, dm, list(seen), limit=limit))
+    return out
 
 
 def markdown(diag: dict[str, Any]) -> str:
@@ -151,6 +159,7 @@ def markdown(diag: dict[str, Any]) -> str:
     for key, value in diag["choice"].items():
         lines += ["", f"{key.replace('_', ' ')}: " + ", ".join(f"{t} {v}" for t, v in value.items())
                   if all(not isinstance(v, dict) for v in value.values()) else f"{key.replace('_', ' ')}: {value}"]
+    lines += separability_lines(diag)
     return "\n".join(lines) + "\n"
 
 
