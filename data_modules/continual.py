@@ -173,7 +173,7 @@ class TaskSequence(L.LightningDataModule):
         self._kept: tuple[tuple, list[Dataset], KeptWorkers] | None = None  # the training loader phases share
         self.seed, self.template, self.max_length, self.on_bad_sample = seed, template, max_length, on_bad_sample
         self.shuffle_buffer, self.resample_steps = shuffle_buffer, resample_steps
-        self.skips = {t.name: SkipLog() for t in self.tasks}  # training samples skipped, per task
+        self.skips = {t.name: SkipLog() for t in [*self.tasks, *self.general_tasks]}  # training samples skipped
         self.test_skips = {t.name: SkipLog() for t in self.tasks}  # test rows dropped when the test file was read
         self.test_skips.update({t.name: SkipLog() for t in self.general_tasks})
         self.current = 0
@@ -240,10 +240,16 @@ class TaskSequence(L.LightningDataModule):
 
     def set_task(self, index: int, *, fraction: float = 1.0, tasks: list[int] | None = None) -> None:
         """Make task ``index`` current; ``fraction`` < 1 takes a seeded subset (probe phases);
-        ``tasks`` trains on the union of those tasks instead (joint training)."""
-        for i in [index] + list(tasks or []):
-            if not 0 <= i < self.num_tasks:
-                raise IndexError(f"task index {i} outside 0..{self.num_tasks - 1}")
+        ``tasks`` trains on the union of those tasks instead (joint training); among them ``-1 - j`` is
+        general task ``j`` (``data.general``; its samples carry task id -1)."""
+        union = list(tasks or [])
+        for i in [index, *union]:
+            if 0 <= i < self.num_tasks or (i in union and -len(self.general_tasks) <= i < 0):
+                continue
+            if i < 0 and i in union:
+                raise IndexError(f"a phase trains on general task {-1 - i} (task index {i}) but data.general names "
+                                 f"{len(self.general_tasks)}: {[t.name for t in self.general_tasks]}")
+            raise IndexError(f"task index {i} outside 0..{self.num_tasks - 1}")
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         self.current, self.fraction, self.union = index, fraction, list(tasks) if tasks else None
@@ -261,7 +267,7 @@ class TaskSequence(L.LightningDataModule):
         return {"tasks": self.num_tasks, "train": train, "test": test, "skipped": skipped}
 
     def _train_records(self, index: int) -> list:
-        t = self.tasks[index]
+        t = self.task_spec(index)
         if ("train", index) not in self._records:
             convs = load_conversations(t.train, t.image_root, on_bad_sample=self.on_bad_sample,
                                        skips=self.skips[t.name], limit=self.train_limit)
@@ -273,7 +279,7 @@ class TaskSequence(L.LightningDataModule):
 
     def train_count(self, index: int) -> int | None:
         """Training records of task ``index`` (read and checked; ``None`` for a task streamed from shards)."""
-        return None if self.tasks[index].train_shards is not None else len(self._train_records(index))
+        return None if self.task_spec(index).train_shards is not None else len(self._train_records(index))
 
     def test_count(self, index: int) -> int:
         """Test prompts of task ``index`` (``-1 - j``: general task ``j``)."""
@@ -300,7 +306,7 @@ class TaskSequence(L.LightningDataModule):
         encoder = self._need_model()
         if index not in self._train_cache:
             self._train_cache[index] = ConversationDataset(self._train_records(index), encoder, self.images,
-                                                           task_id=index, on_bad_sample=self.on_bad_sample)
+                                                           task_id=max(index, -1), on_bad_sample=self.on_bad_sample)
         return self._train_cache[index]
 
     def scorers(self, task: TaskSpec) -> list[str]:
@@ -319,9 +325,9 @@ class TaskSequence(L.LightningDataModule):
     # ------------------------------------------------------------- dataloaders
     def _streamed(self, indices: list[int]) -> bool:
         """Whether tasks ``indices`` train from shards (all of them) or from JSON files (none)."""
-        streamed = [self.tasks[i].train_shards is not None for i in indices]
+        streamed = [self.task_spec(i).train_shards is not None for i in indices]
         if any(streamed) and not all(streamed):
-            names = [self.tasks[i].name for i in indices]
+            names = [self.task_spec(i).name for i in indices]
             raise ValueError(f"joint training over {names} mixes shards and JSON files: give shards for all "
                              "of them or for none")
         return all(streamed)
@@ -379,8 +385,8 @@ class TaskSequence(L.LightningDataModule):
 
     def _shard_data(self, indices: list[int], encoder: ConversationEncoder | None) -> ShardDataset:
         _, size = world()
-        return ShardDataset([self.tasks[i].train_shards for i in indices], encoder,
-                            self.images if encoder is not None else None, task_ids=indices,
+        return ShardDataset([self.task_spec(i).train_shards for i in indices], encoder,
+                            self.images if encoder is not None else None, task_ids=[max(i, -1) for i in indices],
                             on_bad_sample=self.on_bad_sample, shuffle=True, shuffle_buffer=self.shuffle_buffer,
                             seed=self.task_seed(self.current), resample_batches=self.resample_steps,
                             batch_size=self.batch_size, fraction=self.fraction, limit=self.train_limit,

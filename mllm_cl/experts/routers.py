@@ -423,7 +423,10 @@ class PostHocGateRouter(Router):
     - ``train_on(name)``: everything to expert ``name`` with weight 1 (the expert
       stage: ``y = W0 x + s B_t A_t x``);
     - ``train_on(name, gate=True)``: expert ``name`` weighted by its own gate,
-      ``sigmoid(v_t . x)`` per token (the gate stage; not normalized);
+      ``sigmoid(v_t . x)`` per token (the gate stage; not normalized). Samples marked negative
+      (``context.extra["negative"]``, (B,) bool: the ``gate_negatives`` extension) are weighted by the
+      gate without a gradient to it, and ``negative_loss`` is the mean of ``-log(1 - sigmoid(v_t . x))``
+      over their real tokens (``context.token_mask``): a loss that closes the gate there;
     - ``route()`` (the default): per token, standardize ``x`` and every ``v_k``
       (zero mean, unit variance over features, no affine, ``eps``), score
       ``z_k = x_bar . v_bar_k / sqrt(d_in)``, keep the ``k_eff = min(top_k,
@@ -446,6 +449,7 @@ class PostHocGateRouter(Router):
         self.gates = nn.ParameterDict()
         self.training_expert: str | None = None
         self.gating = False
+        self.negative_loss: torch.Tensor | None = None  # the last gate-stage forward's, with negatives
 
     @property
     def normalized(self) -> bool:  # a sigmoid gate is its own probability
@@ -480,8 +484,13 @@ class PostHocGateRouter(Router):
                 return Routing(weights=torch.ones(shape, dtype=x.dtype, device=x.device),
                                indices=torch.full(shape, i, device=x.device), active=(i,))
             v = self.gates[self.training_expert]
-            w = torch.sigmoid(F.linear(x.to(v.dtype), v[None]))  # (B, L, 1)
+            logit = F.linear(x.to(v.dtype), v[None])  # (B, L, 1)
+            negative = None if context is None else context.extra.get("negative")
+            if negative is not None:
+                logit = self._close_on(negative, logit, F.linear(x.to(v.dtype), v.detach()[None]), context)
+            w = torch.sigmoid(logit)
             return Routing(weights=w, indices=torch.full(w.shape, i, device=x.device), active=(i,))
+        self.negative_loss = None
         z = self.scores(x)  # (B, L, E)
         if self.null_expert:
             z = torch.cat([z, z.new_full((*z.shape[:-1], 1), self.null_score)], dim=-1)
@@ -490,6 +499,18 @@ class PostHocGateRouter(Router):
         if self.null_expert:
             idx = torch.where(idx == self.num_experts, -1, idx)
         return Routing(weights=torch.softmax(top, dim=-1), indices=idx, probs=torch.softmax(z, dim=-1))
+
+    def _close_on(self, negative: torch.Tensor, logit: torch.Tensor, frozen: torch.Tensor,
+                  context: RoutingContext) -> torch.Tensor:
+        """The gate-stage logits with the negative samples' taken from ``frozen`` (no gradient to the gate
+        through their forward), and ``negative_loss`` set from theirs."""
+        negative = negative.to(logit.device).bool().view(-1, 1, 1)  # (B, 1, 1)
+        mask = context.token_mask
+        tokens = negative[..., 0].expand(logit.shape[:2])  # (B, L)
+        if mask is not None:
+            tokens = tokens & mask.to(logit.device).bool()
+        self.negative_loss = (F.softplus(logit[..., 0]) * tokens).sum() / tokens.sum().clamp(min=1)
+        return torch.where(negative, frozen, logit)
 
     def extra_repr(self) -> str:
         mode = "route"

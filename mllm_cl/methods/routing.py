@@ -10,6 +10,8 @@ oracle, ``route_by: task_id``: each sample to its own task's expert).
 ``route: mean_activation`` (an extension, not the paper's method): no gate phase; at each task's end
 its mean standardized input per expert layer is stored (``mllm_cl.methods.mean_activation``) and each
 evaluated sample goes, for its whole answer, to the expert of the task its prompt matches best.
+``gate_negatives: general`` (an extension): the gate phase also trains on the first general task's
+samples (``data.general``), where a loss closes the gate (``PostHocGateRouter``'s negatives).
 
 Mohta, Ak et al., arXiv 2511.01831. See docs/methods/routing.md.
 """
@@ -28,6 +30,7 @@ from mllm_cl.methods.base import Method, Phase, add_oracle_route, choice_metrics
 from mllm_cl.methods.mean_activation import MeanActivations, pooled_inputs, task_means
 
 ROUTES = ("gates", "mean_activation")
+NEGATIVES = ("none", "general")
 
 
 class RoutingCL(Method):
@@ -38,7 +41,7 @@ class RoutingCL(Method):
     def __init__(self, experts: ExpertSetup, *, top_k: int = 2, gate_steps: int = 100, gate_lr: float | None = 5e-3,
                  gate_warmup: float | None = 0.06, gate_batch: int | None = 1024, expert_scale: float = 1.0,
                  null_expert: bool = False, null_score: float = 0.0, route_by: str = "gates", route: str = "gates",
-                 mean_samples: int | None = 1024) -> None:
+                 mean_samples: int | None = 1024, gate_negatives: str = "none", negative_weight: float = 1.0) -> None:
         """The method's options.
 
         Args:
@@ -60,6 +63,11 @@ class RoutingCL(Method):
                 that task's expert for the whole answer; needs ``gate_steps: 0``).
             mean_samples: with ``route: mean_activation``, the training samples per task its means are taken
                 over (the first ones; ``null``: all).
+            gate_negatives: ``none`` (the paper: a gate sees only its own task) or ``general`` (an extension:
+                the gate phase also draws the first general task's training samples, ``data.general``, where
+                ``negative_weight`` times ``-log(1 - gate)`` per token closes the gate; the language-model
+                loss there moves no gate).
+            negative_weight: the weight of that loss, per gate.
         """
         if experts.router is not None:
             raise ValueError("routing builds its own post-hoc gate router: leave experts.router unset")
@@ -74,6 +82,12 @@ class RoutingCL(Method):
             raise ValueError(f"routing: route must be one of {', '.join(ROUTES)}, got {route!r}")
         if route == "mean_activation" and gate_steps:
             raise ValueError(f"routing: route mean_activation trains no gates; set gate_steps: 0 (got {gate_steps})")
+        if gate_negatives not in NEGATIVES:
+            raise ValueError(f"routing: gate_negatives must be one of {', '.join(NEGATIVES)}, got {gate_negatives!r}")
+        if gate_negatives != "none" and (route != "gates" or not gate_steps):
+            raise ValueError("routing: gate_negatives trains the gates: it needs route: gates and gate_steps > 0")
+        if negative_weight < 0:
+            raise ValueError(f"routing: negative_weight must be >= 0, got {negative_weight}")
         if mean_samples is not None and mean_samples < 1:
             raise ValueError(f"routing: mean_samples must be >= 1 (or null: all), got {mean_samples}")
         experts.router = partial(PostHocGateRouter, top_k=top_k, null_expert=null_expert, null_score=null_score)
@@ -82,6 +96,8 @@ class RoutingCL(Method):
         self.gate_lr, self.gate_warmup, self.gate_batch = gate_lr, gate_warmup, gate_batch
         self.expert_scale = expert_scale
         self.route_by, self.route, self.mean_samples = route_by, route, mean_samples
+        self.gate_negatives, self.negative_weight = gate_negatives, negative_weight
+        self.negatives = False  # the current phase draws negatives (a gate phase with gate_negatives)
         self.tasks = 0  # tasks whose expert exists (the oracle routes only those)
         self.means = MeanActivations()  # route: mean_activation
         self._hits: dict[tuple[int, int], int] = {}  # (true task, chosen task) -> samples, this evaluation
@@ -96,8 +112,9 @@ class RoutingCL(Method):
 
     def phases(self, task: int, num_tasks: int) -> list[Phase]:
         constant = None if self.gate_lr is None and self.gate_warmup is None else "constant"  # PHATGOOSE's
+        union = [task, -1] if self.gate_negatives == "general" else None  # -1: the first general task
         gate = Phase("gate", steps=self.gate_steps, lr=self.gate_lr, warmup=self.gate_warmup, schedule=constant,
-                     samples_per_step=self.gate_batch)
+                     samples_per_step=self.gate_batch, tasks=union)
         return [Phase("expert")] + ([gate] if self.gate_steps else [])
 
     def on_task_start(self, model: nn.Module, task: int) -> None:
@@ -112,6 +129,7 @@ class RoutingCL(Method):
 
     def on_phase_start(self, model: nn.Module, task: int, phase: Phase) -> None:
         name, gate = f"task{task}", phase.name == "gate"
+        self.negatives = gate and self.gate_negatives != "none"
         for layer in expert_layers(model).values():
             router = layer.routers["default"]
             layer.experts[name].requires_grad_(not gate)
@@ -119,6 +137,7 @@ class RoutingCL(Method):
             router.train_on(name, gate=gate)
 
     def on_task_end(self, model: nn.Module, task: int) -> None:
+        self.negatives = False
         self.freeze_all_experts(model)
         for layer in expert_layers(model).values():
             layer.routers["default"].route()
@@ -132,8 +151,10 @@ class RoutingCL(Method):
         self.means.add_task(task_means(module, task, self.mean_samples))
 
     def routing_context(self, batch: dict[str, Any], *, training: bool) -> RoutingContext | None:
-        if training:
-            return None  # the phase's mode of the gate router
+        if training:  # the phase's mode of the gate router, told which samples are negatives
+            if self.negatives:
+                return RoutingContext(token_mask=batch["attention_mask"], extra={"negative": batch["task_ids"] < 0})
+            return None
         if self.route_by == "task_id":
             return oracle_context(batch["task_ids"], range(self.tasks))
         if self.route == "gates" or not self.means.num_tasks:
@@ -146,6 +167,13 @@ class RoutingCL(Method):
         context = oracle_context(chosen, range(self.tasks))  # each sample to its chosen task's expert
         context.host_lists["task_ids"] = ids
         return context
+
+    def extra_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | None:
+        if not self.negatives or not self.negative_weight:
+            return None
+        losses = [layer.routers["default"].negative_loss for layer in expert_layers(model).values()]
+        losses = [loss for loss in losses if loss is not None]
+        return self.negative_weight * torch.stack(losses).sum() if losses else None
 
     def stage_metrics(self, task_names: list[str]) -> dict[str, Any] | None:
         out = choice_metrics(self._hits, task_names, "mean_activation")

@@ -43,7 +43,6 @@ from mllm_cl.system.run_dir import RunDir, adapter_state, structure
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = ROOT / "configs/micro.yaml"
 EXAMPLE = ROOT / "examples/custom_method"
-COLOURS = {"red": (210, 30, 30), "blue": (30, 40, 210), "green": (30, 180, 50)}
 TASKS = 2
 
 #: Every method the suite expects, with the fit options that keep its phases to a step or two.
@@ -58,10 +57,13 @@ EXPECTED: dict[str, list[str]] = {
     "same": ["--model.method.init_args.warmup_steps", "1", "--model.method.init_args.refresh_every", "2"],
     "cram": [],
 }
+#: Every case keeps ``hue`` as the general task: scored at every stage, and data for the extensions that train on it.
+GENERAL = ["--data.general", "[hue]"]
 #: A method's extensions run through the same checks: "METHOD:NAME" -> the fit options that select it.
 EXTENSIONS: dict[str, list[str]] = {
     "routing:mean_activation": ["--model.method.init_args.route", "mean_activation",
                                 "--model.method.init_args.gate_steps", "0"],
+    "routing:gate_negatives": [*EXPECTED["routing"], "--model.method.init_args.gate_negatives", "general"],
 }
 
 
@@ -156,8 +158,8 @@ class Fitted:
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory, make_bench):
-    return make_bench(tmp_path_factory.mktemp("bench"), COLOURS, train=12, test=3)
+def bench(general_bench):
+    return general_bench  # two tasks and ``hue``, the general task (GENERAL)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -173,7 +175,7 @@ def fitted(request, bench, tmp_path_factory):
     run = tmp_path_factory.mktemp(name.replace(":", "_")) / "run"
     PROBES.clear()
     try:
-        fit_main(["--config", str(MICRO), "--config", str(config), "--data.benchmark", str(bench),
+        fit_main(["--config", str(MICRO), "--config", str(config), "--data.benchmark", str(bench), *GENERAL,
                   "--trainer.default_root_dir", str(run), "--trainer.callbacks+", f"{__name__}._Probe", *options])
         assert json.loads((run / "results.json").read_text())["completed_tasks"] == TASKS
         assert len(PROBES) == 1

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from mllm_cl.fit import main as fit_main
@@ -23,7 +24,10 @@ EXTRA = {"cmoe": ["--model.method.init_args.probe_steps", "2", "--model.method.i
                   # the balance loss is a per-process statistic under ddp (as in every data-parallel MoE)
                   "--model.method.init_args.balance_weight", "0"]}
 
-EXTRA_ONE = {"routing": ["--model.method.init_args.gate_steps", "2", "--model.method.init_args.gate_batch", "null"]}
+EXTRA_ONE = {"routing": ["--model.method.init_args.gate_steps", "2", "--model.method.init_args.gate_batch", "null"],
+             # an extension: no gates; each task's mean layer inputs summed over both processes' samples
+             "routing:mean_activation": ["--model.method.init_args.route", "mean_activation",
+                                         "--model.method.init_args.gate_steps", "0"]}
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +38,7 @@ def equal_bench(tmp_path_factory, make_bench):
 
 
 def _run(bench, run, method, *extra, check=True, env=None):
+    method = method.partition(":")[0]  # "METHOD:EXTENSION": the method's config, the extension in EXTRA_ONE
     cmd = [sys.executable, "-m", "mllm_cl.cli", "fit", "--config", "configs/micro.yaml",
            "--config", f"configs/methods/{method}.yaml", "--data.benchmark", str(bench),
            "--trainer.default_root_dir", str(run), "--data.train_limit", "8", "--data.test_limit", "5",
@@ -45,7 +50,8 @@ def _run(bench, run, method, *extra, check=True, env=None):
     return out
 
 
-@pytest.mark.parametrize("method", [pytest.param("individual", marks=pytest.mark.slow), "cmoe", "cram", "routing"])
+@pytest.mark.parametrize("method", [pytest.param("individual", marks=pytest.mark.slow), "cmoe", "cram", "routing",
+                                    "routing:mean_activation"])
 def test_two_processes_train_what_one_does(equal_bench, tmp_path, method):
     one, two = tmp_path / "one", tmp_path / "ddp"
     _run(equal_bench, one, method, "--data.batch_size", "8", *EXTRA_ONE.get(method, []))
@@ -72,6 +78,10 @@ def test_two_processes_train_what_one_does(equal_bench, tmp_path, method):
         assert set(x) == set(y)
         worst = max((x[k].double() - y[k].double()).abs().max().item() for k in x)
         assert worst <= 1e-5, worst
+        if method == "routing:mean_activation":  # the means: from the base alone, equal up to the summation order
+            x, y = load_file(one / ckpt / "method.safetensors"), load_file(two / ckpt / "method.safetensors")
+            assert set(x) == set(y)
+            assert all(torch.allclose(x[k].double(), y[k].double(), atol=1e-9, rtol=1e-7) for k in x), ckpt
     results = [json.loads((r / "results.json").read_text()) for r in (one, two)]
     assert results[0]["matrix"] == results[1]["matrix"]
     # Evaluation scores every test sample exactly once, in dataset order, across both processes.
@@ -86,6 +96,9 @@ def test_two_processes_train_what_one_does(equal_bench, tmp_path, method):
         again = _run(equal_bench, two, method, "--data.batch_size", "4", "--trainer.strategy", "ddp",
                      "--trainer.devices", "2", "--model.lr", "0.5", check=False)
         assert again.returncode != 0 and "refusing to resume" in again.stderr
+    if method == "routing:mean_activation":  # each test prompt's choice counted once, the same as one process's
+        assert set(results[1]["method_metrics"]["stage_02"]["mean_activation_accuracy"]) == {"colour", "mood"}
+        assert results[1]["method_metrics"] == results[0]["method_metrics"]
     if method == "cmoe":  # the locator's hits are summed over processes: every test prompt located once
         assert results[1]["method_metrics"]["stage_02"]["locator_samples"] == {"colour": 5, "mood": 5}
         assert results[1]["method_metrics"] == results[0]["method_metrics"]
