@@ -325,19 +325,24 @@ def choice_metrics(hits: dict[tuple[int, int], int], task_names: list[str], key:
     of its samples given their own task (``KEY_accuracy``, %), the confusion (``KEY_confusion``: true task
     -> chosen task -> samples) and, with ``samples``, the samples counted (``KEY_samples``). ``hits``:
     (true task, chosen task) -> this process's samples; summed over processes here (every process scored
-    its share of the test sets). Empty when no sample of a trained task was scored."""
+    its share of the test sets). A chosen task -1 is "no task" (the base model: ``none`` in the confusion);
+    samples of true task -1 (a general task) give ``KEY_general_to_base``, the share of them that chose it.
+    Empty when no sample was scored."""
     T = len(task_names)
-    confusion = torch.zeros(T, T, dtype=torch.float64)  # [true task, chosen task]
+    confusion = torch.zeros(T + 1, T + 1, dtype=torch.float64)  # [true task, chosen task]; -1 (last): none
     for (true, chosen), n in hits.items():
         confusion[true, chosen] += n
     confusion = all_reduce_sum(confusion)
     total = confusion.sum(1)
     seen = [t for t in range(T) if total[t]]
-    if not seen:
-        return {}
-    out = {f"{key}_accuracy": {task_names[t]: round(100.0 * float(confusion[t, t] / total[t]), 2) for t in seen}}
-    if samples:
-        out[f"{key}_samples"] = {task_names[t]: int(total[t]) for t in seen}
-    out[f"{key}_confusion"] = {task_names[t]: {task_names[c]: int(confusion[t, c]) for c in range(T) if confusion[t, c]}
-                               for t in seen}
+    names = [*task_names, "none"]
+    out: dict[str, Any] = {}
+    if seen:
+        out[f"{key}_accuracy"] = {task_names[t]: round(100.0 * float(confusion[t, t] / total[t]), 2) for t in seen}
+        if samples:
+            out[f"{key}_samples"] = {task_names[t]: int(total[t]) for t in seen}
+        out[f"{key}_confusion"] = {task_names[t]: {names[c]: int(confusion[t, c]) for c in range(T + 1)
+                                                   if confusion[t, c]} for t in seen}
+    if total[T]:
+        out[f"{key}_general_to_base"] = round(100.0 * float(confusion[T, T] / total[T]), 2)
     return out

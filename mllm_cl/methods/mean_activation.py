@@ -8,7 +8,9 @@ never changed again. At evaluation each sample's prompt goes once through the ba
 its pooled standardized input is scored against every seen task's mean minus the mean of all of them
 (the running mean over the tasks so far), standardized, ``x . c_bar / sqrt(d)`` as the gates score;
 each layer votes for its best task, the sample goes to the task with the most votes (ties: the larger
-summed score), and that task's expert serves every layer for the whole answer.
+summed score), and that task's expert serves every layer for the whole answer. With a ``base`` mean
+(the first general task's, taken at the first task's end), one more choice competes: a sample that
+matches it best goes to no expert, the base model alone.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ def pooled_inputs(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
 
 def task_means(module, task: int, limit: int | None) -> dict[str, torch.Tensor]:
     """Per expert layer, (d,) float64: the mean of ``pooled_inputs`` over task ``task``'s first ``limit``
-    training samples (all: ``None``). Under DDP each process takes every world-size-th of them and the
-    sums are added over processes, so every process gets the same means. ``module``: the ContinualMLLM."""
+    training samples (all: ``None``; ``-1 - j``: general task ``j``). Under DDP each process takes every
+    world-size-th of them and the sums are added over processes, so every process gets the same means.
+    ``module``: the ContinualMLLM."""
     dm = module.sequence
     data = dm.train_dataset(task)
     n = len(data) if limit is None else min(limit, len(data))
@@ -85,7 +88,7 @@ def task_means(module, task: int, limit: int | None) -> dict[str, torch.Tensor]:
     module.model.eval()
     sums: dict[str, torch.Tensor] = {}
     count = torch.zeros((), dtype=torch.float64, device=module.device)
-    for batch in tqdm(loader, desc=f"mean activations of {dm.tasks[task].name}", leave=False,
+    for batch in tqdm(loader, desc=f"mean activations of {dm.task_spec(task).name}", leave=False,
                       disable=None if is_writer() else True):
         if batch.get("empty"):
             continue
@@ -98,17 +101,19 @@ def task_means(module, task: int, limit: int | None) -> dict[str, torch.Tensor]:
     layers = expert_layers(module.model)
     count = all_reduce_sum(count)
     if not count:
-        raise RuntimeError(f"mean activations: task {dm.tasks[task].name} has no training sample to average")
+        raise RuntimeError(f"mean activations: task {dm.task_spec(task).name} has no training sample to average")
     return {name: all_reduce_sum(sums.get(name, torch.zeros(layer.in_features, dtype=torch.float64,
                                                             device=module.device))) / count
             for name, layer in layers.items()}
 
 
 class MeanActivations:
-    """Every seen task's mean standardized input per expert layer, and the per-sample choice they make."""
+    """Every seen task's mean standardized input per expert layer, and the per-sample choice they make;
+    ``base``: per layer the general data's mean, one more choice (index ``num_tasks``: no expert)."""
 
     def __init__(self) -> None:
         self.means: dict[str, list[torch.Tensor]] = {}  # layer -> one (d,) float32 mean per task
+        self.base: dict[str, torch.Tensor] = {}  # layer -> the general data's (d,) mean; empty: no base choice
 
     @property
     def num_tasks(self) -> int:
@@ -121,27 +126,34 @@ class MeanActivations:
         for name, mean in means.items():
             self.means.setdefault(name, []).append(mean.detach().float().cpu())
 
+    def set_base(self, means: dict[str, torch.Tensor]) -> None:
+        self.base = {name: mean.detach().float().cpu() for name, mean in means.items()}
+
     def scores(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(layers, B, T): per layer, each sample's pooled input against every task's centred mean,
-        ``x . c_bar / sqrt(d)`` with ``c_t = m_t - mean_s m_s`` standardized."""
+        """(layers, B, C): per layer, each sample's pooled input against every choice's centred mean,
+        ``x . c_bar / sqrt(d)`` with ``c_k = m_k - mean_j m_j`` standardized; the choices are the tasks,
+        then the base when there is one."""
         out = []
         for name, rows in pooled.items():
-            means = torch.stack(self.means[name]).to(rows)  # (T, d)
+            means = torch.stack(self.means[name] + ([self.base[name]] if self.base else [])).to(rows)  # (C, d)
             centred = F.layer_norm(means - means.mean(0, keepdim=True), (means.shape[-1],), eps=EPS)
             out.append(rows @ centred.T / math.sqrt(means.shape[-1]))
         return torch.stack(out)
 
     def choose(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B,) the task each sample goes to: the most layers' best, ties broken by the summed score."""
+        """(B,) the task each sample goes to: the most layers' best, ties broken by the summed score;
+        -1: the base (no expert)."""
         scores = self.scores(pooled)  # (layers, B, T)
         T = scores.shape[-1]
         votes = F.one_hot(scores.argmax(-1), T).sum(0).to(scores.dtype)  # (B, T)
         total = scores.sum(0)
         spread = total.abs().amax(-1, keepdim=True) + 1  # the summed score only separates equal votes
-        return (votes + total / (2 * spread)).argmax(-1)
+        chosen = (votes + total / (2 * spread)).argmax(-1)
+        return chosen.masked_fill(chosen == self.num_tasks, -1) if self.base else chosen
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {f"mean_activation.{name}.{t}": m for name, ms in self.means.items() for t, m in enumerate(ms)}
+        tensors = {f"mean_activation.{name}.{t}": m for name, ms in self.means.items() for t, m in enumerate(ms)}
+        return {**tensors, **{f"mean_activation_base.{name}": m for name, m in self.base.items()}}
 
     def load_state(self, tensors: dict[str, torch.Tensor], tasks: int) -> None:
         self.means = {}
@@ -149,3 +161,5 @@ class MeanActivations:
                  if k.startswith("mean_activation.")}
         for name in sorted(names):
             self.means[name] = [tensors[f"mean_activation.{name}.{t}"].float() for t in range(tasks)]
+        self.base = {k.removeprefix("mean_activation_base."): v.float() for k, v in tensors.items()
+                     if k.startswith("mean_activation_base.")}

@@ -54,7 +54,8 @@ class RoutingCL(Method):
                 follows from the per-process batch and process count (``null``: the model's samples per step).
             expert_scale: multiplies each expert's LoRA scale (alpha / r, 2 by default; PHATGOOSE's scale
                 1/16 is ``expert_scale: 0.03125``).
-            null_expert: one more choice at evaluation that routes to no adapter.
+            null_expert: one more choice at evaluation that routes to no adapter (with ``route: mean_activation``:
+                chosen by the first general task's mean, ``data.general``, taken at the first task's end).
             null_score: the null expert's constant score.
             route_by: ``gates`` (the method's routing, as ``route`` says) or ``task_id`` (the oracle: each
                 sample to its task's expert).
@@ -99,6 +100,7 @@ class RoutingCL(Method):
         self.gate_negatives, self.negative_weight = gate_negatives, negative_weight
         self.negatives = False  # the current phase draws negatives (a gate phase with gate_negatives)
         self.tasks = 0  # tasks whose expert exists (the oracle routes only those)
+        self.null_expert = null_expert
         self.means = MeanActivations()  # route: mean_activation
         self._hits: dict[tuple[int, int], int] = {}  # (true task, chosen task) -> samples, this evaluation
         self._model: nn.Module | None = None
@@ -149,6 +151,11 @@ class RoutingCL(Method):
             raise RuntimeError(f"routing: mean activations of {self.means.num_tasks} tasks stored at the end of task "
                                f"{task}; expected one per finished task")
         self.means.add_task(task_means(module, task, self.mean_samples))
+        if self.null_expert and not self.means.base:
+            if not module.sequence.general_tasks:
+                raise ValueError("routing: route mean_activation with null_expert takes the no-expert choice's mean "
+                                 "from the first general task; set data.general")
+            self.means.set_base(task_means(module, -1, self.mean_samples))
 
     def routing_context(self, batch: dict[str, Any], *, training: bool) -> RoutingContext | None:
         if training:  # the phase's mode of the gate router, told which samples are negatives
@@ -162,8 +169,7 @@ class RoutingCL(Method):
         chosen = self.means.choose(pooled_inputs(self._model, batch))
         ids = chosen.tolist()
         for true, pred in zip(batch["task_ids"].tolist(), ids, strict=True):
-            if true >= 0:
-                self._hits[(true, pred)] = self._hits.get((true, pred), 0) + 1
+            self._hits[(true, pred)] = self._hits.get((true, pred), 0) + 1
         context = oracle_context(chosen, range(self.tasks))  # each sample to its chosen task's expert
         context.host_lists["task_ids"] = ids
         return context
@@ -183,7 +189,8 @@ class RoutingCL(Method):
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         if self.route != "mean_activation":
             return {}, {}
-        return {"mean_activation_tasks": self.means.num_tasks}, self.means.state()
+        return {"mean_activation_tasks": self.means.num_tasks, "mean_activation_base": bool(self.means.base)}, \
+            self.means.state()
 
     def load_state(self, facts: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         if self.route == "mean_activation":

@@ -62,6 +62,7 @@ GENERAL = ["--data.general", "[hue]"]
 #: A method's extensions run through the same checks: "METHOD:NAME" -> the fit options that select it.
 EXTENSIONS: dict[str, list[str]] = {
     "routing:mean_activation": ["--model.method.init_args.route", "mean_activation",
+                                "--model.method.init_args.null_expert", "true",
                                 "--model.method.init_args.gate_steps", "0"],
     "routing:gate_negatives": [*EXPECTED["routing"], "--model.method.init_args.gate_negatives", "general"],
 }

@@ -13,6 +13,7 @@ import torch
 from mllm_cl.experts import ExpertSetup, PostHocGateRouter, RoutingContext, expert_layers, routing_context
 from mllm_cl.fit import main as fit_main
 from mllm_cl.methods import RoutingCL
+from mllm_cl.methods.base import choice_metrics
 from mllm_cl.methods.mean_activation import MeanActivations
 from mllm_cl.system.restore import restore
 
@@ -25,9 +26,10 @@ def _standardize(t: torch.Tensor) -> torch.Tensor:
     return (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5)
 
 
-def _reference_choice(pooled: list[torch.Tensor], means: list[list[torch.Tensor]]) -> list[int]:
+def _reference_choice(pooled: list[torch.Tensor], means: list[list[torch.Tensor]], base: bool = False) -> list[int]:
     """pooled[l]: (B, d_l); means[l][t]: (d_l,). Per layer and sample the best task by the standardized dot
-    product with the task's mean minus the tasks' average; the most votes win, ties by the summed score."""
+    product with the task's mean minus the tasks' average; the most votes win, ties by the summed score.
+    ``base``: the last mean is the base's, chosen as -1."""
     B, T = pooled[0].shape[0], len(means[0])
     chosen = []
     for b in range(B):
@@ -37,7 +39,8 @@ def _reference_choice(pooled: list[torch.Tensor], means: list[list[torch.Tensor]
             scores = [float(rows[b] @ _standardize(m - average)) / math.sqrt(rows.shape[-1]) for m in layer_means]
             votes[max(range(T), key=lambda t: scores[t])] += 1
             total = [a + s for a, s in zip(total, scores, strict=True)]
-        chosen.append(max(range(T), key=lambda t: (votes[t], total[t])))
+        best = max(range(T), key=lambda t: (votes[t], total[t]))
+        chosen.append(-1 if base and best == T - 1 else best)
     return chosen
 
 
@@ -52,6 +55,31 @@ def test_the_choice_is_the_reference_vote():
     got = store.choose({f"l{i}": p for i, p in enumerate(pooled)}).tolist()
     assert got == _reference_choice(pooled, means)
     assert len(set(got)) > 1
+
+
+def test_the_base_is_one_more_choice():
+    torch.manual_seed(2)
+    widths, T, B = [8, 12, 8], 3, 64
+    store = MeanActivations()
+    means = [[torch.randn(d) for _ in range(T + 1)] for d in widths]
+    for t in range(T):
+        store.add_task({f"l{i}": means[i][t] for i in range(len(widths))})
+    store.set_base({f"l{i}": means[i][T] for i in range(len(widths))})
+    pooled = [torch.randn(B, d) for d in widths]
+    got = store.choose({f"l{i}": p for i, p in enumerate(pooled)}).tolist()
+    assert got == _reference_choice(pooled, means, base=True)
+    assert -1 in got and set(got) - {-1}
+    fresh = MeanActivations()
+    fresh.load_state(store.state(), T)
+    assert fresh.choose({f"l{i}": p for i, p in enumerate(pooled)}).tolist() == got
+
+
+def test_choice_metrics_count_the_base_and_the_general_samples():
+    hits = {(0, 0): 3, (0, -1): 1, (1, 0): 2, (1, 1): 2, (-1, -1): 3, (-1, 1): 1}
+    out = choice_metrics(hits, ["a", "b"], "pick")
+    assert out == {"pick_accuracy": {"a": 75.0, "b": 50.0},
+                   "pick_confusion": {"a": {"a": 3, "none": 1}, "b": {"a": 2, "b": 2}},
+                   "pick_general_to_base": 75.0}
 
 
 def test_equal_votes_go_to_the_larger_summed_score():
@@ -153,24 +181,26 @@ def _prompt_inputs(model, layer_name: str, batch: dict) -> torch.Tensor:
 
 def test_the_stored_means_are_each_samples_prompt_mean_averaged(fit_general, tmp_path):
     run = tmp_path / "run"
-    results = fit_general(run, "routing", *MEAN, "--model.method.init_args.mean_samples", "5")
+    results = fit_general(run, "routing", *MEAN, "--model.method.init_args.mean_samples", "5",
+                          "--model.method.init_args.null_expert", "true")
     restored = restore(run, 2)
     module, dm = restored.module, restored.datamodule
     means = module.method.means
     assert means.num_tasks == 2
     names = list(expert_layers(module.model))
-    for task in (0, 1):
+    for task in (0, 1, -1):  # -1: the general task's, the base choice
         data = dm.train_dataset(task)
         for name in (names[0], names[-1]):
             rows = [_prompt_inputs(module.model, name, dm.train_collate([data[i]])).mean(0) for i in range(5)]
-            torch.testing.assert_close(means.means[name][task].double(), torch.stack(rows).mean(0),
-                                       atol=1e-5, rtol=1e-4)
+            stored = means.means[name][task] if task >= 0 else means.base[name]
+            torch.testing.assert_close(stored.double(), torch.stack(rows).mean(0), atol=1e-5, rtol=1e-4)
     # every evaluation after the first task reports the choice of each trained task's test prompts
     metrics = results["method_metrics"]
     assert set(metrics["stage_01"]["mean_activation_accuracy"]) == {"colour"}
     assert set(metrics["stage_02"]["mean_activation_accuracy"]) == {"colour", "mood"}
     confusion = metrics["stage_02"]["mean_activation_confusion"]
-    assert sum(confusion["colour"].values()) == sum(confusion["mood"].values()) == 3  # general rows not counted
+    assert sum(confusion["colour"].values()) == sum(confusion["mood"].values()) == 3
+    assert "mean_activation_general_to_base" in metrics["stage_02"]  # the general task's 3 rows
 
 
 def test_the_chosen_task_serves_every_layer(fit_general, tmp_path):
