@@ -425,8 +425,10 @@ class PostHocGateRouter(Router):
     - ``train_on(name, gate=True)``: expert ``name`` weighted by its own gate,
       ``sigmoid(v_t . x)`` per token (the gate stage; not normalized). Samples marked negative
       (``context.extra["negative"]``, (B,) bool: the ``gate_negatives`` extension) are weighted by the
-      gate without a gradient to it, and ``negative_loss`` is the mean of ``-log(1 - sigmoid(v_t . x))``
-      over their real tokens (``context.token_mask``): a loss that closes the gate there;
+      gate without a gradient to it, and ``negative_loss``, a loss that closes the gate there, is
+      ``-log(1 - sigmoid(v_t . x))`` averaged over each negative sample's real tokens (``context.token_mask``),
+      summed over them and divided by the batch's samples (as a per-sample mean it is the same whether
+      the batch is split over processes or not);
     - ``route()`` (the default): per token, standardize ``x`` and every ``v_k``
       (zero mean, unit variance over features, no affine, ``eps``), score
       ``z_k = x_bar . v_bar_k / sqrt(d_in)``, keep the ``k_eff = min(top_k,
@@ -509,7 +511,8 @@ class PostHocGateRouter(Router):
         tokens = negative[..., 0].expand(logit.shape[:2])  # (B, L)
         if mask is not None:
             tokens = tokens & mask.to(logit.device).bool()
-        self.negative_loss = (F.softplus(logit[..., 0]) * tokens).sum() / tokens.sum().clamp(min=1)
+        per_sample = (F.softplus(logit[..., 0]) * tokens).sum(1) / tokens.sum(1).clamp(min=1)  # (B,), 0: positives
+        self.negative_loss = per_sample.sum() / logit.shape[0]
         return torch.where(negative, frozen, logit)
 
     def extra_repr(self) -> str:

@@ -129,3 +129,25 @@ def test_unsupported_strategies_fail_at_start_naming_both(tmp_path, strategy, wh
                   "--data.benchmark", str(tmp_path / "nothing-here"), "--trainer.strategy", strategy,
                   "--trainer.default_root_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()  # refused before anything was built or written
+
+
+def test_two_processes_train_the_gates_with_negatives_as_one_does(tmp_path, make_bench):
+    """``gate_negatives: general``: the gate phase draws the task's and the general task's samples (answers of
+    one length); each phase's data is one full batch per step, so one process and two see the same samples."""
+    tasks = {"colour": ("What colour is it?", lambda c: c), "mood": ("How does it feel?", lambda c: c[::-1]),
+             "hue": ("Name the hue.", lambda c: c.upper())}
+    (tmp_path / "bench").mkdir()
+    bench = make_bench(tmp_path / "bench", COLOURS, tasks, train=8, test=5)
+    options = [*EXTRA_ONE["routing"], "--model.method.init_args.gate_negatives", "general", "--data.general", "[hue]"]
+    one, two = tmp_path / "one", tmp_path / "ddp"
+    _run(bench, one, "routing", "--data.batch_size", "16", *options)
+    out = _run(bench, two, "routing", "--data.batch_size", "8", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+               *options)
+    assert "GLOBAL_RANK: 1" in out.stderr + out.stdout
+    for n in (1, 2):
+        ckpt = f"checkpoints/task_{n:02d}/adapters.safetensors"
+        x, y = load_file(one / ckpt), load_file(two / ckpt)
+        gates = [k for k in x if ".gates." in k]
+        assert gates and all(x[k].abs().sum() > 0 for k in gates if k.endswith(f"task{n - 1}"))
+        worst = max((x[k].double() - y[k].double()).abs().max().item() for k in x)
+        assert worst <= 1e-5, worst
