@@ -7,8 +7,8 @@ each sample's prompt tokens and then over the samples: the task's mean ``m_t`` p
 never changed again. At evaluation each sample's prompt goes once through the base model; per layer
 its pooled standardized input is scored against every seen task's mean minus the mean of all of them
 (the running mean over the tasks so far), standardized, ``x . c_bar / sqrt(d)`` as the gates score;
-each layer votes for its best task, the sample goes to the task with the most votes (ties: the larger
-summed score), and that task's expert serves every layer for the whole answer. With a ``base`` mean
+the sample goes to the task with the largest score summed over the layers, and that task's expert
+serves every layer for the whole answer. With a ``base`` mean
 (the first general task's, taken at the first task's end), one more choice competes: a sample that
 matches it best goes to no expert, the base model alone.
 """
@@ -141,14 +141,8 @@ class MeanActivations:
         return torch.stack(out)
 
     def choose(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B,) the task each sample goes to: the most layers' best, ties broken by the summed score;
-        -1: the base (no expert)."""
-        scores = self.scores(pooled)  # (layers, B, T)
-        T = scores.shape[-1]
-        votes = F.one_hot(scores.argmax(-1), T).sum(0).to(scores.dtype)  # (B, T)
-        total = scores.sum(0)
-        spread = total.abs().amax(-1, keepdim=True) + 1  # the summed score only separates equal votes
-        chosen = (votes + total / (2 * spread)).argmax(-1)
+        """(B,) the task each sample goes to, by its score summed over the layers; -1: the base (no expert)."""
+        chosen = self.scores(pooled).sum(0).argmax(-1)
         return chosen.masked_fill(chosen == self.num_tasks, -1) if self.base else chosen
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -27,19 +27,18 @@ def _standardize(t: torch.Tensor) -> torch.Tensor:
 
 
 def _reference_choice(pooled: list[torch.Tensor], means: list[list[torch.Tensor]], base: bool = False) -> list[int]:
-    """pooled[l]: (B, d_l); means[l][t]: (d_l,). Per layer and sample the best task by the standardized dot
-    product with the task's mean minus the tasks' average; the most votes win, ties by the summed score.
-    ``base``: the last mean is the base's, chosen as -1."""
+    """pooled[l]: (B, d_l); means[l][t]: (d_l,). Per sample the task with the largest standardized dot product
+    of its pooled input with the task's mean minus the tasks' average, summed over the layers. ``base``: the
+    last mean is the base's, chosen as -1."""
     B, T = pooled[0].shape[0], len(means[0])
     chosen = []
     for b in range(B):
-        votes, total = [0] * T, [0.0] * T
+        total = [0.0] * T
         for rows, layer_means in zip(pooled, means, strict=True):
             average = sum(layer_means) / T
-            scores = [float(rows[b] @ _standardize(m - average)) / math.sqrt(rows.shape[-1]) for m in layer_means]
-            votes[max(range(T), key=lambda t: scores[t])] += 1
-            total = [a + s for a, s in zip(total, scores, strict=True)]
-        best = max(range(T), key=lambda t: (votes[t], total[t]))
+            for t, m in enumerate(layer_means):
+                total[t] += float(rows[b] @ _standardize(m - average)) / math.sqrt(rows.shape[-1])
+        best = max(range(T), key=lambda t: total[t])
         chosen.append(-1 if base and best == T - 1 else best)
     return chosen
 
@@ -80,17 +79,6 @@ def test_choice_metrics_count_the_base_and_the_general_samples():
     assert out == {"pick_accuracy": {"a": 75.0, "b": 50.0},
                    "pick_confusion": {"a": {"a": 3, "none": 1}, "b": {"a": 2, "b": 2}},
                    "pick_general_to_base": 75.0}
-
-
-def test_equal_votes_go_to_the_larger_summed_score():
-    store = MeanActivations()
-    e = torch.eye(4)
-    store.add_task({"a": e[0], "b": e[0]})
-    store.add_task({"a": e[1], "b": e[1]})
-    # layer a votes task 0 by a little, layer b task 1 by a lot: one vote each, task 1's sum is larger
-    pooled = {"a": (e[0] * 1.1 + e[1]).unsqueeze(0), "b": (e[1] * 3 + e[0]).unsqueeze(0)}
-    assert store.choose(pooled).tolist() == [1]
-    assert _reference_choice(list(pooled.values()), [[e[0], e[1]], [e[0], e[1]]]) == [1]
 
 
 def test_state_round_trips_the_means():
