@@ -42,6 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--image-size", type=int, default=48, help="image side in pixels, >= 32 (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0,
                    help="seed; the same seed gives identical files (default: %(default)s)")
+    s.add_argument("--instruction-first", action="store_true",
+                   help="put the instruction before the image in every user turn ('{instruction}\\n<image>' instead "
+                        "of '<image>\\n{instruction}'), so that under causal attention the image's tokens see the "
+                        "instruction (default: off, the image first)")
+    s.add_argument("--tint", type=float, default=0.0, metavar="S",
+                   help="blend every image of a task, train and test, with that task's own colour (hues evenly "
+                        "spaced over the tasks written) with weight S in [0, 1]: (1 - S) * image + S * colour; 1 "
+                        "leaves a plain colour and no picture (default: %(default)s, images unchanged)")
     s.add_argument("--list", action="store_true", help="list the tasks with their suite, domain and scorer, and exit")
     s.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
@@ -107,6 +115,7 @@ def _synth(args: argparse.Namespace) -> int:
     try:
         manifest = synth.generate(args.out, tasks=args.tasks, suite=args.suite, train_size=args.train_size,
                                   test_size=args.test_size, image_size=args.image_size, seed=args.seed,
+                                  instruction_first=args.instruction_first, tint=args.tint,
                                   progress=not args.quiet)
     except (ValueError, ImportError) as e:
         print(f"mllm-cl data synth: {e}", file=sys.stderr)

@@ -12,6 +12,17 @@ writes ``NAME/train.json`` (LLaVA conversations), ``NAME/test.json`` (test rows)
 ``NAME/images/*.png`` per task and a ``benchmark.json`` manifest (each task's scorer,
 answer format and visual domain; the source and licence of data no one here drew).
 
+Two knobs make each task's prompt tokens easier to tell apart, for studies of token-level
+routing (``examples/routing_separability/``); both are off by default, and off they leave
+every file byte-identical:
+
+- ``instruction_first``: the user turn is ``{instruction}\n<image>`` instead of
+  ``<image>\n{instruction}``, so that under causal attention the image's tokens see the
+  instruction (the encoder expands ``<image>`` wherever it stands).
+- ``tint`` (``s`` in [0, 1]): every image of a task, train and test, is blended with that task's
+  own colour (``tint_colours``: hues evenly spaced over the tasks written) with weight ``s``:
+  ``(1 - s) * image + s * colour``. ``s = 1`` leaves a plain colour and no picture.
+
 Two suites (``SUITES``): ``shapes``, the tasks below, all on one background (the
 first canonical sequence, ``configs/experiments/synth.yaml``); ``coin``, eight tasks
 in CoIN's order over six visual domains, one of real handwritten digits
@@ -20,12 +31,14 @@ in CoIN's order over six visual domains, one of real handwritten digits
 
 from __future__ import annotations
 
+import colorsys
 import json
 import logging
 import zlib
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from mllm_cl.console import Progress
 from mllm_cl.data.domains import FONT_SOURCE
@@ -155,6 +168,35 @@ def sample(task: str, split: str, index: int, *, seed: int = 0, image_size: int 
     return spec.make(rng, image_size, split) if spec.takes_split else spec.make(rng, image_size)
 
 
+def tint_colours(tasks: list[str]) -> dict[str, tuple[int, int, int]]:
+    """Each task's tint: fully saturated hues evenly spaced over ``tasks`` in their order (the first red)."""
+    return {task: tuple(round(255 * c) for c in colorsys.hsv_to_rgb(k / len(tasks), 1.0, 1.0))
+            for k, task in enumerate(tasks)}
+
+
+def tint_image(image: Image.Image, colour: tuple[int, int, int], strength: float) -> Image.Image:
+    """``(1 - strength) * image + strength * colour`` per pixel, rounded; strength 0 returns ``image`` itself."""
+    if strength == 0:
+        return image
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    blended = (1.0 - strength) * pixels + strength * np.asarray(colour, dtype=np.float64)
+    return Image.fromarray(np.rint(blended).clip(0, 255).astype(np.uint8), "RGB")
+
+
+def prompt_text(instruction: str, instruction_first: bool = False) -> str:
+    """The user turn: the image placeholder, then the instruction (or the instruction first)."""
+    return f"{instruction}\n<image>" if instruction_first else f"<image>\n{instruction}"
+
+
+def _check_knobs(instruction_first, tint) -> float:
+    if not isinstance(instruction_first, (bool, np.bool_)):
+        raise ValueError(f"instruction_first must be true or false, got {instruction_first!r}")
+    if isinstance(tint, bool) or not isinstance(tint, (int, float, np.integer, np.floating)) \
+            or not (0.0 <= float(tint) <= 1.0):  # NaN fails the comparison
+        raise ValueError(f"tint must be a number in [0, 1], got {tint!r}")
+    return float(tint)
+
+
 def _task_list(tasks, suite: str | None) -> list[str]:
     if suite is not None and suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; suites: {', '.join(SUITES)}")
@@ -182,10 +224,14 @@ def _dump(path: Path, data) -> None:
 
 
 def generate(out_dir, *, tasks=None, suite: str | None = None, train_size: int = 300, test_size: int = 100,
-             image_size: int = 48, seed: int = 0, progress: bool = True) -> dict:
+             image_size: int = 48, seed: int = 0, instruction_first: bool = False, tint: float = 0.0,
+             progress: bool = True) -> dict:
     """Write the benchmark under ``out_dir``; returns the manifest (also written as benchmark.json).
-    ``tasks`` or ``suite`` (see ``SUITES``) name what to write; neither: the ``shapes`` suite."""
+    ``tasks`` or ``suite`` (see ``SUITES``) name what to write; neither: the ``shapes`` suite.
+    ``instruction_first`` and ``tint``: the knobs of the module's docstring; the manifest records them
+    (``instruction_first``, ``tint`` and each task's ``tint_colour``) only when they are on."""
     tasks = _task_list(tasks, suite)
+    tint = _check_knobs(instruction_first, tint)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown synthetic task(s) {unknown}; tasks: {', '.join(TASKS)}")
@@ -205,6 +251,7 @@ def generate(out_dir, *, tasks=None, suite: str | None = None, train_size: int =
         raise ValueError(f"seed must be non-negative, got {seed}")
     out = Path(out_dir)
     entries = []
+    colours = tint_colours(tasks)
     bar = Progress(len(tasks) * (train_size + test_size), "synthetic benchmark", "img", enabled=progress)
     for task in tasks:
         folder = out / task
@@ -220,8 +267,8 @@ def generate(out_dir, *, tasks=None, suite: str | None = None, train_size: int =
             for i in range(n):
                 s = sample(task, split, i, seed=seed, image_size=image_size)
                 name = f"images/{task}_{split}_{i:05d}.png"
-                s.image.save(folder / name, format="PNG", optimize=False)
-                prompt = f"<image>\n{s.instruction}"
+                tint_image(s.image, colours[task], tint).save(folder / name, format="PNG", optimize=False)
+                prompt = prompt_text(s.instruction, instruction_first)
                 if split == "train":
                     train.append({"id": f"{task}_train_{i:05d}", "image": name, "conversations": [
                         {"from": "human", "value": prompt}, {"from": "gpt", "value": s.answer}]})
@@ -234,10 +281,15 @@ def generate(out_dir, *, tasks=None, suite: str | None = None, train_size: int =
         spec = TASKS[task]
         entries.append({"name": task, "scorer": spec.scorer, "train": f"{task}/train.json", "test": f"{task}/test.json",
                         "image_root": task, "max_new_tokens": spec.max_new_tokens, "answer_format": spec.answer_format,
-                        "domain": spec.domain})
+                        "domain": spec.domain, **({"tint_colour": list(colours[task])} if tint else {})})
     bar.close()
     manifest = {"format": FORMAT, "version": VERSION, "seed": seed, "image_size": image_size,
                 "train_size": train_size, "test_size": test_size, "tasks": entries}
+    # Recorded only when on, so that the default manifest stays what it always was.
+    if instruction_first:
+        manifest["instruction_first"] = True
+    if tint:
+        manifest["tint"] = tint
     sources = _sources(tasks)
     if sources:
         manifest["sources"] = sources
@@ -246,19 +298,23 @@ def generate(out_dir, *, tasks=None, suite: str | None = None, train_size: int =
 
 
 def ensure(out_dir, *, tasks=None, suite: str | None = None, train_size: int = 300, test_size: int = 100,
-           image_size: int = 48, seed: int = 0, progress: bool = True) -> bool:
+           image_size: int = 48, seed: int = 0, instruction_first: bool = False, tint: float = 0.0,
+           progress: bool = True) -> bool:
     """Generate the benchmark under ``out_dir`` unless its manifest already records this
     generator version and these arguments; returns whether it (re)generated. A folder
-    written by another version or with other sizes is regenerated, with a log line
+    written by another version or with other sizes or knobs is regenerated, with a log line
     saying why, rather than trained on as if it were the asked-for data."""
     path = Path(out_dir, "benchmark.json")
     tasks = _task_list(tasks, suite)
+    tint = _check_knobs(instruction_first, tint)
     want = {"format": FORMAT, "version": VERSION, "seed": seed, "image_size": image_size,
-            "train_size": train_size, "test_size": test_size, "tasks": tasks}
+            "train_size": train_size, "test_size": test_size, "tasks": tasks,
+            "instruction_first": bool(instruction_first), "tint": tint}
+    knobs = {"instruction_first": False, "tint": 0.0}  # a manifest without them was written with them off
     if path.exists():
         try:
             manifest = json.loads(path.read_text())
-            have = {k: manifest.get(k) for k in want if k != "tasks"}
+            have = {k: manifest.get(k, knobs.get(k)) for k in want if k != "tasks"}
             have["tasks"] = [t.get("name") for t in manifest.get("tasks", [])]
         except (json.JSONDecodeError, AttributeError, TypeError):
             have = {"manifest": "unreadable"}
@@ -267,5 +323,5 @@ def ensure(out_dir, *, tasks=None, suite: str | None = None, train_size: int = 3
         differ = sorted(k for k in want if have.get(k) != want[k]) or ["manifest"]
         log.warning("%s was generated with other settings (%s differ); regenerating it", path, ", ".join(differ))
     generate(out_dir, tasks=tasks, train_size=train_size, test_size=test_size, image_size=image_size, seed=seed,
-             progress=progress)
+             instruction_first=instruction_first, tint=tint, progress=progress)
     return True
