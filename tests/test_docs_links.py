@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 HEADING = re.compile(r"^#{1,6}\s+(.*)$", re.M)
 #: Markdown files the framework writes into a run folder (not documents of the repository).
-RUN_OUTPUTS = {"report.md", "comparison.md", "ablations.md"}
+RUN_OUTPUTS = {"report.md", "comparison.md", "ablations.md", "separability.md"}
 DOC_NAME = re.compile(r"(?<![\w{}/.-])((?:\.\./)*(?:[\w-]+/)*[\w-]+\.md)\b")
 
 
