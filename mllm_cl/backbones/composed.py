@@ -25,6 +25,7 @@ from torch import nn
 
 from mllm_cl.backbones.checkpointing import set_activation_checkpointing
 from mllm_cl.backbones.kv_cache import cache_kwargs, take_cache
+from mllm_cl.backbones.loading import load_options
 from mllm_cl.backbones.vision import VisionTower, load_vision_tower, read_json
 from mllm_cl.experts import expert_layers
 
@@ -228,10 +229,8 @@ class ComposedMLLM(nn.Module):
         if meta.get("format") != FORMAT:
             raise ValueError(f"{directory / 'mllm_cl.json'}: format is {meta.get('format')!r}, expected {FORMAT!r}")
         vision = load_vision_tower(directory / "vision", meta["vision"])
-        attention = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-        if device is not None:  # the LLM's weights go from the files to the device (no CPU copy)
-            attention["device_map"] = torch.device(device)
-        llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=torch_dtype, **attention)
+        llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=torch_dtype,
+                                                   **load_options(attn_implementation, device))
         proj = projector(meta["projector"]["vision_size"], meta["projector"]["llm_size"])
         proj.load_state_dict(load_file(directory / "projector.safetensors"))
         model = cls(vision, llm, image_token_id=meta["image_token_id"], projector_module=proj,

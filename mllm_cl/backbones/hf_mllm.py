@@ -39,6 +39,7 @@ from torch import nn
 
 from mllm_cl.backbones.checkpointing import set_activation_checkpointing
 from mllm_cl.backbones.kv_cache import cache_kwargs, take_cache
+from mllm_cl.backbones.loading import load_options
 from mllm_cl.data.model_inputs import Qwen2VLInputs
 from mllm_cl.experts import expert_layers
 
@@ -284,10 +285,8 @@ def load_hf_mllm(path: str | Path, *, dtype: torch.dtype | None = None, image_si
                          f"supported: {', '.join(FAMILIES)} (or a ComposedMLLM directory with mllm_cl.json)")
     if device is not None and torch.device(device).type == "meta":
         return _skeleton(path, config, family, dtype=dtype, image_size=image_size)
-    attention = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    if device is not None:
-        attention["device_map"] = torch.device(device)
-    model = getattr(transformers, FAMILIES[family]).from_pretrained(path, dtype=dtype, **attention)
+    model = getattr(transformers, FAMILIES[family]).from_pretrained(path, dtype=dtype,
+                                                                    **load_options(attn_implementation, device))
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         log.info("%s: the tokenizer has no pad token; padding with its EOS token", path)

@@ -120,3 +120,11 @@ def test_generate_refuses_whole_prompt_routers():
     ExpertSetup(["q_proj"], router=SequenceTopKRouter, initial_experts=["a", "b"]).apply(backbone.model)
     with pytest.raises(RuntimeError, match="greedy_generate"):
         backbone.model.generate(torch.tensor([[1, 30, 31]]), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("preset", ["tiny-base", "tiny-base-coin"])
+def test_packaged_bases_build_on_the_meta_device(preset):
+    """``mllm-cl plan`` builds the model on ``meta``: a packaged base loads there without a kernel from the hub
+    (transformers 5 kernelizes by default when the ``kernels`` package is installed, which fails on ``meta``)."""
+    built = build_backbone(preset, device="meta")
+    assert all(p.device.type == "meta" for p in built.model.parameters())
