@@ -5,10 +5,10 @@ input over the task's training prompts, from the frozen base model (adapters off
 token as the gates standardize it (zero mean, unit variance over features, no affine), averaged over
 each sample's prompt tokens and then over the samples: the task's mean ``m_t`` per layer, stored and
 never changed again. At evaluation each sample's prompt goes once through the base model; per layer
-its pooled standardized input is scored against every seen task's mean minus the mean of all of them
-(the running mean over the tasks so far), standardized, ``x . c_bar / sqrt(d)`` as the gates score;
-the sample goes to the task with the largest score summed over the layers, and that task's expert
-serves every layer for the whole answer. With a ``base`` mean
+the distance of its pooled standardized input to every seen task's mean, over ``sqrt(d)`` (the
+root-mean-square difference per feature, so that wide and narrow layers weigh the same); the sample
+goes to the task nearest summed over the layers, and that task's expert serves every layer for the
+whole answer. With a ``base`` mean
 (the first general task's, taken at the first task's end), one more choice competes: a sample that
 matches it best goes to no expert, the base model alone.
 """
@@ -129,20 +129,18 @@ class MeanActivations:
     def set_base(self, means: dict[str, torch.Tensor]) -> None:
         self.base = {name: mean.detach().float().cpu() for name, mean in means.items()}
 
-    def scores(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(layers, B, C): per layer, each sample's pooled input against every choice's centred mean,
-        ``x . c_bar / sqrt(d)`` with ``c_k = m_k - mean_j m_j`` standardized; the choices are the tasks,
-        then the base when there is one."""
+    def distances(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(layers, B, C): per layer, each sample's pooled input's distance to every choice's mean over
+        ``sqrt(d)``; the choices are the tasks, then the base when there is one."""
         out = []
         for name, rows in pooled.items():
             means = torch.stack(self.means[name] + ([self.base[name]] if self.base else [])).to(rows)  # (C, d)
-            centred = F.layer_norm(means - means.mean(0, keepdim=True), (means.shape[-1],), eps=EPS)
-            out.append(rows @ centred.T / math.sqrt(means.shape[-1]))
+            out.append(torch.cdist(rows, means) / math.sqrt(means.shape[-1]))
         return torch.stack(out)
 
     def choose(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B,) the task each sample goes to, by its score summed over the layers; -1: the base (no expert)."""
-        chosen = self.scores(pooled).sum(0).argmax(-1)
+        """(B,) the task each sample goes to, the nearest summed over the layers; -1: the base (no expert)."""
+        chosen = self.distances(pooled).sum(0).argmin(-1)
         return chosen.masked_fill(chosen == self.num_tasks, -1) if self.base else chosen
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -27,18 +27,17 @@ def _standardize(t: torch.Tensor) -> torch.Tensor:
 
 
 def _reference_choice(pooled: list[torch.Tensor], means: list[list[torch.Tensor]], base: bool = False) -> list[int]:
-    """pooled[l]: (B, d_l); means[l][t]: (d_l,). Per sample the task with the largest standardized dot product
-    of its pooled input with the task's mean minus the tasks' average, summed over the layers. ``base``: the
-    last mean is the base's, chosen as -1."""
+    """pooled[l]: (B, d_l); means[l][t]: (d_l,). Per sample the task whose means are nearest its pooled inputs:
+    the root-mean-square difference per feature, summed over the layers. ``base``: the last mean is the
+    base's, chosen as -1."""
     B, T = pooled[0].shape[0], len(means[0])
     chosen = []
     for b in range(B):
         total = [0.0] * T
         for rows, layer_means in zip(pooled, means, strict=True):
-            average = sum(layer_means) / T
             for t, m in enumerate(layer_means):
-                total[t] += float(rows[b] @ _standardize(m - average)) / math.sqrt(rows.shape[-1])
-        best = max(range(T), key=lambda t: total[t])
+                total[t] += math.sqrt(float(((rows[b] - m) ** 2).mean()))
+        best = min(range(T), key=lambda t: total[t])
         chosen.append(-1 if base and best == T - 1 else best)
     return chosen
 
