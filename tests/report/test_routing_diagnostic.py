@@ -10,22 +10,10 @@ import pytest
 import torch
 
 from mllm_cl.experts import expert_layers, routing_context
-from mllm_cl.fit import main as fit_main
 from mllm_cl.report.routing import diagnose, load_predictions
 from mllm_cl.system.restore import restore
 
 ROOT = Path(__file__).resolve().parents[2]
-COLOURS = {"red": (210, 30, 30), "blue": (30, 40, 210), "green": (30, 180, 50)}
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, make_bench):
-    bench = make_bench(tmp_path_factory.mktemp("bench"), COLOURS, train=12, test=3)
-    run = tmp_path_factory.mktemp("runs") / "routing"
-    fit_main(["--config", str(ROOT / "configs/micro.yaml"), "--config", str(ROOT / "configs/methods/routing.yaml"),
-              "--data.benchmark", str(bench), "--trainer.default_root_dir", str(run),
-              "--model.method.init_args.gate_steps", "3", "--model.method.init_args.gate_batch", "null"])
-    return run
 
 
 def test_own_expert_shares_match_a_hand_computation_from_the_gates(run):

@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,24 +12,10 @@ from mllm_cl.cli import main as cli_main
 from mllm_cl.data.encoding import IGNORE
 from mllm_cl.data.formats import Conversation
 from mllm_cl.experts import ExpertLayer, PostHocGateRouter, SequenceTopKRouter, expert_layers
-from mllm_cl.fit import main as fit_main
 from mllm_cl.methods.base import Method
 from mllm_cl.report.routing import diagnose, load_predictions, markdown
 from mllm_cl.report.separability import ROUTINGS, Spread, measure, separation_ratio, skip_reason
 from mllm_cl.system.restore import restore
-
-ROOT = Path(__file__).resolve().parents[2]
-COLOURS = {"red": (210, 30, 30), "blue": (30, 40, 210), "green": (30, 180, 50)}
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, make_bench):
-    bench = make_bench(tmp_path_factory.mktemp("bench"), COLOURS, train=12, test=3)
-    run = tmp_path_factory.mktemp("runs") / "routing"
-    fit_main(["--config", str(ROOT / "configs/micro.yaml"), "--config", str(ROOT / "configs/methods/routing.yaml"),
-              "--data.benchmark", str(bench), "--trainer.default_root_dir", str(run),
-              "--model.method.init_args.gate_steps", "3", "--model.method.init_args.gate_batch", "null"])
-    return run
 
 
 def test_separation_ratio_of_two_tasks_with_known_means_and_spreads():
