@@ -314,8 +314,10 @@ def oracle_context(task_ids: torch.Tensor, trained: Container[int]) -> RoutingCo
     A sample whose task has trained no expert (a general task, id -1; a task after the stage,
     evaluated for forward transfer) routes to no expert: the base model alone."""
     ids = [t if t in trained else -1 for t in task_ids.tolist()]
-    return RoutingContext(task_ids=torch.tensor(ids, dtype=torch.long, device=task_ids.device),
-                          router_choice=[ORACLE_ROUTER] * len(ids))
+    context = RoutingContext(task_ids=torch.tensor(ids, dtype=torch.long, device=task_ids.device),
+                             router_choice=[ORACLE_ROUTER] * len(ids))
+    context.host_lists["task_ids"] = ids  # the routers read the ids from here: no second read-back
+    return context
 
 
 # ---------------------------------------------------------------- choice accuracy

@@ -21,6 +21,7 @@ See docs/methods/cmoe.md (why a proper ELBO, the VAE's sizes, the measured accur
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -45,42 +46,52 @@ def last_prompt_index(attention_mask: torch.Tensor, labels: torch.Tensor | None 
 
 
 @torch.no_grad()
-def prompt_features(model: nn.Module, batch: dict) -> torch.Tensor:
-    """(B, d) final hidden state at the last prompt token, adapters disabled.
-
-    Position ids follow the attention mask, so left- and right-padded batches of
-    the same prompts give the same features."""
+def base_forward(model: nn.Module, batch: dict, **kwargs):
+    """One forward of the batch through the frozen base model (adapters disabled). Position ids follow the
+    attention mask, so left- and right-padded batches of the same prompts give the same outputs."""
     mask = batch["attention_mask"]
-    index = last_prompt_index(mask, batch.get("labels"))
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     with routing_context(model, RoutingContext(disable_adapters=True)):
-        out = model(batch["input_ids"], attention_mask=mask, pixel_values=batch.get("pixel_values"),
-                    position_ids=positions, output_hidden_states=True, **batch.get("model_inputs", {}))
-    hidden = out.hidden_states[-1]  # (B, L, d)
+        return model(batch["input_ids"], attention_mask=mask, pixel_values=batch.get("pixel_values"),
+                     position_ids=positions, **kwargs, **batch.get("model_inputs", {}))
+
+
+@torch.no_grad()
+def prompt_features(model: nn.Module, batch: dict) -> torch.Tensor:
+    """(B, d) final hidden state at the last prompt token, from the base (``base_forward``)."""
+    index = last_prompt_index(batch["attention_mask"], batch.get("labels"))
+    hidden = base_forward(model, batch, output_hidden_states=True).hidden_states[-1]  # (B, L, d)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index].float()
 
 
-def task_features(module, task: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``prompt_features`` of this process's share of task ``task``'s training samples, in eval mode,
-    and the samples' indices in the task's dataset (``fit_task`` gathers or sums the shares).
-    ``module``: the ContinualMLLM, its task sequence connected."""
+def task_batches(module, task: int, what: str, limit: int | None = None) -> Iterator[dict]:
+    """This process's share of task ``task``'s first ``limit`` training samples (all: ``None``; ``-1 - j``:
+    general task ``j``), every world-size-th, as batches on the module's device, the model in eval mode
+    meanwhile (a progress bar: ``what`` of the task). ``module``: the ContinualMLLM, its sequence connected."""
     dm = module.sequence
     data = dm.train_dataset(task)
+    n = len(data) if limit is None else min(limit, len(data))
     rank, size = world()
-    mine = Subset(data, range(rank, len(data), size))
-    loader = DataLoader(mine, batch_size=dm.eval_batch_size, shuffle=False, collate_fn=dm.train_collate,
-                        num_workers=dm.num_workers)
+    loader = DataLoader(Subset(data, range(rank, n, size)), batch_size=dm.eval_batch_size, shuffle=False,
+                        collate_fn=dm.train_collate, num_workers=dm.num_workers)
     was_training = module.model.training
     module.model.eval()
+    try:
+        for batch in tqdm(loader, desc=f"{what} of {dm.task_spec(task).name}", leave=False,
+                          disable=None if is_writer() else True):
+            if not batch.get("empty"):
+                yield batch_to(batch, module.device)
+    finally:
+        module.model.train(was_training)
+
+
+def task_features(module, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompt_features`` of this process's share of task ``task``'s training samples (``task_batches``)
+    and the samples' indices in the task's dataset (``fit_task`` gathers or sums the shares)."""
     feats, index = [], []
-    for batch in tqdm(loader, desc=f"task locator: features of {dm.tasks[task].name}", leave=False,
-                      disable=None if is_writer() else True):
-        if batch.get("empty"):
-            continue
+    for batch in task_batches(module, task, "task locator: features"):
         index += batch["index"]
-        batch = batch_to(batch, module.device)
         feats.append(prompt_features(module.model, batch))
-    module.model.train(was_training)
     return torch.cat(feats), torch.tensor(index, device=feats[0].device)
 
 

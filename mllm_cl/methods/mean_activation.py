@@ -20,12 +20,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
-from mllm_cl.data.collate import batch_to
-from mllm_cl.distributed import all_reduce_sum, is_writer, world
-from mllm_cl.experts import ExpertLayer, RoutingContext, expert_layers, routing_context
+from mllm_cl.distributed import all_reduce_sum
+from mllm_cl.experts import ExpertLayer, expert_layers
+from mllm_cl.methods.locator import base_forward, task_batches
 
 EPS = 1e-5  # the gates' standardization epsilon (PostHocGateRouter)
 
@@ -62,11 +60,8 @@ def pooled_inputs(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         return record
 
     handles = [layer.register_forward_pre_hook(hook(name, layer)) for name, layer in expert_layers(model).items()]
-    positions = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
     try:
-        with routing_context(model, RoutingContext(disable_adapters=True)):
-            model(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch.get("pixel_values"),
-                  position_ids=positions, **batch.get("model_inputs", {}))
+        base_forward(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -78,30 +73,18 @@ def task_means(module, task: int, limit: int | None) -> dict[str, torch.Tensor]:
     training samples (all: ``None``; ``-1 - j``: general task ``j``). Under DDP each process takes every
     world-size-th of them and the sums are added over processes, so every process gets the same means.
     ``module``: the ContinualMLLM."""
-    dm = module.sequence
-    data = dm.train_dataset(task)
-    n = len(data) if limit is None else min(limit, len(data))
-    rank, size = world()
-    loader = DataLoader(Subset(data, range(rank, n, size)), batch_size=dm.eval_batch_size, shuffle=False,
-                        collate_fn=dm.train_collate, num_workers=dm.num_workers)
-    was_training = module.model.training
-    module.model.eval()
     sums: dict[str, torch.Tensor] = {}
     count = torch.zeros((), dtype=torch.float64, device=module.device)
-    for batch in tqdm(loader, desc=f"mean activations of {dm.task_spec(task).name}", leave=False,
-                      disable=None if is_writer() else True):
-        if batch.get("empty"):
-            continue
-        batch = batch_to(batch, module.device)
+    for batch in task_batches(module, task, "mean activations", limit):
         for name, rows in pooled_inputs(module.model, batch).items():
             total = rows.double().sum(0)
             sums[name] = total if name not in sums else sums[name] + total
         count += batch["input_ids"].shape[0]
-    module.model.train(was_training)
     layers = expert_layers(module.model)
     count = all_reduce_sum(count)
     if not count:
-        raise RuntimeError(f"mean activations: task {dm.task_spec(task).name} has no training sample to average")
+        raise RuntimeError(f"mean activations: task {module.sequence.task_spec(task).name} has no training sample "
+                           "to average")
     return {name: all_reduce_sum(sums.get(name, torch.zeros(layer.in_features, dtype=torch.float64,
                                                             device=module.device))) / count
             for name, layer in layers.items()}

@@ -166,12 +166,10 @@ class RoutingCL(Method):
             return oracle_context(batch["task_ids"], range(self.tasks))
         if self.route == "gates" or not self.means.num_tasks:
             return None  # the gates
-        chosen = self.means.choose(pooled_inputs(self._model, batch))
-        ids = chosen.tolist()
-        for true, pred in zip(batch["task_ids"].tolist(), ids, strict=True):
+        # each sample to its chosen task's expert (-1: the base)
+        context = oracle_context(self.means.choose(pooled_inputs(self._model, batch)), range(self.tasks))
+        for true, pred in zip(batch["task_ids"].tolist(), context.host_list("task_ids"), strict=True):
             self._hits[(true, pred)] = self._hits.get((true, pred), 0) + 1
-        context = oracle_context(chosen, range(self.tasks))  # each sample to its chosen task's expert
-        context.host_lists["task_ids"] = ids
         return context
 
     def extra_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | None:
@@ -189,8 +187,7 @@ class RoutingCL(Method):
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         if self.route != "mean_activation":
             return {}, {}
-        return {"mean_activation_tasks": self.means.num_tasks, "mean_activation_base": bool(self.means.base)}, \
-            self.means.state()
+        return {"mean_activation_tasks": self.means.num_tasks}, self.means.state()
 
     def load_state(self, facts: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         if self.route == "mean_activation":
